@@ -1,0 +1,62 @@
+"""What applications plug into a server: request handlers and the types they see."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias
+
+import attrs
+
+
+@attrs.frozen(slots=True)
+class ClientInfo:
+    """One connected client, as request handlers and hooks see it."""
+
+    id: str
+    """Unique within this server process."""
+    remote: str
+    """``host:port`` of the peer (of the proxy, behind one)."""
+    connected_at: float
+    """Wall-clock time of the upgrade (seconds since the epoch)."""
+    dialect: str
+    path: str
+
+
+@attrs.frozen(slots=True)
+class CloseInfo:
+    """How a connection ended.
+
+    ``code`` is the WebSocket close code sent or received; 1006 when the
+    connection ended without a close frame (a reset, a write timeout).
+    """
+
+    code: int
+    reason: str
+    initiated_by: str
+    """``"server"`` or ``"client"``."""
+
+
+@attrs.frozen(slots=True)
+class RequestContext:
+    """A ``request`` a client sent, handed to the handler registered for its topic."""
+
+    topic: str
+    payload: Any
+    client: ClientInfo | None
+    """None when the request did not come from a WebSocket client."""
+
+
+class RequestError(Exception):
+    """Raise from a request handler to answer with an ``error`` of your own code.
+
+    The client receives ``{"type": "error", "payload": {"code": code, "message": message}}``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+RequestHandler: TypeAlias = Callable[[RequestContext], Awaitable[Any]]
+"""``async def handler(request: RequestContext) -> Any``: the JSON-serializable answer."""

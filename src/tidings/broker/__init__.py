@@ -1,0 +1,1 @@
+"""Topic state and fan-out. Knows nothing of sockets, transports or dialects."""

@@ -1,0 +1,430 @@
+"""The broker: one task that sequences events and fans them out.
+
+Publishers hand events to the broker through a bounded inbox; the broker task
+stamps each with its topic's next offset, appends it to the topic's history,
+encodes it once per dialect and offers the frame to every subscriber's outbox.
+It never awaits a subscriber: a full outbox is that subscriber's problem
+(:class:`~tidings.broker.outbox.OverflowPolicy`).
+
+Subscribing and unsubscribing are synchronous methods. Under Trio only one
+task runs at a time, so a synchronous call is atomic with respect to fan-out:
+``subscribe`` registers the subscriber and reads the replay from history with
+no event slipping in between, which is what makes resume gap-free and
+duplicate-free.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterable
+from typing import Any, Final
+
+import attrs
+import orjson
+import trio
+
+from ..protocol.clock import rfc3339_now
+from ..protocol.codes import ErrorCode
+from ..protocol.messages import Event, Position
+from .history import History
+from .outbox import Outbox
+
+LOGGER = logging.getLogger("tidings.broker")
+
+#: How often idle topics and expired history are swept, at most.
+MAX_SWEEP_INTERVAL: Final = 10.0
+
+Encoder = Callable[[Event], Any]
+"""Turns an event into what a subscriber's outbox carries (a frame, or the event itself)."""
+
+
+class BrokerError(Exception):
+    """A command the broker refused, with the protocol's stable error code."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Subscriber:
+    """One consumer of topics: a WebSocket connection or an in-process subscription."""
+
+    __slots__ = ("encode", "label", "max_topics", "outbox", "topics")
+
+    def __init__(
+        self,
+        outbox: Outbox[Any],
+        encode: Encoder,
+        *,
+        max_topics: int = 1000,
+        label: str = "",
+    ) -> None:
+        self.outbox = outbox
+        self.encode = encode
+        self.max_topics = max_topics
+        self.label = label
+        self.topics: set[str] = set()
+        """Names of the topics this subscriber is subscribed to (kept by the broker)."""
+
+
+@attrs.frozen(slots=True)
+class SubscribeResult:
+    """What ``subscribe`` found: where the stream stands and what to replay first.
+
+    ``recovered`` is None when no resume was asked for, otherwise whether the
+    replay covers every event after the requested offset.
+    """
+
+    position: Position
+    recovered: bool | None
+    replay: list[Event]
+
+
+@attrs.frozen(slots=True)
+class TopicStats:
+    name: str
+    seq: int
+    epoch: str
+    subscribers: int
+    history: int
+    published: int
+    delivered: int
+    dropped: int
+
+
+@attrs.frozen(slots=True)
+class BrokerStats:
+    topics: int
+    subscriptions: int
+    published: int
+    delivered: int
+    dropped: int
+    inbox_depth: int
+    inbox_capacity: int
+
+
+class _Topic:
+    __slots__ = (
+        "delivered",
+        "dropped",
+        "epoch",
+        "groups",
+        "history",
+        "name",
+        "published",
+        "seq",
+        "subscribers",
+    )
+
+    def __init__(self, name: str, history: History) -> None:
+        self.name = name
+        self.epoch = secrets.token_hex(4)
+        self.seq = 0
+        self.history = history
+        # Subscribers grouped by encoder, so each event is encoded once per group.
+        self.groups: dict[Encoder, dict[Outbox[Any], None]] = {}
+        self.subscribers = 0
+        self.published = 0
+        self.delivered = 0
+        self.dropped = 0
+
+    @property
+    def position(self) -> Position:
+        return Position(self.seq, self.epoch)
+
+    def idle(self) -> bool:
+        return self.subscribers == 0 and len(self.history) == 0
+
+
+@attrs.frozen(slots=True)
+class _Publication:
+    topic: str
+    payload: Any
+    payload_json: bytes
+    on_done: Callable[[Position | BrokerError], None] | None
+
+
+class Broker:
+    """Topic state and fan-out for one node.
+
+    Run :meth:`run` in a nursery (``await nursery.start(broker.run)``); publish
+    with :meth:`publish` or :meth:`submit`; subscribe with :meth:`subscribe`.
+    """
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        history_ttl: float = 300.0,
+        max_topics: int = 100_000,
+        inbox_size: int = 1024,
+    ) -> None:
+        self.history_size = history_size
+        self.history_ttl = history_ttl
+        self.max_topics = max_topics
+        self._topics: dict[str, _Topic] = {}
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[_Publication](inbox_size)
+        self._inbox_capacity = inbox_size
+        self._published = 0
+        self._delivered = 0
+        self._dropped = 0
+        self._subscriptions = 0
+
+    # --- publishing -------------------------------------------------------------
+
+    async def submit(
+        self,
+        topic: str,
+        payload: Any,
+        on_done: Callable[[Position | BrokerError], None] | None = None,
+    ) -> None:
+        """Queue an event for ``topic``, waiting only while the inbox is full.
+
+        ``on_done`` is called from the broker task with the event's position, or
+        the reason it was refused. The payload is serialized here, in the
+        caller's task, so that a value JSON cannot carry fails where it was
+        published.
+
+        Raises:
+            TypeError: ``payload`` is not JSON-serializable.
+        """
+        await self._inbox_send.send(_Publication(topic, payload, orjson.dumps(payload), on_done))
+
+    def submit_nowait(
+        self,
+        topic: str,
+        payload: Any,
+        on_done: Callable[[Position | BrokerError], None] | None = None,
+    ) -> None:
+        """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full."""
+        self._inbox_send.send_nowait(_Publication(topic, payload, orjson.dumps(payload), on_done))
+
+    async def publish(self, topic: str, payload: Any) -> Position:
+        """Publish and wait until the event is sequenced; returns its position.
+
+        Raises:
+            BrokerError: the broker refused the event (e.g. too many topics).
+            TypeError: ``payload`` is not JSON-serializable.
+        """
+        done = trio.Event()
+        outcome: list[Position | BrokerError] = []
+
+        def on_done(result: Position | BrokerError) -> None:
+            outcome.append(result)
+            done.set()
+
+        await self.submit(topic, payload, on_done)
+        await done.wait()
+        result = outcome[0]
+        if isinstance(result, BrokerError):
+            raise result
+        return result
+
+    # --- the broker task ----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Sequence and fan out events until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._sweep_forever)
+            task_status.started()
+            async for publication in self._inbox_receive:
+                self._apply(publication)
+
+    def _apply(self, publication: _Publication) -> None:
+        try:
+            topic = self._topic(publication.topic, create=True)
+        except BrokerError as exc:
+            if publication.on_done is not None:
+                publication.on_done(exc)
+            return
+        assert topic is not None
+        topic.seq += 1
+        event = Event(
+            publication.topic,
+            topic.seq,
+            topic.epoch,
+            publication.payload,
+            rfc3339_now(),
+            publication.payload_json,
+        )
+        topic.history.append(event, trio.current_time())
+        if publication.on_done is not None:
+            # Before the fan-out, so a publisher subscribed to its own topic
+            # reads the reply to its publish before the event itself.
+            publication.on_done(Position(topic.seq, topic.epoch))
+        delivered = dropped = 0
+        for encode, outboxes in topic.groups.items():
+            frame = encode(event)
+            for outbox in outboxes:
+                if outbox.offer(frame):
+                    delivered += 1
+                else:
+                    dropped += 1
+        topic.published += 1
+        topic.delivered += delivered
+        topic.dropped += dropped
+        self._published += 1
+        self._delivered += delivered
+        self._dropped += dropped
+
+    async def _sweep_forever(self) -> None:
+        interval = min(MAX_SWEEP_INTERVAL, max(self.history_ttl / 4, 0.05))
+        while True:
+            await trio.sleep(interval)
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Expire old history and forget topics nobody uses any more."""
+        now = trio.current_time()
+        for name in list(self._topics):
+            topic = self._topics[name]
+            topic.history.expire(now)
+            if topic.idle():
+                del self._topics[name]
+
+    # --- subscribing --------------------------------------------------------------
+
+    def subscribe(
+        self,
+        subscriber: Subscriber,
+        topic_name: str,
+        *,
+        since: int | None = None,
+        epoch: str | None = None,
+    ) -> SubscribeResult:
+        """Add ``subscriber`` to a topic; with ``since``, also return what it missed.
+
+        The replay holds the retained events after offset ``since`` in order.
+        Live events are offered to the subscriber's outbox from the next
+        fan-out on, so a caller that queues the replay before it next awaits
+        gets the stream with no gap and no duplicate. ``recovered`` is False
+        when ``epoch`` names another stream or history no longer reaches back to
+        ``since``.
+
+        Raises:
+            BrokerError: already subscribed, too many subscriptions or topics.
+        """
+        if topic_name in subscriber.topics:
+            raise BrokerError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {topic_name!r}")
+        if len(subscriber.topics) >= subscriber.max_topics:
+            raise BrokerError(
+                ErrorCode.TOO_MANY_SUBSCRIPTIONS,
+                f"a connection may hold at most {subscriber.max_topics} subscriptions",
+            )
+        topic = self._topic(topic_name, create=True)
+        assert topic is not None
+        replay: list[Event] = []
+        recovered: bool | None = None
+        if since is not None:
+            replay, recovered = self._replay(topic, since, epoch)
+        topic.groups.setdefault(subscriber.encode, {})[subscriber.outbox] = None
+        topic.subscribers += 1
+        self._subscriptions += 1
+        subscriber.topics.add(topic_name)
+        return SubscribeResult(topic.position, recovered, replay)
+
+    def _replay(self, topic: _Topic, since: int, epoch: str | None) -> tuple[list[Event], bool]:
+        if epoch is not None and epoch != topic.epoch:
+            return [], False
+        if since >= topic.seq:
+            # Nothing missed; an offset from the future means another stream.
+            return [], since == topic.seq
+        events, complete = topic.history.after(since, trio.current_time())
+        return events, complete and bool(events)
+
+    def unsubscribe(self, subscriber: Subscriber, topic_name: str) -> bool:
+        """Remove ``subscriber`` from a topic; False if it was not subscribed."""
+        if topic_name not in subscriber.topics:
+            return False
+        subscriber.topics.discard(topic_name)
+        topic = self._topics.get(topic_name)
+        if topic is None:  # pragma: no cover - topics with subscribers are never swept
+            return True
+        group = topic.groups.get(subscriber.encode)
+        if group is not None and group.pop(subscriber.outbox, False) is None:
+            topic.subscribers -= 1
+            self._subscriptions -= 1
+            if not group:
+                del topic.groups[subscriber.encode]
+        if topic.idle():
+            del self._topics[topic_name]
+        return True
+
+    def detach(self, subscriber: Subscriber) -> None:
+        """Remove ``subscriber`` from every topic (its connection ended)."""
+        for name in list(subscriber.topics):
+            self.unsubscribe(subscriber, name)
+
+    # --- reading state ------------------------------------------------------------
+
+    def position(self, topic_name: str) -> Position | None:
+        """Where a topic stands, or None if the node holds no state for it."""
+        topic = self._topics.get(topic_name)
+        return None if topic is None else topic.position
+
+    def history(
+        self, topic_name: str, since: int = 0, limit: int | None = None
+    ) -> tuple[list[Event], Position | None]:
+        """Retained events of a topic after offset ``since`` (oldest first)."""
+        topic = self._topics.get(topic_name)
+        if topic is None:
+            return [], None
+        events, _ = topic.history.after(since, trio.current_time(), limit)
+        return events, topic.position
+
+    def topics(self) -> Iterable[TopicStats]:
+        for topic in self._topics.values():
+            yield TopicStats(
+                topic.name,
+                topic.seq,
+                topic.epoch,
+                topic.subscribers,
+                len(topic.history),
+                topic.published,
+                topic.delivered,
+                topic.dropped,
+            )
+
+    def topic_stats(self, topic_name: str) -> TopicStats | None:
+        topic = self._topics.get(topic_name)
+        if topic is None:
+            return None
+        return TopicStats(
+            topic.name,
+            topic.seq,
+            topic.epoch,
+            topic.subscribers,
+            len(topic.history),
+            topic.published,
+            topic.delivered,
+            topic.dropped,
+        )
+
+    def statistics(self) -> BrokerStats:
+        return BrokerStats(
+            topics=len(self._topics),
+            subscriptions=self._subscriptions,
+            published=self._published,
+            delivered=self._delivered,
+            dropped=self._dropped,
+            inbox_depth=self._inbox_send.statistics().current_buffer_used,
+            inbox_capacity=self._inbox_capacity,
+        )
+
+    # --- internals ----------------------------------------------------------------
+
+    def _topic(self, name: str, *, create: bool) -> _Topic | None:
+        topic = self._topics.get(name)
+        if topic is None and create:
+            if len(self._topics) >= self.max_topics:
+                self.sweep()
+                if len(self._topics) >= self.max_topics:
+                    raise BrokerError(
+                        ErrorCode.TOO_MANY_TOPICS,
+                        f"this node holds its limit of {self.max_topics} topics",
+                    )
+            topic = _Topic(name, History(self.history_size, self.history_ttl))
+            self._topics[name] = topic
+        return topic

@@ -1,0 +1,427 @@
+"""The Python client: connect, subscribe, publish and request over the native protocol.
+
+::
+
+    async with tidings.client.connect("ws://127.0.0.1:8800/ws") as client:
+        async with client.subscribe("deploys") as events:
+            async for event in events:
+                print(event.seq, event.payload)
+
+The client reconnects by itself with exponential backoff when the connection
+drops, and resubscribes each topic from the last ``seq`` it delivered, so a
+consumer sees every event once, in order, as long as the server's history
+reaches back across the outage. When it does not, the subscription's
+:attr:`ClientSubscription.gaps` counts it and ``seq`` jumps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager, suppress
+from typing import Any, Self
+
+import orjson
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from .protocol.messages import Event, Position
+
+LOGGER = logging.getLogger("tidings.client")
+
+DEFAULT_URL = "ws://127.0.0.1:8800/ws"
+
+
+class TidingsError(Exception):
+    """The server answered a command with an ``error``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLostError(ConnectionError):
+    """The connection dropped before the server answered; the command may or may not have run."""
+
+
+_Callback = Callable[[dict[str, Any]], None]
+
+
+class _Pending:
+    """A command waiting for its reply.
+
+    ``on_reply`` runs in the reader task as the reply arrives, before any later
+    frame is read: a subscribe's position must be known before its events.
+    """
+
+    __slots__ = ("done", "error", "on_reply", "reply")
+
+    def __init__(self, on_reply: _Callback | None = None) -> None:
+        self.done = trio.Event()
+        self.on_reply = on_reply
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def resolve(self, reply: dict[str, Any]) -> None:
+        self.reply = reply
+        if self.on_reply is not None and reply.get("type") != "error":
+            self.on_reply(reply)
+        self.done.set()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
+
+
+class ClientSubscription:
+    """The events of one topic, in ``seq`` order, across reconnects.
+
+    Iterate it with ``async for``. :attr:`last_seq` and :attr:`epoch` are the
+    position of the last event delivered, from which the client resumes.
+    """
+
+    def __init__(self, topic: str, since: int | None, epoch: str | None, buffer: int) -> None:
+        self.topic = topic
+        self.last_seq = since
+        self.epoch = epoch
+        self.recovered: bool | None = None
+        """Whether the last (re)subscribe replayed everything missed; None if not resumed."""
+        self.gaps = 0
+        """Resumes that could not recover every missed event."""
+        self.resumes = 0
+        self._send, self._receive = trio.open_memory_channel[Event](buffer)
+
+    def __aiter__(self) -> Self:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            raise StopAsyncIteration from None
+
+    def _on_subscribe_reply(self, reply: dict[str, Any]) -> None:
+        payload = reply.get("payload") or {}
+        epoch = payload.get("epoch")
+        recovered = payload.get("recovered")
+        self.recovered = recovered
+        if recovered is False:
+            self.gaps += 1
+        if epoch != self.epoch and (self.epoch is not None or self.last_seq is None):
+            # A new stream (or a first subscribe): positions restart from here.
+            self.last_seq = payload.get("seq", 0) - payload.get("replayed", 0)
+        self.epoch = epoch
+
+    def _accepts(self, event: Event) -> bool:
+        """False for an event this subscription already delivered."""
+        if event.epoch == self.epoch and self.last_seq is not None and event.seq <= self.last_seq:
+            return False
+        self.epoch = event.epoch
+        self.last_seq = event.seq
+        return True
+
+
+class Client:
+    """A connection to a tidings server that survives reconnects. Use :func:`connect`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        reconnect: bool,
+        min_backoff: float,
+        max_backoff: float,
+        connect_timeout: float,
+        ping_interval: float,
+        max_message_size: int,
+    ) -> None:
+        self.url = url
+        self.reconnect = reconnect
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.connect_timeout = connect_timeout
+        self.ping_interval = ping_interval
+        self.max_message_size = max_message_size
+        self.connections = 0
+        """How many times a connection was established (1 + reconnects)."""
+        self._ws: WebSocketConnection | None = None
+        self._connected = trio.Event()
+        self._closed = False
+        self._ids = itertools.count(1)
+        self._pending: dict[str, _Pending] = {}
+        self._subscriptions: dict[str, ClientSubscription] = {}
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    # --- commands -------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: Any, *, timeout: float = 10.0) -> Position:
+        """Publish an event; returns its position once the server sequenced it.
+
+        Raises:
+            TidingsError: the server refused it.
+            ConnectionLostError: the connection dropped before the answer.
+            trio.TooSlowError: no answer (or no connection) within ``timeout``.
+        """
+        reply = await self._call({"type": "publish", "topic": topic, "payload": payload}, timeout)
+        body = reply["payload"]
+        return Position(body["seq"], body["epoch"])
+
+    async def request(self, topic: str, payload: Any = None, *, timeout: float = 10.0) -> Any:
+        """Ask the handler the server registered for ``topic``; returns its answer."""
+        message: dict[str, Any] = {"type": "request", "topic": topic}
+        if payload is not None:
+            message["payload"] = payload
+        reply = await self._call(message, timeout)
+        return reply.get("payload")
+
+    async def ping(self, *, timeout: float = 10.0) -> None:
+        """Round-trip an application-level ping."""
+        await self._call({"type": "ping"}, timeout)
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        epoch: str | None = None,
+        buffer: int = 1024,
+        timeout: float = 10.0,
+    ) -> AsyncIterator[ClientSubscription]:
+        """Subscribe to ``topic`` for the duration of the block.
+
+        ``since`` (and ``epoch``) resume after that offset from the server's
+        history. Events wait in a buffer of ``buffer`` events; when it is full
+        the client stops reading from the socket until the consumer catches up,
+        and the server's overflow policy applies.
+        """
+        if topic in self._subscriptions:
+            raise ValueError(f"already subscribed to {topic!r} on this client")
+        subscription = ClientSubscription(topic, since, epoch, buffer)
+        self._subscriptions[topic] = subscription
+        try:
+            await self._call(
+                self._subscribe_message(subscription),
+                timeout,
+                on_reply=subscription._on_subscribe_reply,
+            )
+            yield subscription
+        finally:
+            del self._subscriptions[topic]
+            subscription._send.close()
+            if self._ws is not None and not self._closed:
+                # Shielded so that leaving the block by cancellation still
+                # unsubscribes; _call's own two-second timeout bounds it.
+                with (
+                    trio.CancelScope(shield=True),
+                    suppress(TidingsError, ConnectionLostError, trio.TooSlowError),
+                ):
+                    await self._call({"type": "unsubscribe", "topic": topic}, 2)
+
+    async def wait_connected(self) -> None:
+        """Wait until the client is connected (again)."""
+        await self._connected.wait()
+
+    # --- internals -----------------------------------------------------------------
+
+    @staticmethod
+    def _subscribe_message(subscription: ClientSubscription) -> dict[str, Any]:
+        message: dict[str, Any] = {"type": "subscribe", "topic": subscription.topic}
+        if subscription.last_seq is not None:
+            resume: dict[str, Any] = {"since": subscription.last_seq}
+            if subscription.epoch is not None:
+                resume["epoch"] = subscription.epoch
+            message["payload"] = resume
+        return message
+
+    async def _call(
+        self, message: dict[str, Any], timeout: float, *, on_reply: _Callback | None = None
+    ) -> dict[str, Any]:
+        request_id = f"c{next(self._ids)}"
+        message["requestId"] = request_id
+        pending = _Pending(on_reply)
+        with trio.fail_after(timeout):
+            await self._connected.wait()
+            ws = self._ws
+            assert ws is not None
+            self._pending[request_id] = pending
+            try:
+                await ws.send_message(orjson.dumps(message).decode())
+            except ConnectionClosed as exc:
+                self._pending.pop(request_id, None)
+                raise ConnectionLostError(
+                    "the connection closed before the command was sent"
+                ) from exc
+            try:
+                await pending.done.wait()
+            finally:
+                self._pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        if pending.reply.get("type") == "error":
+            body = pending.reply.get("payload") or {}
+            raise TidingsError(str(body.get("code")), str(body.get("message")))
+        return pending.reply
+
+    async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection open: connect, read, and on loss reconnect with backoff."""
+        backoff = self.min_backoff
+        started = False
+        while True:
+            try:
+                async with open_websocket_url(
+                    self.url,
+                    connect_timeout=self.connect_timeout,
+                    disconnect_timeout=2,
+                    max_message_size=self.max_message_size,
+                ) as ws:
+                    self.connections += 1
+                    backoff = self.min_backoff
+                    for message in self._resubscribe_messages():
+                        await ws.send_message(message)
+                    self._ws = ws
+                    self._connected.set()
+                    if not started:
+                        started = True
+                        task_status.started()
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                        await self._read(ws)
+                        nursery.cancel_scope.cancel()
+            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+                if not started:
+                    raise ConnectionError(f"cannot connect to {self.url}: {exc}") from exc
+                LOGGER.info("connection to %s lost (%s); reconnecting", self.url, _describe(exc))
+            finally:
+                self._ws = None
+                self._connected = trio.Event()
+                self._fail_pending()
+            if not self.reconnect or self._closed:
+                return
+            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self.max_backoff)
+
+    def _resubscribe_messages(self) -> list[str]:
+        """A subscribe for every subscription, resuming from its last offset."""
+        messages = []
+        for subscription in self._subscriptions.values():
+            if subscription.epoch is None and subscription.last_seq is None:
+                continue  # its first subscribe is still in flight
+            message = self._subscribe_message(subscription)
+            request_id = f"c{next(self._ids)}"
+            message["requestId"] = request_id
+            subscription.resumes += 1
+            self._pending[request_id] = _Pending(subscription._on_subscribe_reply)
+            messages.append(orjson.dumps(message).decode())
+        return messages
+
+    async def _read(self, ws: WebSocketConnection) -> None:
+        while True:
+            raw = await ws.get_message()
+            try:
+                message = orjson.loads(raw)
+                kind = message["type"]
+            except (orjson.JSONDecodeError, KeyError, TypeError):
+                LOGGER.warning("ignoring a malformed frame from the server: %.200r", raw)
+                continue
+            if kind == "event":
+                subscription = self._subscriptions.get(message.get("topic"))
+                if subscription is None:
+                    continue
+                event = Event(
+                    message["topic"],
+                    message["seq"],
+                    message["epoch"],
+                    message.get("payload"),
+                    message.get("timestamp", ""),
+                )
+                if subscription._accepts(event):
+                    with suppress(trio.ClosedResourceError):  # it ended while we waited
+                        await subscription._send.send(event)
+                continue
+            waiter = self._pending.pop(str(message.get("requestId")), None)
+            if waiter is not None:
+                waiter.resolve(message)
+            elif kind == "error":
+                LOGGER.warning("error from the server: %s", message.get("payload"))
+
+    async def _keepalive(self, ws: WebSocketConnection, scope: trio.CancelScope) -> None:
+        """Notice a server that went away without closing: ping, and drop on no pong."""
+        while True:
+            await trio.sleep(self.ping_interval)
+            with trio.move_on_after(self.ping_interval) as timeout:
+                await ws.ping()
+            if timeout.cancelled_caught:
+                LOGGER.info(
+                    "no pong from %s within %.0f s; reconnecting", self.url, self.ping_interval
+                )
+                await ws.aclose(code=1011, reason="ping timeout")
+                scope.cancel()
+                return
+
+    def _fail_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for waiter in pending.values():
+            waiter.fail(ConnectionLostError("the connection closed before the server answered"))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionClosed) and exc.reason is not None:
+        return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
+    if isinstance(exc, ConnectionRejected):
+        return f"rejected with HTTP {exc.status_code}"
+    return str(exc) or type(exc).__name__
+
+
+@asynccontextmanager
+async def connect(
+    url: str = DEFAULT_URL,
+    *,
+    reconnect: bool = True,
+    min_backoff: float = 0.1,
+    max_backoff: float = 10.0,
+    connect_timeout: float = 10.0,
+    ping_interval: float = 20.0,
+    max_message_size: int = 16 * 1024 * 1024,
+) -> AsyncIterator[Client]:
+    """Connect to a tidings server for the duration of the block.
+
+    The first connection must succeed (``ConnectionError`` otherwise); after
+    that, with ``reconnect``, a lost connection is re-established with
+    exponential backoff between ``min_backoff`` and ``max_backoff`` seconds and
+    every subscription resumes where it left off.
+    """
+    client = Client(
+        url,
+        reconnect=reconnect,
+        min_backoff=min_backoff,
+        max_backoff=max_backoff,
+        connect_timeout=connect_timeout,
+        ping_interval=ping_interval,
+        max_message_size=max_message_size,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(client._run)
+        try:
+            yield client
+        finally:
+            client._closed = True
+            ws = client._ws
+            if ws is not None:
+                # A close handshake, so the server sees 1000 rather than a reset.
+                with trio.CancelScope(shield=True), trio.move_on_after(2):
+                    await ws.aclose()
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,144 @@
+"""The dialect-neutral model: commands in, replies and events out.
+
+A dialect decodes frames into these and encodes these into frames; the
+connection and the broker only ever see these types.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeAlias
+
+import attrs
+
+RequestId: TypeAlias = str | int | None
+"""What the client put in ``requestId``; echoed verbatim on the reply."""
+
+
+@attrs.frozen(slots=True)
+class Position:
+    """Where a topic's stream stands: the last offset and the stream's epoch."""
+
+    seq: int
+    epoch: str
+
+
+@attrs.frozen(slots=True)
+class Event:
+    """One published event, stamped by the broker.
+
+    ``seq`` is the topic's offset (1 for the first event of an epoch);
+    ``timestamp`` is RFC 3339 UTC, taken when the broker sequenced it;
+    ``payload`` is any JSON value.
+    """
+
+    topic: str
+    seq: int
+    epoch: str
+    payload: Any
+    timestamp: str
+    payload_json: bytes = attrs.field(default=b"", repr=False, eq=False)
+    """``payload`` serialized once by the broker; dialects embed it as is.
+    Empty in events a client received."""
+
+
+# --- commands (client to server) -------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Subscribe:
+    topic: str
+    request_id: RequestId = None
+    since: int | None = None
+    epoch: str | None = None
+
+
+@attrs.frozen(slots=True)
+class Unsubscribe:
+    topic: str
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Publish:
+    topic: str
+    payload: Any
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Request:
+    topic: str
+    payload: Any
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Ack:
+    topic: str
+    seq: int
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Ping:
+    request_id: RequestId = None
+
+
+Command: TypeAlias = Subscribe | Unsubscribe | Publish | Request | Ack | Ping
+
+
+# --- replies (server to client) --------------------------------------------
+
+
+@attrs.frozen(slots=True)
+class Subscribed:
+    topic: str
+    request_id: RequestId
+    position: Position
+    recovered: bool | None = None
+    """None when the client did not ask to resume."""
+    replayed: int = 0
+
+
+@attrs.frozen(slots=True)
+class Unsubscribed:
+    topic: str
+    request_id: RequestId
+
+
+@attrs.frozen(slots=True)
+class Published:
+    topic: str
+    request_id: RequestId
+    position: Position
+
+
+@attrs.frozen(slots=True)
+class Answer:
+    """A request handler's result."""
+
+    topic: str
+    request_id: RequestId
+    payload: Any
+
+
+@attrs.frozen(slots=True)
+class Pong:
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Error:
+    """A command failed or a frame could not be understood.
+
+    ``code`` is an :class:`ErrorCode`, or an application's own code raised by a
+    request handler.
+    """
+
+    code: str
+    message: str
+    request_id: RequestId = None
+    topic: str | None = None
+
+
+Reply: TypeAlias = Subscribed | Unsubscribed | Published | Answer | Pong | Error

@@ -1,0 +1,409 @@
+"""The server: a broker, the connections, and the transport that accepts them.
+
+``open_server`` is the one way in, for the CLI and for applications alike::
+
+    async with tidings.open_server(Config(port=8800)) as server:
+        await server.publish("deploys", {"step": "build"})
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final, TypeVar, overload
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from ._version import __version__
+from .app import ClientInfo, CloseInfo, RequestHandler
+from .broker.broker import Broker, BrokerStats, Subscriber
+from .broker.outbox import Outbox, OverflowPolicy
+from .broker.subscription import Subscription, as_event
+from .config import Config
+from .connection import Connection, ConnectionStats
+from .demo import run_demo
+from .protocol.codes import CloseCode
+from .protocol.messages import Event, Position
+from .protocol.native import NativeDialect
+from .protocol.topics import TopicFilter, topic_problem
+from .transport.asgi import AsgiApp
+from .transport.base import Rejection, Transport, UpgradeRequest
+from .transport.builtin import BuiltinServer
+from .web import HttpRoutes
+
+LOGGER = logging.getLogger("tidings.server")
+
+H = TypeVar("H", bound=RequestHandler)
+
+SHUTDOWN_REASON: Final = "server shutting down"
+
+
+@attrs.frozen(slots=True)
+class ServerStats:
+    """A snapshot of a node's counters."""
+
+    uptime: float
+    connections: int
+    topics: int
+    subscriptions: int
+    published: int
+    delivered: int
+    dropped: int
+    inbox_depth: int
+
+
+class Server:
+    """A running tidings node. Get one from :func:`open_server`; do not construct it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.broker = Broker(
+            history_size=config.history_size,
+            history_ttl=config.history_ttl,
+            max_topics=config.max_topics,
+            inbox_size=config.inbox_size,
+        )
+        self.dialect = NativeDialect()
+        self.addresses: list[tuple[str, int]] = []
+        """Where the server listens, once it does: ``[(host, port), ...]``."""
+        self._limits = config.connection_limits
+        self._topic_filter = TopicFilter(config.topics)
+        self._handlers: dict[str, RequestHandler] = {}
+        self._connections: dict[str, Connection] = {}
+        self._on_connect: list[Callable[[ClientInfo], None]] = []
+        self._on_disconnect: list[Callable[[ClientInfo, CloseInfo], None]] = []
+        self._started = time.monotonic()
+        self._draining = False
+        self._drained = trio.Event()
+        self._stop_listening = trio.CancelScope()
+        self._stop_hypercorn = trio.Event()
+        self.http_routes = HttpRoutes(self._health)
+        self.asgi_app = AsgiApp(self, self.http_routes, ws_path=config.ws_path)
+        """This server's endpoints as an ASGI app, to mount in a larger application."""
+
+    # --- addresses ----------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (useful with ``port=0``)."""
+        if not self.addresses:
+            raise RuntimeError("the server is not listening")
+        return self.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to, e.g. ``ws://127.0.0.1:8800/ws``."""
+        host = self.addresses[0][0] if self.addresses else self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{self.port}{self.config.ws_path}"
+
+    # --- publishing -----------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: Any) -> Position:
+        """Publish an event; returns its position (``seq`` and ``epoch``) once sequenced.
+
+        Waits only while the broker's inbox is full.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic name.
+            TypeError: ``payload`` is not JSON-serializable.
+            tidings.BrokerError: the node holds its limit of topics.
+        """
+        _check_topic(topic)
+        return await self.broker.publish(topic, payload)
+
+    def publish_nowait(self, topic: str, payload: Any) -> None:
+        """Queue an event without waiting (for code that cannot await).
+
+        Raises:
+            trio.WouldBlock: the broker's inbox is full; the event was not queued.
+            ValueError, TypeError: as for :meth:`publish`.
+        """
+        _check_topic(topic)
+        self.broker.submit_nowait(topic, payload)
+
+    # --- in-process subscriptions ------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        epoch: str | None = None,
+        buffer: int | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Receive a topic's events in this process, without a socket.
+
+        ``since``/``epoch`` resume from history as for a WebSocket client.
+        ``buffer`` (default ``outbox_size``) bounds the events held for a
+        consumer that falls behind; beyond it events are dropped and counted.
+
+        Usage::
+
+            async with server.subscribe("deploys") as events:
+                async for event in events:
+                    print(event.seq, event.payload)
+        """
+        _check_topic(topic)
+        outbox: Outbox[Event] = Outbox(buffer or self.config.outbox_size, OverflowPolicy.DROP)
+        subscriber = Subscriber(outbox, as_event, label=f"in-process:{topic}")
+        result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
+        for event in result.replay:
+            outbox.put(event)
+        try:
+            yield Subscription(topic, outbox, result.position, result.recovered)
+        finally:
+            self.broker.unsubscribe(subscriber, topic)
+            outbox.close(CloseCode.NORMAL, "unsubscribed")
+
+    # --- application hooks -------------------------------------------------------
+
+    @overload
+    def on_request(self, topic: str) -> Callable[[H], H]: ...
+    @overload
+    def on_request(self, topic: str, handler: H) -> H: ...
+
+    def on_request(self, topic: str, handler: H | None = None) -> H | Callable[[H], H]:
+        """Answer clients' ``request`` messages on ``topic`` with ``handler``.
+
+        Use it as a call, ``server.on_request("personas", list_personas)``, or a
+        decorator, ``@server.on_request("personas")``. The handler receives a
+        :class:`~tidings.RequestContext` and returns the JSON-serializable answer;
+        it may raise :class:`~tidings.RequestError` to answer with an error.
+        """
+        _check_topic(topic)
+
+        def register(fn: H) -> H:
+            self._handlers[topic] = fn
+            return fn
+
+        return register if handler is None else register(handler)
+
+    def on_connect(self, hook: Callable[[ClientInfo], None]) -> Callable[[ClientInfo], None]:
+        """Call ``hook(client)`` for each new WebSocket client (usable as a decorator)."""
+        self._on_connect.append(hook)
+        return hook
+
+    def on_disconnect(
+        self, hook: Callable[[ClientInfo, CloseInfo], None]
+    ) -> Callable[[ClientInfo, CloseInfo], None]:
+        """Call ``hook(client, close)`` when a client's connection has ended."""
+        self._on_disconnect.append(hook)
+        return hook
+
+    # --- clients ------------------------------------------------------------------
+
+    def clients(self) -> list[ClientInfo]:
+        """The WebSocket clients connected now."""
+        return [connection.info for connection in self._connections.values()]
+
+    def client_statistics(self, client_id: str) -> ConnectionStats | None:
+        connection = self._connections.get(client_id)
+        return None if connection is None else connection.statistics()
+
+    def disconnect(self, client_id: str, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Close one client's connection with ``code``; False if no such client."""
+        connection = self._connections.get(client_id)
+        if connection is None:
+            return False
+        connection.close(code, reason)
+        return True
+
+    def statistics(self) -> ServerStats:
+        broker: BrokerStats = self.broker.statistics()
+        return ServerStats(
+            uptime=time.monotonic() - self._started,
+            connections=len(self._connections),
+            topics=broker.topics,
+            subscriptions=broker.subscriptions,
+            published=broker.published,
+            delivered=broker.delivered,
+            dropped=broker.dropped,
+            inbox_depth=broker.inbox_depth,
+        )
+
+    # --- shutdown -------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001 after its queue drains, wait.
+
+        Clients get ``shutdown_timeout`` seconds in all; whoever is still
+        connected then is cut off when the server's nursery ends.
+        """
+        if not self._draining:
+            self._draining = True
+            LOGGER.info("shutting down: closing %d connections", len(self._connections))
+            self._stop_listening.cancel()
+            for connection in list(self._connections.values()):
+                connection.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+        if self._connections:
+            with trio.move_on_after(self.config.shutdown_timeout):
+                await self._drained.wait()
+        self._stop_hypercorn.set()
+
+    # --- the transports' side (ConnectionHandler) ---------------------------------------
+
+    def admit(self, request: UpgradeRequest) -> Rejection | None:
+        """Refuse upgrades while draining or at ``max_connections``."""
+        if self._draining:
+            return Rejection(503, SHUTDOWN_REASON)
+        if len(self._connections) >= self.config.max_connections:
+            return Rejection(503, "too many connections")
+        return None
+
+    async def serve(self, transport: Transport, request: UpgradeRequest) -> None:
+        """Run one accepted WebSocket connection to its end."""
+        connection = Connection(
+            transport,
+            request,
+            dialect=self.dialect,
+            broker=self.broker,
+            limits=self._limits,
+            topic_filter=self._topic_filter,
+            handlers=self._handlers,
+        )
+        info = connection.info
+        self._connections[info.id] = connection
+        LOGGER.info("connect %s from %s", info.id, info.remote)
+        for hook in self._on_connect:
+            _call_hook(hook, info)
+        try:
+            await connection.run()
+        finally:
+            del self._connections[info.id]
+            if self._draining and not self._connections:
+                self._drained.set()
+            closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
+            LOGGER.info(
+                "disconnect %s code=%d reason=%r by=%s after %.1f s dropped=%d",
+                info.id,
+                closed.code,
+                closed.reason,
+                closed.initiated_by,
+                time.time() - info.connected_at,
+                connection.outbox.dropped,
+            )
+            for disconnect_hook in self._on_disconnect:
+                _call_hook(disconnect_hook, info, closed)
+
+    def _health(self) -> tuple[int, dict[str, Any]]:
+        stats = self.statistics()
+        body = {
+            "status": "draining" if self._draining else "ok",
+            "version": __version__,
+            "uptime": round(stats.uptime, 3),
+            "connections": stats.connections,
+            "topics": stats.topics,
+            "subscriptions": stats.subscriptions,
+        }
+        return (503 if self._draining else 200), body
+
+    # --- listening --------------------------------------------------------------------
+
+    async def _listen(self, nursery: trio.Nursery, connections: trio.Nursery) -> None:
+        if self.config.transport == "hypercorn":
+            binds: list[str] = await nursery.start(self._run_hypercorn)
+            self.addresses = [_parse_bind(bind) for bind in binds]
+        else:
+            self.addresses = await nursery.start(self._run_builtin, connections)
+        LOGGER.info("listening on %s (transport %s)", self.url, self.config.transport)
+
+    async def _run_builtin(
+        self,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        builtin = BuiltinServer(
+            self,
+            self.http_routes,
+            ws_path=self.config.ws_path,
+            max_message_size=self.config.max_message_size,
+            handshake_timeout=self.config.handshake_timeout,
+        )
+        with self._stop_listening:
+            await builtin.serve(
+                self.config.host, self.config.port, connections, task_status=task_status
+            )
+
+    async def _run_hypercorn(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        hypercorn_config = HypercornConfig()
+        hypercorn_config.bind = [f"{host}:{self.config.port}"]
+        hypercorn_config.websocket_max_message_size = self.config.max_message_size
+        hypercorn_config.websocket_ping_interval = self.config.ping_interval
+        hypercorn_config.graceful_timeout = self.config.close_timeout
+        hypercorn_config.accesslog = None
+        await hypercorn_serve(
+            self.asgi_app,  # type: ignore[arg-type]
+            hypercorn_config,
+            shutdown_trigger=self._stop_hypercorn.wait,
+            task_status=task_status,
+        )
+
+
+def _check_topic(topic: str) -> None:
+    problem = topic_problem(topic) if isinstance(topic, str) else "topic must be a string"
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _call_hook(hook: Callable[..., None], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:
+        LOGGER.exception("hook %r failed", hook)
+
+
+def _parse_bind(bind: str) -> tuple[str, int]:
+    """``http://127.0.0.1:8800`` -> ``("127.0.0.1", 8800)``."""
+    address = bind.split("://", 1)[-1]
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+@asynccontextmanager
+async def open_server(
+    config: Config | None = None, *, listen: bool = True
+) -> AsyncIterator[Server]:
+    """Run a tidings node for the duration of the ``async with`` block.
+
+    With ``listen`` (the default) it serves ``config.host:config.port``;
+    without, it runs only the broker, for in-process use or for mounting
+    :attr:`Server.asgi_app` in another ASGI server. Leaving the block shuts
+    down gracefully: clients are closed with 1001 after their queues drain.
+    """
+    server = Server(config or Config())
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.broker.run)
+        async with trio.open_nursery() as connections:
+            if listen:
+                await server._listen(nursery, connections)
+            if server.config.demo:
+                nursery.start_soon(run_demo, server)
+            try:
+                yield server
+            finally:
+                with trio.CancelScope(shield=True):
+                    await server.shutdown()
+                connections.cancel_scope.cancel()
+        nursery.cancel_scope.cancel()
+
+
+async def serve(
+    config: Config | None = None,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled; ``await nursery.start(serve, config)`` returns the :class:`Server`."""
+    async with open_server(config) as server:
+        task_status.started(server)
+        await trio.sleep_forever()

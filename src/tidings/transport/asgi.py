@@ -1,0 +1,170 @@
+"""tidings as an ASGI application, for hypercorn's Trio worker or a larger app.
+
+Limits of this transport, all from the ASGI server rather than from tidings
+(``docs/transports.md``): hypercorn shields each send from cancellation, so
+the write timeout cannot cut off a client that stopped reading (the overflow
+policy still protects the broker and every other client); protocol pings and
+their pongs are invisible to the application, so keepalive is left to the
+server (``websocket_ping_interval``); and each frame is one ASGI message, so
+queued frames cannot be coalesced into one write.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any
+
+import trio
+
+from .base import (
+    CloseFrame,
+    ConnectionHandler,
+    ConnectionLost,
+    Outgoing,
+    PeerClosed,
+    PingFrame,
+    UpgradeRequest,
+)
+
+LOGGER = logging.getLogger("tidings.transport")
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class AsgiWebSocket:
+    """A :class:`~tidings.transport.base.Transport` over ASGI ``receive``/``send``."""
+
+    supports_ping = False
+
+    def __init__(self, receive: Receive, send: Send, remote: str) -> None:
+        self._receive = receive
+        self._send = send
+        self.remote = remote
+        self.last_received = trio.current_time()
+        self._closed = False
+
+    async def receive(self) -> str | bytes | PingFrame:
+        message = await self._receive()
+        self.last_received = trio.current_time()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            text = message.get("text")
+            return text if text is not None else bytes(message.get("bytes") or b"")
+        if kind == "websocket.disconnect":
+            self._closed = True
+            # hypercorn reports 1006 even for a clean close (its issue 127), so
+            # the code cannot tell a close frame from a lost connection.
+            raise PeerClosed(int(message.get("code", 1005)))
+        raise ConnectionLost(f"unexpected ASGI message {kind!r}")
+
+    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
+        if self._closed:
+            raise ConnectionLost
+        try:
+            for item in items:
+                if type(item) is bytes:
+                    if text:
+                        await self._send({"type": "websocket.send", "text": item.decode()})
+                    else:
+                        await self._send({"type": "websocket.send", "bytes": item})
+                elif type(item) is CloseFrame:
+                    self._closed = True
+                    await self._send(
+                        {"type": "websocket.close", "code": item.code, "reason": item.reason}
+                    )
+                # Ping and pong frames are the ASGI server's business.
+        except OSError as exc:  # the ASGI server's way of saying the socket is gone
+            self._closed = True
+            raise ConnectionLost from exc
+
+    async def aclose(self) -> None:
+        # The ASGI server closes the socket when the application returns.
+        self._closed = True
+
+
+class AsgiApp:
+    """Routes ASGI scopes: ``websocket`` on the WebSocket path to the server, the rest to HTTP.
+
+    ``lifespan`` (optional) is an async context manager factory entered on
+    ASGI startup and left on shutdown; hypercorn's Trio worker requires an app
+    to answer lifespan events.
+    """
+
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        http_app: ASGIApp,
+        *,
+        ws_path: str,
+        lifespan: Callable[[], Any] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.http_app = http_app
+        self.ws_path = ws_path
+        self.lifespan = lifespan
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self.http_app(scope, receive, send)
+        elif kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = _path(scope)
+        message = await receive()
+        if message["type"] != "websocket.connect":
+            return
+        client = scope.get("client") or ("unknown", 0)
+        request = UpgradeRequest(
+            path=path,
+            query=bytes(scope.get("query_string", b"")).decode("latin-1"),
+            headers=tuple(
+                (bytes(name).decode("latin-1").lower(), bytes(value).decode("latin-1"))
+                for name, value in scope.get("headers", [])
+            ),
+            remote=f"{client[0]}:{client[1]}",
+        )
+        if path != self.ws_path:
+            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
+            return
+        rejection = self.handler.admit(request)
+        if rejection is not None:
+            await send({"type": "websocket.close", "code": 1013, "reason": rejection.message})
+            return
+        await send({"type": "websocket.accept"})
+        await self.handler.serve(AsgiWebSocket(receive, send, request.remote), request)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message["type"] != "lifespan.startup":  # pragma: no cover
+            return
+        if self.lifespan is None:
+            await send({"type": "lifespan.startup.complete"})
+            message = await receive()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        try:
+            async with self.lifespan():
+                await send({"type": "lifespan.startup.complete"})
+                await receive()  # lifespan.shutdown
+        except Exception as exc:
+            LOGGER.exception("tidings failed to start or stop under ASGI")
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        await send({"type": "lifespan.shutdown.complete"})
+
+
+def _path(scope: Scope) -> str:
+    """The request path relative to where the app is mounted."""
+    path = str(scope.get("path", ""))
+    root = str(scope.get("root_path", ""))
+    if root and path.startswith(root):
+        path = path[len(root) :] or "/"
+    return path

@@ -1,0 +1,135 @@
+"""The contract between a connection and the socket under it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, TypeAlias
+
+import attrs
+
+
+@attrs.frozen(slots=True)
+class PingFrame:
+    payload: bytes = b""
+
+
+@attrs.frozen(slots=True)
+class PongFrame:
+    payload: bytes = b""
+
+
+@attrs.frozen(slots=True)
+class CloseFrame:
+    code: int
+    reason: str = ""
+
+
+ControlFrame: TypeAlias = PingFrame | PongFrame | CloseFrame
+Outgoing: TypeAlias = bytes | ControlFrame
+"""What a writer hands a transport: a data frame's payload, or a control frame."""
+
+
+class TransportError(Exception):
+    """Base of what :meth:`Transport.receive` and :meth:`Transport.send` raise."""
+
+
+class ConnectionLost(TransportError):
+    """The connection ended without a close handshake (EOF, reset, broken pipe)."""
+
+
+class PeerClosed(TransportError):
+    """The peer sent a close frame."""
+
+    def __init__(self, code: int, reason: str = "") -> None:
+        super().__init__(f"peer closed the connection with {code} {reason!r}")
+        self.code = code
+        self.reason = reason
+
+
+class ProtocolViolation(TransportError):
+    """The peer broke the WebSocket rules; the connection must close with ``code``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class MessageTooBig(TransportError):
+    """A message exceeded the size limit; the rest of it is skipped."""
+
+
+class Transport(Protocol):
+    """One accepted WebSocket connection, as the connection code sees it.
+
+    ``receive`` is called by one task (the reader) and ``send`` by one other
+    (the writer); a transport need not be safe for more.
+    """
+
+    remote: str
+    """The peer's address, ``host:port``."""
+    last_received: float
+    """``trio.current_time()`` when bytes last arrived from the peer."""
+    supports_ping: bool
+    """Whether protocol pings can be sent and their pongs observed."""
+
+    async def receive(self) -> str | bytes | PingFrame:
+        """The next message (text as str, binary as bytes), or a ping to answer.
+
+        Raises:
+            PeerClosed, ConnectionLost, ProtocolViolation, MessageTooBig.
+        """
+        ...
+
+    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
+        """Write ``items`` in order, coalesced into as few writes as possible.
+
+        Data payloads go out as text frames when ``text`` is true. A cancelled
+        send may leave a partial frame behind: the caller must then abort.
+
+        Raises:
+            ConnectionLost.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Drop the connection now (no close handshake); idempotent."""
+        ...
+
+
+@attrs.frozen(slots=True)
+class UpgradeRequest:
+    """The HTTP request that asked for a WebSocket, as the server saw it."""
+
+    path: str
+    query: str
+    headers: tuple[tuple[str, str], ...]
+    """Lower-cased names, in order of arrival."""
+    remote: str
+
+    def header(self, name: str) -> str | None:
+        """The first value of header ``name`` (lower-case), or None."""
+        for key, value in self.headers:
+            if key == name:
+                return value
+        return None
+
+
+@attrs.frozen(slots=True)
+class Rejection:
+    """Refuse an upgrade with this HTTP status and message."""
+
+    status: int
+    message: str
+
+
+class ConnectionHandler(Protocol):
+    """What a transport hands accepted WebSockets to (the server)."""
+
+    def admit(self, request: UpgradeRequest) -> Rejection | None:
+        """Decide, before the upgrade completes, whether to take this client."""
+        ...
+
+    async def serve(self, transport: Transport, request: UpgradeRequest) -> None:
+        """Run the connection until it ends."""
+        ...

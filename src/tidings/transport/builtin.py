@@ -1,0 +1,454 @@
+"""tidings' own HTTP/1.1 and WebSocket server, on h11, wsproto and Trio streams.
+
+Why our own (``docs/transports.md`` has the figures): the write timeout must
+really cut off a client that stopped reading, which needs a cancellable write
+(hypercorn shields its sends); shutdown must send every client a 1001 close
+frame; and fan-out wants each batch of frames written with one ``send_all``.
+h11 parses requests, wsproto parses the frames clients send; the frames we
+send are built here, because a server frame is a two-to-ten-byte header in
+front of the payload and nothing more.
+
+Plain HTTP requests (``/health`` and the rest) are passed to an ASGI app, so
+the same routes serve here and under any ASGI server.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import logging
+import struct
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from typing import Any, Final, cast
+from urllib.parse import unquote
+
+import h11
+import orjson
+import trio
+from wsproto.connection import Connection as WsConnection
+from wsproto.connection import ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+
+from .base import (
+    CloseFrame,
+    ConnectionHandler,
+    ConnectionLost,
+    MessageTooBig,
+    Outgoing,
+    PeerClosed,
+    PingFrame,
+    PongFrame,
+    ProtocolViolation,
+    UpgradeRequest,
+)
+
+LOGGER = logging.getLogger("tidings.transport")
+
+ASGIApp = Callable[
+    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+RECEIVE_SIZE: Final = 65536
+MAX_REQUEST_HEAD: Final = 16 * 1024
+MAX_REQUEST_BODY: Final = 1024 * 1024
+MAX_REQUESTS_PER_CONNECTION: Final = 100
+WEBSOCKET_GUID: Final = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+_TEXT: Final = 0x81  # FIN + opcode
+_BINARY: Final = 0x82
+_CLOSE: Final = 0x88
+_PING: Final = 0x89
+_PONG: Final = 0x8A
+_pack_short = struct.Struct("!BBH").pack
+_pack_long = struct.Struct("!BBQ").pack
+_MAX_CLOSE_REASON: Final = 123  # a control frame carries 125 bytes; 2 are the code
+
+
+def frame_header(first_byte: int, length: int) -> bytes:
+    """The header of an unmasked (server-to-client) frame with a payload of ``length``."""
+    if length < 126:
+        return bytes((first_byte, length))
+    if length < 65536:
+        return _pack_short(first_byte, 126, length)
+    return _pack_long(first_byte, 127, length)
+
+
+def _close_payload(code: int, reason: str) -> bytes:
+    encoded = reason.encode()[:_MAX_CLOSE_REASON]
+    # Never cut a multi-byte character in half: the peer would fail with 1007.
+    encoded = encoded.decode("utf-8", "ignore").encode()
+    return struct.pack("!H", code) + encoded
+
+
+class WebSocketStream:
+    """A :class:`~tidings.transport.base.Transport` over a Trio stream."""
+
+    supports_ping = True
+
+    __slots__ = (
+        "_buffer",
+        "_buffered",
+        "_closed",
+        "_skipping",
+        "_stream",
+        "_ws",
+        "last_received",
+        "max_message_size",
+        "remote",
+    )
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        remote: str,
+        *,
+        max_message_size: int,
+        trailing_data: bytes = b"",
+    ) -> None:
+        self._stream = stream
+        self._ws = WsConnection(ConnectionType.SERVER, trailing_data=trailing_data)
+        self.remote = remote
+        self.max_message_size = max_message_size
+        self.last_received = trio.current_time()
+        self._buffer: list[Any] = []
+        self._buffered = 0
+        self._skipping = False
+        self._closed = False
+
+    async def receive(self) -> str | bytes | PingFrame:
+        ws = self._ws
+        while True:
+            for event in ws.events():
+                if isinstance(event, TextMessage | BytesMessage):
+                    message = self._assemble(event)
+                    if message is not None:
+                        return message
+                elif isinstance(event, Ping):
+                    return PingFrame(bytes(event.payload))
+                elif isinstance(event, CloseConnection):
+                    if ws.state is ConnectionState.OPEN:
+                        # wsproto reports its own parse failures as a close event.
+                        raise ProtocolViolation(event.code, event.reason or "protocol error")
+                    raise PeerClosed(event.code, event.reason or "")
+                # Pong: its arrival already counts as activity.
+            try:
+                data = await self._stream.receive_some(RECEIVE_SIZE)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionLost from exc
+            if not data:
+                raise ConnectionLost
+            self.last_received = trio.current_time()
+            ws.receive_data(cast(bytes, data))
+
+    def _assemble(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        data = event.data
+        if self._skipping:
+            if event.message_finished:
+                self._skipping = False
+            return None
+        if isinstance(data, str):
+            size = len(data) if data.isascii() else len(data.encode())
+        else:
+            size = len(data)
+        self._buffered += size
+        if self._buffered > self.max_message_size:
+            self._buffer.clear()
+            self._buffered = 0
+            self._skipping = not event.message_finished
+            raise MessageTooBig
+        if event.message_finished and not self._buffer:
+            self._buffered = 0
+            return data if isinstance(data, str) else bytes(data)
+        self._buffer.append(data)
+        if not event.message_finished:
+            return None
+        parts, self._buffer, self._buffered = self._buffer, [], 0
+        return "".join(parts) if isinstance(data, str) else b"".join(parts)
+
+    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
+        opcode = _TEXT if text else _BINARY
+        parts: list[bytes] = []
+        append = parts.append
+        for item in items:
+            if type(item) is bytes:
+                append(frame_header(opcode, len(item)))
+                append(item)
+            elif type(item) is PingFrame:
+                append(frame_header(_PING, len(item.payload)) + item.payload)
+            elif type(item) is PongFrame:
+                append(frame_header(_PONG, len(item.payload)) + item.payload)
+            elif type(item) is CloseFrame:
+                payload = _close_payload(item.code, item.reason)
+                append(frame_header(_CLOSE, len(payload)) + payload)
+        try:
+            await self._stream.send_all(b"".join(parts))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost from exc
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await trio.aclose_forcefully(self._stream)
+
+
+def _remote(stream: trio.abc.Stream) -> tuple[str, int]:
+    try:
+        host, port, *_ = stream.socket.getpeername()  # type: ignore[attr-defined]
+    except (AttributeError, OSError):
+        return ("unknown", 0)
+    return (str(host), int(port))
+
+
+def _accept_key(key: bytes) -> bytes:
+    return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
+
+
+def _is_upgrade(request: h11.Request) -> bool:
+    upgrade = connection = b""
+    for name, value in request.headers:
+        if name == b"upgrade":
+            upgrade = value.lower()
+        elif name == b"connection":
+            connection = value.lower()
+    return upgrade == b"websocket" and b"upgrade" in connection
+
+
+class BuiltinServer:
+    """Accepts TCP connections, upgrades ``ws_path`` to WebSocket, serves HTTP via ASGI."""
+
+    def __init__(
+        self,
+        handler: ConnectionHandler,
+        http_app: ASGIApp,
+        *,
+        ws_path: str,
+        max_message_size: int,
+        handshake_timeout: float,
+    ) -> None:
+        self.handler = handler
+        self.http_app = http_app
+        self.ws_path = ws_path
+        self.max_message_size = max_message_size
+        self.handshake_timeout = handshake_timeout
+
+    async def serve(
+        self,
+        host: str,
+        port: int,
+        handler_nursery: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Listen and accept until cancelled; connections live in ``handler_nursery``.
+
+        Cancelling this task stops accepting without touching connections that
+        are already open, which is the first step of a graceful shutdown.
+        """
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        task_status.started([_address(listener) for listener in listeners])
+        await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=handler_nursery)
+
+    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+        """Serve one TCP connection: HTTP requests, or one WebSocket."""
+        remote = _remote(stream)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        try:
+            for _ in range(MAX_REQUESTS_PER_CONNECTION):
+                with trio.move_on_after(self.handshake_timeout):
+                    request = await self._read_request(stream, http)
+                if request is None:
+                    return
+                path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
+                if path == self.ws_path:
+                    if _is_upgrade(request):
+                        await self._upgrade(stream, http, request, remote)
+                        return
+                    with trio.move_on_after(self.handshake_timeout):
+                        await self._respond(
+                            stream,
+                            http,
+                            426,
+                            "this endpoint speaks WebSocket only",
+                            [(b"upgrade", b"websocket")],
+                        )
+                else:
+                    with trio.move_on_after(self.handshake_timeout):
+                        await self._serve_http(stream, http, request, remote)
+                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                    return
+                http.start_next_cycle()
+        except h11.RemoteProtocolError as exc:
+            with trio.move_on_after(1):
+                if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                    await self._respond(stream, http, exc.error_status_hint, "bad request")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            # One connection's failure must never reach the nursery all
+            # connections share.
+            LOGGER.exception("error while serving %s:%s", *remote)
+
+    async def _read_request(
+        self, stream: trio.abc.Stream, http: h11.Connection
+    ) -> h11.Request | None:
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                data = await stream.receive_some(RECEIVE_SIZE)
+                http.receive_data(cast(bytes, data))
+                continue
+            if isinstance(event, h11.Request):
+                return event
+            return None  # ConnectionClosed, or PAUSED after a half-closed connection
+
+    async def _upgrade(
+        self,
+        stream: trio.abc.Stream,
+        http: h11.Connection,
+        request: h11.Request,
+        remote: tuple[str, int],
+    ) -> None:
+        headers = {name: value for name, value in request.headers}
+        key = headers.get(b"sec-websocket-key")
+        if request.method != b"GET" or key is None:
+            await self._respond(
+                stream, http, 400, "a WebSocket upgrade is a GET with Sec-WebSocket-Key"
+            )
+            return
+        if headers.get(b"sec-websocket-version") != b"13":
+            await self._respond(
+                stream,
+                http,
+                426,
+                "only WebSocket version 13 is supported",
+                [(b"sec-websocket-version", b"13")],
+            )
+            return
+        target = request.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        upgrade = UpgradeRequest(
+            path=unquote(path),
+            query=query,
+            headers=tuple(
+                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
+            ),
+            remote=f"{remote[0]}:{remote[1]}",
+        )
+        rejection = self.handler.admit(upgrade)
+        if rejection is not None:
+            await self._respond(stream, http, rejection.status, rejection.message)
+            return
+        response = http.send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"Upgrade"),
+                    (b"sec-websocket-accept", _accept_key(key)),
+                ],
+            )
+        )
+        with trio.move_on_after(self.handshake_timeout) as scope:
+            await stream.send_all(response)
+        if scope.cancelled_caught:
+            return
+        trailing, _ = http.trailing_data
+        transport = WebSocketStream(
+            stream,
+            upgrade.remote,
+            max_message_size=self.max_message_size,
+            trailing_data=bytes(trailing),
+        )
+        await self.handler.serve(transport, upgrade)
+
+    async def _respond(
+        self,
+        stream: trio.abc.Stream,
+        http: h11.Connection,
+        status: int,
+        message: str,
+        extra_headers: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
+        body = orjson.dumps({"error": {"code": f"http_{status}", "message": message}})
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *(extra_headers or []),
+        ]
+        if status >= 400:
+            headers.append((b"connection", b"close"))
+        data = http.send(h11.Response(status_code=status, headers=headers))
+        data += http.send(h11.Data(data=body))
+        data += http.send(h11.EndOfMessage())
+        await stream.send_all(data)
+
+    async def _serve_http(
+        self,
+        stream: trio.abc.Stream,
+        http: h11.Connection,
+        request: h11.Request,
+        remote: tuple[str, int],
+    ) -> None:
+        if http.client_is_waiting_for_100_continue:
+            await stream.send_all(http.send(h11.InformationalResponse(status_code=100, headers=[])))
+        body = bytearray()
+        while True:
+            event = http.next_event()
+            if event is h11.NEED_DATA:
+                http.receive_data(cast(bytes, await stream.receive_some(RECEIVE_SIZE)))
+            elif isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > MAX_REQUEST_BODY:
+                    await self._respond(stream, http, 413, "request body too large")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:  # the client went away
+                return
+        target = request.target
+        raw_path, _, query = target.partition(b"?")
+        scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": request.http_version.decode(),
+            "method": request.method.decode(),
+            "scheme": "http",
+            "path": unquote(raw_path.decode("latin-1")),
+            "raw_path": raw_path,
+            "query_string": query,
+            "root_path": "",
+            "headers": list(request.headers),
+            "client": remote,
+            "server": None,
+        }
+        sent_body = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent_body
+            if not sent_body:
+                sent_body = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")  # pragma: no cover
+
+        async def send(message: dict[str, Any]) -> None:
+            kind = message["type"]
+            if kind == "http.response.start":
+                out = http.send(
+                    h11.Response(status_code=message["status"], headers=message.get("headers", []))
+                )
+            elif kind == "http.response.body":
+                out = http.send(h11.Data(data=message.get("body", b"")))
+                if not message.get("more_body", False):
+                    out += http.send(h11.EndOfMessage())
+            else:  # pragma: no cover - not sent by our app
+                return
+            await stream.send_all(out)
+
+        await self.http_app(scope, receive, send)
+
+
+def _address(listener: trio.SocketListener) -> tuple[str, int]:
+    host, port, *_ = listener.socket.getsockname()
+    return (str(host), int(port))
