@@ -154,14 +154,31 @@ def _run_watch(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     console = Console(highlight=False, soft_wrap=True)
     status = Console(highlight=False, soft_wrap=True, stderr=True)
-    try:
-        trio.run(_watch, args, console, status)
-    except KeyboardInterrupt:
-        return 0
-    return 0
+    refused: list[str] = []
+    trio.run(_watch_until_signal, args, console, status, refused)
+    return 1 if refused else 0
 
 
-async def _watch(args: argparse.Namespace, console: Console, status: Console) -> None:
+async def _watch_until_signal(
+    args: argparse.Namespace, console: Console, status: Console, refused: list[str]
+) -> None:
+    """Watch until Ctrl-C or SIGTERM, then leave quietly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch() -> None:
+                await _watch(args, console, status, refused)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _watch(
+    args: argparse.Namespace, console: Console, status: Console, refused: list[str]
+) -> None:
     backoff = 0.2
     while True:
         try:
@@ -170,7 +187,7 @@ async def _watch(args: argparse.Namespace, console: Console, status: Console) ->
                 status.print(f"[dim]connected to {escape(args.url)}[/dim]")
                 async with trio.open_nursery() as nursery:
                     for topic in args.topics:
-                        nursery.start_soon(_watch_topic, client, topic, args, console)
+                        nursery.start_soon(_watch_topic, client, topic, args, console, refused)
                 return
         except ConnectionError as exc:
             status.print(f"[yellow]{escape(str(exc))}; retrying in {backoff:.1f} s[/]")
@@ -179,21 +196,38 @@ async def _watch(args: argparse.Namespace, console: Console, status: Console) ->
 
 
 async def _watch_topic(
-    client: tidings_client.Client, topic: str, args: argparse.Namespace, console: Console
+    client: tidings_client.Client,
+    topic: str,
+    args: argparse.Namespace,
+    console: Console,
+    refused: list[str],
 ) -> None:
-    async with client.subscribe(topic, since=args.since) as events:
-        last: tuple[str, int] | None = None
-        async for event in events:
-            if args.json:
-                print(orjson.dumps(attrs.asdict(event, filter=_public)).decode(), flush=True)
-                continue
-            if last is not None and event.epoch == last[0] and event.seq > last[1] + 1:
-                console.print(
-                    f"[yellow]{escape(topic)}: {event.seq - last[1] - 1} events missed "
-                    "(history no longer reaches back)[/]"
-                )
-            last = (event.epoch, event.seq)
-            console.print(render_event(event))
+    try:
+        async with client.subscribe(topic, since=args.since) as events:
+            await _print_events(topic, events, args, console)
+    except tidings_client.TidingsError as exc:
+        refused.append(topic)
+        print(f"tidings: cannot watch {topic!r}: {exc}", file=sys.stderr)
+
+
+async def _print_events(
+    topic: str,
+    events: tidings_client.ClientSubscription,
+    args: argparse.Namespace,
+    console: Console,
+) -> None:
+    last: tuple[str, int] | None = None
+    async for event in events:
+        if args.json:
+            print(orjson.dumps(attrs.asdict(event, filter=_public)).decode(), flush=True)
+            continue
+        if last is not None and event.epoch == last[0] and event.seq > last[1] + 1:
+            console.print(
+                f"[yellow]{escape(topic)}: {event.seq - last[1] - 1} events missed "
+                "(history no longer reaches back)[/]"
+            )
+        last = (event.epoch, event.seq)
+        console.print(render_event(event))
 
 
 def _public(attribute: attrs.Attribute[Any], _: Any) -> bool:

@@ -252,18 +252,23 @@ class Client:
         request_id = f"c{next(self._ids)}"
         message["requestId"] = request_id
         pending = _Pending(on_reply)
+        text = orjson.dumps(message).decode()
         with trio.fail_after(timeout):
-            await self._connected.wait()
-            ws = self._ws
-            assert ws is not None
-            self._pending[request_id] = pending
-            try:
-                await ws.send_message(orjson.dumps(message).decode())
-            except ConnectionClosed as exc:
-                self._pending.pop(request_id, None)
-                raise ConnectionLostError(
-                    "the connection closed before the command was sent"
-                ) from exc
+            while True:
+                ws = self._ws
+                if ws is None or ws.closed is not None:
+                    # Away: wait for the reconnect (the event is replaced on each loss).
+                    await self._connected.wait()
+                    continue
+                self._pending[request_id] = pending
+                try:
+                    await ws.send_message(text)
+                except ConnectionClosed:
+                    # Not sent, so safe to send again once reconnected.
+                    self._pending.pop(request_id, None)
+                    await trio.lowlevel.checkpoint()
+                    continue
+                break
             try:
                 await pending.done.wait()
             finally:
@@ -299,11 +304,16 @@ class Client:
                         task_status.started()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
-                        await self._read(ws)
+                        with suppress(ConnectionClosed):  # the usual way a connection ends
+                            await self._read(ws)
                         nursery.cancel_scope.cancel()
+                    if ws.closed is not None and not self._closed:
+                        LOGGER.info("connection to %s lost (%s)", self.url, _describe_close(ws))
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
                 if not started:
-                    raise ConnectionError(f"cannot connect to {self.url}: {exc}") from exc
+                    raise ConnectionError(
+                        f"cannot connect to {self.url}: {_describe(exc)}"
+                    ) from exc
                 LOGGER.info("connection to %s lost (%s); reconnecting", self.url, _describe(exc))
             finally:
                 self._ws = None
@@ -363,7 +373,10 @@ class Client:
         while True:
             await trio.sleep(self.ping_interval)
             with trio.move_on_after(self.ping_interval) as timeout:
-                await ws.ping()
+                try:
+                    await ws.ping()
+                except ConnectionClosed:
+                    return
             if timeout.cancelled_caught:
                 LOGGER.info(
                     "no pong from %s within %.0f s; reconnecting", self.url, self.ping_interval
@@ -378,11 +391,19 @@ class Client:
             waiter.fail(ConnectionLostError("the connection closed before the server answered"))
 
 
+def _describe_close(ws: WebSocketConnection) -> str:
+    reason = ws.closed
+    return f"closed with {reason.code} {reason.reason or ''}".strip() if reason else "closed"
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):
         return f"rejected with HTTP {exc.status_code}"
+    if not str(exc) and (exc.__cause__ or exc.__context__):
+        # trio-websocket's HandshakeError says nothing; the OSError under it does.
+        return _describe(exc.__cause__ or exc.__context__)  # type: ignore[arg-type]
     return str(exc) or type(exc).__name__
 
 
@@ -413,15 +434,22 @@ async def connect(
         ping_interval=ping_interval,
         max_message_size=max_message_size,
     )
+    failed: ConnectionError | None = None
     async with trio.open_nursery() as nursery:
-        await nursery.start(client._run)
         try:
-            yield client
-        finally:
-            client._closed = True
-            ws = client._ws
-            if ws is not None:
-                # A close handshake, so the server sees 1000 rather than a reset.
-                with trio.CancelScope(shield=True), trio.move_on_after(2):
-                    await ws.aclose()
-            nursery.cancel_scope.cancel()
+            await nursery.start(client._run)
+        except ConnectionError as exc:
+            failed = exc  # raised below, outside the nursery, as itself
+        else:
+            try:
+                yield client
+            finally:
+                client._closed = True
+                ws = client._ws
+                if ws is not None:
+                    # A close handshake, so the server sees 1000 rather than a reset.
+                    with trio.CancelScope(shield=True), trio.move_on_after(2):
+                        await ws.aclose()
+                nursery.cancel_scope.cancel()
+    if failed is not None:
+        raise failed

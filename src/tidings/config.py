@@ -39,6 +39,41 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message says which key and why."""
 
 
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+_SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M)?\s*$")
+_SIZE_UNITS = {
+    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
+    "k": 1024, "K": 1024, "M": 1024**2, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
+}  # fmt: skip
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def parse_duration(value: str | float) -> float:
+    """Seconds from a number or a string with a unit (``500ms``, ``30s``, ``2m``, ``1h``)."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds, not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    match = _DURATION.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a duration (e.g. 30, 30s, 500ms, 2m)")
+    return float(match[1]) * _DURATION_UNITS[match[2]]
+
+
+def parse_size(value: str | int) -> int:
+    """Bytes from a number or a string with a unit (``512KiB``, ``1MiB``)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes, not a boolean")
+    if isinstance(value, int):
+        return value
+    match = _SIZE.match(value)
+    if match is None:
+        raise ValueError(f"{value!r} is not a size (e.g. 524288, 512KiB, 1MiB)")
+    return int(match[1]) * _SIZE_UNITS[match[2]]
+
+
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
 
@@ -55,34 +90,51 @@ class Config:
         metadata=_help("server for the port: builtin (h11 + wsproto) or hypercorn (ASGI)"),
     )
     max_message_size: Bytes = attrs.field(
-        default=Bytes(512 * 1024), metadata=_help("largest message a client may send; 1009 beyond")
+        default=Bytes(512 * 1024),
+        converter=parse_size,
+        metadata=_help("largest message a client may send; 1009 beyond"),
     )
     ping_interval: Seconds = attrs.field(
-        default=Seconds(30.0), metadata=_help("how often the server pings each client")
+        default=Seconds(30.0),
+        converter=parse_duration,
+        metadata=_help("how often the server pings each client"),
     )
     read_timeout: Seconds = attrs.field(
-        default=Seconds(60.0), metadata=_help("silence after which a client is closed (1011)")
+        default=Seconds(60.0),
+        converter=parse_duration,
+        metadata=_help("silence after which a client is closed (1011)"),
     )
     write_timeout: Seconds = attrs.field(
-        default=Seconds(10.0), metadata=_help("a write blocked longer drops the client")
+        default=Seconds(10.0),
+        converter=parse_duration,
+        metadata=_help("a write blocked longer drops the client"),
     )
     close_timeout: Seconds = attrs.field(
-        default=Seconds(2.0), metadata=_help("how long to wait for the peer's close frame")
+        default=Seconds(2.0),
+        converter=parse_duration,
+        metadata=_help("how long to wait for the peer's close frame"),
     )
     handshake_timeout: Seconds = attrs.field(
-        default=Seconds(10.0), metadata=_help("time allowed to send an HTTP request head")
+        default=Seconds(10.0),
+        converter=parse_duration,
+        metadata=_help("time allowed to send an HTTP request head"),
     )
     shutdown_timeout: Seconds = attrs.field(
-        default=Seconds(5.0), metadata=_help("time clients get to drain on shutdown")
+        default=Seconds(5.0),
+        converter=parse_duration,
+        metadata=_help("time clients get to drain on shutdown"),
     )
     request_timeout: Seconds = attrs.field(
-        default=Seconds(10.0), metadata=_help("time a request handler gets to answer")
+        default=Seconds(10.0),
+        converter=parse_duration,
+        metadata=_help("time a request handler gets to answer"),
     )
     outbox_size: int = attrs.field(
         default=256, metadata=_help("messages queued per client before the overflow policy acts")
     )
     overflow_policy: OverflowPolicy = attrs.field(
         default=OverflowPolicy.DROP,
+        converter=OverflowPolicy,
         metadata=_help("full outbox: drop the event for that client, or disconnect it (1008)"),
     )
     inbox_size: int = attrs.field(
@@ -92,7 +144,9 @@ class Config:
         default=1000, metadata=_help("events kept per topic for resume; 0 keeps none")
     )
     history_ttl: Seconds = attrs.field(
-        default=Seconds(300.0), metadata=_help("age after which an event leaves history")
+        default=Seconds(300.0),
+        converter=parse_duration,
+        metadata=_help("age after which an event leaves history"),
     )
     max_topics: int = attrs.field(default=100_000, metadata=_help("topics one node holds at most"))
     max_connections: int = attrs.field(
@@ -106,6 +160,7 @@ class Config:
     )
     topics: tuple[str, ...] = attrs.field(
         default=(),
+        converter=tuple,
         metadata=_help("allowed topic patterns (shell-style, comma-separated); empty allows all"),
     )
     demo: bool = attrs.field(
@@ -167,6 +222,10 @@ FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.
 
 def _semantic_problems(config: Config) -> list[str]:
     problems = []
+    for name in ("transport", "log_level"):
+        allowed = _choices(FIELDS[name].type)
+        if getattr(config, name) not in allowed:
+            problems.append(f"{name} must be one of {', '.join(allowed)}")
     if not 0 <= config.port <= 65535:
         problems.append(f"port must be between 0 and 65535, not {config.port}")
     if not config.ws_path.startswith("/"):
@@ -204,40 +263,6 @@ def _semantic_problems(config: Config) -> list[str]:
 
 
 # --- parsing -----------------------------------------------------------------------
-
-_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
-_SIZE = re.compile(r"^\s*([0-9]+)\s*(B|KiB|MiB|GiB|KB|MB|GB|k|K|M)?\s*$")
-_SIZE_UNITS = {
-    None: 1, "B": 1, "KiB": 1024, "MiB": 1024**2, "GiB": 1024**3,
-    "k": 1024, "K": 1024, "M": 1024**2, "KB": 1000, "MB": 1000**2, "GB": 1000**3,
-}  # fmt: skip
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def parse_duration(value: str | float) -> float:
-    """Seconds from a number or a string with a unit (``500ms``, ``30s``, ``2m``, ``1h``)."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is a number of seconds, not a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    match = _DURATION.match(value)
-    if match is None:
-        raise ValueError(f"{value!r} is not a duration (e.g. 30, 30s, 500ms, 2m)")
-    return float(match[1]) * _DURATION_UNITS[match[2]]
-
-
-def parse_size(value: str | int) -> int:
-    """Bytes from a number or a string with a unit (``512KiB``, ``1MiB``)."""
-    if isinstance(value, bool):
-        raise ValueError("a size is a number of bytes, not a boolean")
-    if isinstance(value, int):
-        return value
-    match = _SIZE.match(value)
-    if match is None:
-        raise ValueError(f"{value!r} is not a size (e.g. 524288, 512KiB, 1MiB)")
-    return int(match[1]) * _SIZE_UNITS[match[2]]
 
 
 def _parse_text(key: str, text: str) -> Any:

@@ -35,6 +35,7 @@ from .protocol.codes import CloseCode, ErrorCode
 from .protocol.dialect import Dialect
 from .protocol.messages import (
     Ack,
+    Acked,
     Answer,
     Error,
     Ping,
@@ -89,6 +90,8 @@ class ConnectionStats:
     queued: int
     peak_queued: int
     dropped: int
+    acked: dict[str, int]
+    """Last offset the client acknowledged, per topic."""
 
 
 class Connection:
@@ -145,6 +148,7 @@ class Connection:
             queued=len(self.outbox),
             peak_queued=self.outbox.peak,
             dropped=self.outbox.dropped,
+            acked=dict(self.acked),
         )
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
@@ -234,10 +238,7 @@ class Connection:
         elif kind is Request:
             await self._request(command)
         elif kind is Ack:
-            if command.topic in self.subscriber.topics:
-                self.acked[command.topic] = command.seq
-            else:
-                self._reply(self._not_subscribed(command.topic, command.request_id))
+            self._ack(command)
         elif kind is Ping:
             self._reply(Pong(command.request_id))
 
@@ -265,6 +266,26 @@ class Connection:
         encode = self.dialect.encode_event
         for event in result.replay:
             self.outbox.put(encode(event))
+
+    def _ack(self, command: Ack) -> None:
+        if command.topic not in self.subscriber.topics:
+            self._reply(self._not_subscribed(command.topic, command.request_id))
+            return
+        position = self.broker.position(command.topic)
+        head = position.seq if position is not None else 0
+        if command.seq > head:
+            self._reply(
+                Error(
+                    ErrorCode.INVALID_FIELD,
+                    f"seq {command.seq} is beyond the topic's last offset {head}",
+                    command.request_id,
+                    command.topic,
+                )
+            )
+            return
+        self.acked[command.topic] = command.seq
+        if command.request_id is not None:
+            self._reply(Acked(command.topic, command.request_id, command.seq))
 
     def _publish_reply(self, command: Publish) -> Callable[[Position | BrokerError], None]:
         def on_done(result: Position | BrokerError) -> None:

@@ -82,7 +82,7 @@ class Server:
         self._drained = trio.Event()
         self._stop_listening = trio.CancelScope()
         self._stop_hypercorn = trio.Event()
-        self.http_routes = HttpRoutes(self._health)
+        self.http_routes = HttpRoutes(self._health, ws_path=config.ws_path)
         self.asgi_app = AsgiApp(self, self.http_routes, ws_path=config.ws_path)
         """This server's endpoints as an ASGI app, to mount in a larger application."""
 

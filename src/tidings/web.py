@@ -19,8 +19,9 @@ HealthProbe = Callable[[], tuple[int, dict[str, Any]]]
 class HttpRoutes:
     """Routes plain HTTP requests of a tidings node."""
 
-    def __init__(self, health: HealthProbe) -> None:
+    def __init__(self, health: HealthProbe, *, ws_path: str = "/ws") -> None:
         self.health = health
+        self.ws_path = ws_path
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
@@ -36,6 +37,14 @@ class HttpRoutes:
                 return
             status, body = self.health()
             await respond(send, status, body)
+            return
+        if path == self.ws_path:
+            await respond(
+                send,
+                426,
+                _error("upgrade_required", "this endpoint speaks WebSocket only"),
+                [(b"upgrade", b"websocket")],
+            )
             return
         await respond(send, 404, _error("not_found", f"no route for {path[:200]}"))
 

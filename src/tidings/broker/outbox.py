@@ -5,10 +5,12 @@ required elsewhere:
 
 * the broker must never wait: :meth:`Outbox.offer` is ``send_nowait`` that
   answers False instead of raising, applying the overflow policy in place;
-* replies must never be dropped and must stay in order with events:
-  :meth:`Outbox.put` queues past the capacity (the reader then waits in
-  :meth:`Outbox.wait_writable` before reading the next command, so the excess
-  is bounded by what one command can produce);
+* replies and replays must never be dropped and must stay in order with
+  events: :meth:`Outbox.put` queues past the capacity and does not use it up,
+  so a resume that replays 900 events still leaves room for 256 live ones
+  behind them (the reader waits in :meth:`Outbox.wait_writable` before reading
+  the next command, so the excess is bounded by what one command produces:
+  at most one topic's history);
 * the writer wants everything that is queued in one go, to coalesce it into
   one socket write: :meth:`Outbox.receive_batch`.
 
@@ -55,6 +57,7 @@ class Outbox(Generic[T]):
     __slots__ = (
         "_consumer",
         "_items",
+        "_put_queued",
         "_writer_waiting_for_space",
         "capacity",
         "closing",
@@ -74,6 +77,7 @@ class Outbox(Generic[T]):
         """The most items ever queued at once."""
         self.closing: Closing | None = None
         self._items: deque[T] = deque()
+        self._put_queued = 0  # items queued by put(), which do not use up the capacity
         self._consumer: trio.lowlevel.Task | None = None
         self._writer_waiting_for_space: trio.lowlevel.Task | None = None
 
@@ -89,7 +93,7 @@ class Outbox(Generic[T]):
         itself with 1008 so the connection ends and the client can resume.
         """
         items = self._items
-        if len(items) >= self.capacity or self.closing is not None:
+        if len(items) - self._put_queued >= self.capacity or self.closing is not None:
             if self.closing is None:
                 self.dropped += 1
                 if self.policy is OverflowPolicy.DISCONNECT:
@@ -110,6 +114,7 @@ class Outbox(Generic[T]):
         if self.closing is not None:
             return
         self._items.append(item)
+        self._put_queued += 1
         self.peak = max(self.peak, len(self._items))
         if self._consumer is not None:
             self._wake_consumer()
@@ -126,6 +131,7 @@ class Outbox(Generic[T]):
         self.closing = Closing(code, reason, flush)
         if not flush:
             self._items.clear()
+            self._put_queued = 0
         if self._consumer is not None:
             self._wake_consumer()
         self._wake_producer()
@@ -144,6 +150,7 @@ class Outbox(Generic[T]):
             await self._wait_for_items()
         batch = list(self._items)
         self._items.clear()
+        self._put_queued = 0
         self._wake_producer()
         return batch
 
@@ -158,6 +165,9 @@ class Outbox(Generic[T]):
                 raise trio.EndOfChannel
             await self._wait_for_items()
         item = self._items.popleft()
+        # Which kind of item left is not recorded; assuming a put() one errs
+        # towards dropping sooner, never towards growing past the bound.
+        self._put_queued = max(0, self._put_queued - 1)
         self._wake_producer()
         await trio.lowlevel.checkpoint()
         return item

@@ -42,8 +42,6 @@ class ErrorCode(StrEnum):
     """The request handler raised."""
     REQUEST_TIMEOUT = "request_timeout"
     """The request handler did not answer within ``request_timeout``."""
-    SHUTTING_DOWN = "shutting_down"
-    """The server is draining and takes no new work."""
 
 
 class CloseCode(IntEnum):
@@ -63,5 +61,6 @@ class CloseCode(IntEnum):
     INTERNAL_ERROR = 1011
     """Read timeout (the peer stayed silent too long) or an internal failure."""
     SERVICE_RESTART = 1012
+    """Not sent by tidings itself: for applications closing clients before a restart."""
     ABNORMAL = 1006
     """Never sent: reported when the TCP connection ended without a close frame."""

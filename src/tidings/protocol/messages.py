@@ -114,6 +114,15 @@ class Published:
 
 
 @attrs.frozen(slots=True)
+class Acked:
+    """Sent for an ``ack`` only when it carried a ``requestId``."""
+
+    topic: str
+    request_id: RequestId
+    seq: int
+
+
+@attrs.frozen(slots=True)
 class Answer:
     """A request handler's result."""
 
@@ -141,4 +150,4 @@ class Error:
     topic: str | None = None
 
 
-Reply: TypeAlias = Subscribed | Unsubscribed | Published | Answer | Pong | Error
+Reply: TypeAlias = Subscribed | Unsubscribed | Published | Acked | Answer | Pong | Error

@@ -2,7 +2,8 @@
 
 Envelope (``docs/protocol.md`` is the reference)::
 
-    {"type": ..., "topic": ..., "requestId": ..., "payload": ..., "seq": ..., "timestamp": ...}
+    {"type": ..., "topic": ..., "requestId": ..., "payload": ...,
+     "seq": ..., "epoch": ..., "timestamp": ...}
 
 Decoding never raises: every malformed frame becomes an :class:`Error` with a
 stable code and a message a human can act on. Unknown fields are ignored so
@@ -19,6 +20,7 @@ from .clock import rfc3339_now
 from .codes import ErrorCode
 from .messages import (
     Ack,
+    Acked,
     Answer,
     Command,
     Error,
@@ -207,6 +209,12 @@ class NativeDialect:
                 "type": "response",
                 "topic": reply.topic,
                 "payload": {"status": "unsubscribed", "topic": reply.topic},
+            }
+        elif isinstance(reply, Acked):
+            frame = {
+                "type": "response",
+                "topic": reply.topic,
+                "payload": {"status": "acked", "seq": reply.seq},
             }
         elif isinstance(reply, Answer):
             frame = {"type": "response", "topic": reply.topic, "payload": reply.payload}

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
+import orjson
 import trio
 
 from .base import (
@@ -24,6 +25,7 @@ from .base import (
     Outgoing,
     PeerClosed,
     PingFrame,
+    Rejection,
     UpgradeRequest,
 )
 
@@ -131,12 +133,13 @@ class AsgiApp:
             ),
             remote=f"{client[0]}:{client[1]}",
         )
-        if path != self.ws_path:
-            await send({"type": "websocket.close", "code": 1008, "reason": "no WebSocket here"})
-            return
-        rejection = self.handler.admit(request)
+        rejection = (
+            self.handler.admit(request)
+            if path == self.ws_path
+            else Rejection(404, f"no WebSocket endpoint at {path[:200]}")
+        )
         if rejection is not None:
-            await send({"type": "websocket.close", "code": 1013, "reason": rejection.message})
+            await _refuse(scope, send, rejection)
             return
         await send({"type": "websocket.accept"})
         await self.handler.serve(AsgiWebSocket(receive, send, request.remote), request)
@@ -159,6 +162,31 @@ class AsgiApp:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         await send({"type": "lifespan.shutdown.complete"})
+
+
+async def _refuse(scope: Scope, send: Send, rejection: Rejection) -> None:
+    """Answer a refused upgrade with its HTTP status where the server lets us.
+
+    Without the ASGI ``websocket.http.response`` extension the only refusal
+    is a close before accept, which servers turn into HTTP 403.
+    """
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = orjson.dumps(
+            {"error": {"code": f"http_{rejection.status}", "message": rejection.message}}
+        )
+        await send(
+            {
+                "type": "websocket.http.response.start",
+                "status": rejection.status,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:
+        await send({"type": "websocket.close", "code": 1008, "reason": rejection.message})
 
 
 def _path(scope: Scope) -> str:

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import struct
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from http import HTTPStatus
 from typing import Any, Final, cast
 from urllib.parse import unquote
 
@@ -62,6 +63,7 @@ _PING: Final = 0x89
 _PONG: Final = 0x8A
 _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
+INVALID_UTF8: Final = 1007
 _MAX_CLOSE_REASON: Final = 123  # a control frame carries 125 bytes; 2 are the code
 
 
@@ -129,6 +131,8 @@ class WebSocketStream:
                 elif isinstance(event, CloseConnection):
                     if ws.state is ConnectionState.OPEN:
                         # wsproto reports its own parse failures as a close event.
+                        if event.code == INVALID_UTF8:
+                            raise ProtocolViolation(event.code, "text frame is not UTF-8")
                         raise ProtocolViolation(event.code, event.reason or "protocol error")
                     raise PeerClosed(event.code, event.reason or "")
                 # Pong: its arrival already counts as activity.
@@ -255,26 +259,17 @@ class BuiltinServer:
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             for _ in range(MAX_REQUESTS_PER_CONNECTION):
+                request: h11.Request | None = None
                 with trio.move_on_after(self.handshake_timeout):
                     request = await self._read_request(stream, http)
-                if request is None:
+                if request is None:  # closed, or idle past the handshake timeout
                     return
                 path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
-                if path == self.ws_path:
-                    if _is_upgrade(request):
-                        await self._upgrade(stream, http, request, remote)
-                        return
-                    with trio.move_on_after(self.handshake_timeout):
-                        await self._respond(
-                            stream,
-                            http,
-                            426,
-                            "this endpoint speaks WebSocket only",
-                            [(b"upgrade", b"websocket")],
-                        )
-                else:
-                    with trio.move_on_after(self.handshake_timeout):
-                        await self._serve_http(stream, http, request, remote)
+                if path == self.ws_path and _is_upgrade(request):
+                    await self._upgrade(stream, http, request, remote)
+                    return
+                with trio.move_on_after(self.handshake_timeout):
+                    await self._serve_http(stream, http, request, remote)
                 if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                     return
                 http.start_next_cycle()
@@ -378,7 +373,7 @@ class BuiltinServer:
         ]
         if status >= 400:
             headers.append((b"connection", b"close"))
-        data = http.send(h11.Response(status_code=status, headers=headers))
+        data = http.send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
         data += http.send(h11.Data(data=body))
         data += http.send(h11.EndOfMessage())
         await stream.send_all(data)
@@ -435,8 +430,13 @@ class BuiltinServer:
         async def send(message: dict[str, Any]) -> None:
             kind = message["type"]
             if kind == "http.response.start":
+                status = message["status"]
                 out = http.send(
-                    h11.Response(status_code=message["status"], headers=message.get("headers", []))
+                    h11.Response(
+                        status_code=status,
+                        headers=message.get("headers", []),
+                        reason=_phrase(status),
+                    )
                 )
             elif kind == "http.response.body":
                 out = http.send(h11.Data(data=message.get("body", b"")))
@@ -447,6 +447,13 @@ class BuiltinServer:
             await stream.send_all(out)
 
         await self.http_app(scope, receive, send)
+
+
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 def _address(listener: trio.SocketListener) -> tuple[str, int]:

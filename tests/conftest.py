@@ -1,0 +1,118 @@
+"""Shared fixtures.
+
+Rules of this suite: real sockets on 127.0.0.1 with port 0; timeouts short
+through configuration, never through sleeps; every socket test bounded by
+``trio.fail_after``; trio-websocket as the well-behaved third-party client,
+``tests/rawws.py`` for the hostile one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+import pytest
+import trio
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+from tidings import CloseInfo, Config, Server, open_server
+
+from .rawws import RawWebSocket
+
+#: Generous bound for any single socket test; a hang fails instead of stalling CI.
+TEST_TIMEOUT = 20
+
+
+@asynccontextmanager
+async def running_server(*, listen: bool = True, **overrides: Any) -> AsyncIterator[Server]:
+    """A server on a free port with the defaults of the suite, overridable per test."""
+    settings: dict[str, Any] = {"port": 0, "log_level": "warning"}
+    settings.update(overrides)
+    async with open_server(Config(**settings), listen=listen) as server:
+        yield server
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    async with running_server() as server:
+        yield server
+
+
+@asynccontextmanager
+async def ws_client(server: Server) -> AsyncIterator[WebSocketConnection]:
+    async with open_websocket_url(server.url) as ws:
+        yield ws
+
+
+async def send(ws: WebSocketConnection, message: Any) -> None:
+    await ws.send_message(orjson.dumps(message).decode())
+
+
+async def receive(ws: WebSocketConnection) -> dict[str, Any]:
+    return orjson.loads(await ws.get_message())  # type: ignore[no-any-return]
+
+
+async def call(ws: WebSocketConnection, message: dict[str, Any]) -> dict[str, Any]:
+    """Send a command and return the frame answering it (by requestId)."""
+    await send(ws, message)
+    while True:
+        reply = await receive(ws)
+        if reply.get("requestId") == message.get("requestId"):
+            return reply
+
+
+async def subscribe(ws: WebSocketConnection, topic: str, **resume: Any) -> dict[str, Any]:
+    message: dict[str, Any] = {"type": "subscribe", "topic": topic, "requestId": f"sub-{topic}"}
+    if resume:
+        message["payload"] = resume
+    reply = await call(ws, message)
+    assert reply["type"] == "response", reply
+    return reply
+
+
+async def raw_client(server: Server, **kwargs: Any) -> RawWebSocket:
+    return await RawWebSocket.connect("127.0.0.1", server.port, **kwargs)
+
+
+class Disconnects:
+    """Records how connections ended, and lets a test wait for the next one."""
+
+    def __init__(self, server: Server) -> None:
+        self.closed: list[CloseInfo] = []
+        self._changed = trio.Event()
+        server.on_disconnect(self._record)
+
+    def _record(self, _client: object, info: CloseInfo) -> None:
+        self.closed.append(info)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait(self, count: int = 1) -> list[CloseInfo]:
+        while len(self.closed) < count:
+            await self._changed.wait()
+        return self.closed
+
+
+async def http_request(
+    port: int, method: str, path: str, body: bytes = b"", headers: str = ""
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request over a fresh connection: (status, headers, body)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
+            f"Content-Length: {len(body)}\r\n{headers}\r\n"
+        ).encode() + body
+        await stream.send_all(request)
+        data = b""
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    head, _, content = data.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode().split("\r\n")
+    parsed = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        parsed[name.strip().lower()] = value.strip()
+    return int(status_line.split()[1]), parsed, content

@@ -1,0 +1,109 @@
+"""The Python client SDK against a real server: commands, reconnect, resume."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from tidings import CloseCode, RequestContext
+from tidings.client import TidingsError, connect
+
+from .conftest import TEST_TIMEOUT, Disconnects, running_server
+
+
+async def test_subscribe_publish_and_request() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server() as server:
+
+            @server.on_request("echo")
+            async def echo(request: RequestContext) -> object:
+                return {"echo": request.payload}
+
+            async with connect(server.url) as client, client.subscribe("t") as events:
+                position = await client.publish("t", {"n": 1})
+                event = await events.__anext__()
+                assert (event.seq, event.epoch, event.payload) == (
+                    position.seq,
+                    position.epoch,
+                    {"n": 1},
+                )
+                assert await client.request("echo", [1, 2]) == {"echo": [1, 2]}
+                await client.ping()
+
+
+async def test_errors_come_back_as_exceptions_with_the_code() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(topics=("allowed",), request_timeout=5) as server:
+
+            @server.on_request("allowed")
+            async def hang(_: RequestContext) -> None:
+                await trio.sleep_forever()
+
+            async with connect(server.url) as client:
+                with pytest.raises(TidingsError) as refused:
+                    await client.publish("forbidden", 1)
+                assert refused.value.code == "unknown_topic"
+                with pytest.raises(TidingsError) as missing:
+                    async with client.subscribe(""):
+                        pass
+                assert missing.value.code == "invalid_topic"
+                with pytest.raises(trio.TooSlowError):
+                    await client.request("allowed", timeout=0.1)
+
+
+async def test_the_client_reconnects_and_resumes_without_loss_or_duplicates() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server() as server, connect(server.url, min_backoff=0.05) as client:
+            async with client.subscribe("deploys") as events:
+                for i in range(5):
+                    await server.publish("deploys", i)
+                first = [await events.__anext__() for _ in range(5)]
+                [connection] = server.clients()
+                server.disconnect(connection.id, CloseCode.SERVICE_RESTART, "restarting")
+                # Sequenced after the close began: these can only arrive by resume.
+                for i in range(5, 15):
+                    await server.publish("deploys", i)
+                rest = [await events.__anext__() for _ in range(10)]
+                await server.publish("deploys", 15)  # and live again afterwards
+                last = await events.__anext__()
+            assert [e.payload for e in [*first, *rest, last]] == list(range(16))
+            assert [e.seq for e in [*first, *rest, last]] == list(range(1, 17))
+            assert client.connections == 2
+            assert (events.resumes, events.recovered, events.gaps) == (1, True, 0)
+
+
+async def test_a_resume_beyond_history_is_counted_as_a_gap() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_server(history_size=2) as server,
+            connect(server.url, min_backoff=0.05) as client,
+        ):
+            async with client.subscribe("t") as events:
+                await server.publish("t", 0)
+                assert (await events.__anext__()).seq == 1
+                [connection] = server.clients()
+                server.disconnect(connection.id, CloseCode.SERVICE_RESTART)
+                for i in range(1, 6):  # seq 2..6; history keeps 5 and 6
+                    await server.publish("t", i)
+                resumed = [await events.__anext__() for _ in range(2)]
+            assert [e.seq for e in resumed] == [5, 6]
+            assert (events.recovered, events.gaps) == (False, 1)
+
+
+async def test_commands_issued_during_an_outage_wait_for_the_reconnect() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server() as server, connect(server.url, min_backoff=0.5) as client:
+            disconnects = Disconnects(server)
+            await client.ping()
+            [connection] = server.clients()
+            server.disconnect(connection.id, CloseCode.GOING_AWAY)
+            await disconnects.wait()  # the close handshake is over: the client is away
+            position = await client.publish("t", "after the outage")
+            assert position.seq == 1
+            assert client.connections == 2
+
+
+async def test_connecting_to_nothing_fails_at_once() -> None:
+    with trio.fail_after(TEST_TIMEOUT), pytest.raises(ConnectionError, match="cannot connect"):
+        async with connect("ws://127.0.0.1:9/ws"):
+            pass
