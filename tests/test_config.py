@@ -80,7 +80,7 @@ def test_bad_values_are_refused_with_a_message_naming_the_key(
 def test_a_typo_in_the_file_fails_at_startup(tmp_path: Path) -> None:
     toml = tmp_path / "t.toml"
     toml.write_text("outbox_sise = 3\n")
-    with pytest.raises(ConfigError, match="unknown key 'outbox_sise'.*did you mean 'outbox_size'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'outbox_sise'.*did you mean 'outbox_size'"):
         Config.load(toml, env={})
 
 

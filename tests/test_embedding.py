@@ -7,7 +7,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from trio_websocket import open_websocket_url
+from trio_websocket import ConnectionClosed, open_websocket_url
 
 import tidings
 from tidings import Config, RequestContext, open_server
@@ -56,12 +56,14 @@ async def test_in_process_subscribers_resume_like_clients_and_keep_the_replay() 
 
 async def test_a_slow_in_process_subscriber_drops_and_counts() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(listen=False) as server:
-            async with server.subscribe("t", buffer=4) as events:
-                for i in range(10):
-                    await server.publish("t", i)
-                assert events.dropped == 6
-                assert [(await events.__anext__()).payload for _ in range(4)] == [0, 1, 2, 3]
+        async with (
+            running_server(listen=False) as server,
+            server.subscribe("t", buffer=4) as events,
+        ):
+            for i in range(10):
+                await server.publish("t", i)
+            assert events.dropped == 6
+            assert [(await events.__anext__()).payload for _ in range(4)] == [0, 1, 2, 3]
 
 
 async def test_request_handlers_registered_by_call_or_decorator_answer_clients() -> None:
@@ -118,8 +120,6 @@ async def test_hooks_see_clients_come_and_go(server: tidings.Server) -> None:
 async def test_server_side_disconnect_closes_one_client_with_the_given_code(
     server: tidings.Server,
 ) -> None:
-    from trio_websocket import ConnectionClosed
-
     with trio.fail_after(TEST_TIMEOUT):
         async with ws_client(server) as ws:
             await call(ws, {"type": "ping", "requestId": 1})

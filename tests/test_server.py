@@ -245,15 +245,17 @@ async def test_a_silent_client_is_closed_after_the_read_timeout() -> None:
 
 async def test_a_client_that_answers_pings_stays_connected_past_the_read_timeout() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(ping_interval=0.05, read_timeout=0.2) as server:
-            async with ws_client(server) as ws:  # trio-websocket answers pings itself
-                await subscribe(ws, "t")
-                # Several read timeouts pass while the broker is idle.
-                for _ in range(10):
-                    await server.publish("t", "tick")
-                    assert (await receive(ws))["payload"] == "tick"
-                    await trio.sleep(0.1)
-                assert len(server.clients()) == 1
+        async with (
+            running_server(ping_interval=0.05, read_timeout=0.2) as server,
+            ws_client(server) as ws,  # trio-websocket answers pings by itself
+        ):
+            await subscribe(ws, "t")
+            # Several read timeouts pass while the client has nothing to say.
+            for _ in range(10):
+                await server.publish("t", "tick")
+                assert (await receive(ws))["payload"] == "tick"
+                await trio.sleep(0.1)
+            assert len(server.clients()) == 1
 
 
 async def test_request_handlers_answer_and_their_failures_become_errors() -> None:
