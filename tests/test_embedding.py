@@ -7,7 +7,7 @@ import pytest
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
-from trio_websocket import ConnectionClosed, open_websocket_url
+from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 import tidings
 from tidings import Config, RequestContext, open_server
@@ -165,11 +165,14 @@ async def test_the_asgi_app_serves_under_hypercorns_trio_worker() -> None:
 
 async def test_serve_with_the_hypercorn_transport() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(transport="hypercorn") as server:
+        async with running_server(transport="hypercorn", max_connections=1) as server:
             async with ws_client(server) as ws:
                 await subscribe(ws, "t")
                 await server.publish("t", 1)
                 assert (await receive(ws))["seq"] == 1
+                with pytest.raises(ConnectionRejected) as refused:  # over max_connections
+                    await ws_client(server).__aenter__()
+                assert refused.value.status_code == 503
             status, _, _ = await http_request(server.port, "GET", "/health")
             assert status == 200
             plain, _, _ = await http_request(server.port, "GET", "/ws")

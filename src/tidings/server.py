@@ -342,6 +342,8 @@ class Server:
         hypercorn_config.websocket_ping_interval = self.config.ping_interval
         hypercorn_config.graceful_timeout = self.config.close_timeout
         hypercorn_config.accesslog = None
+        # Through our logging configuration, not a second handler of hypercorn's own.
+        hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
         await hypercorn_serve(
             self.asgi_app,  # type: ignore[arg-type]
             hypercorn_config,
