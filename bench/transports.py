@@ -71,7 +71,9 @@ async def measure_write_timeout(transport: str) -> dict[str, Any]:
             blob = "x" * 32_000
             for i in range(400):  # ~13 MB, far beyond the socket buffers
                 await publisher.send_message(
-                    orjson.dumps({"type": "publish", "topic": "t", "payload": {"i": i, "blob": blob}}).decode()
+                    orjson.dumps(
+                        {"type": "publish", "topic": "t", "payload": {"i": i, "blob": blob}}
+                    ).decode()
                 )
                 await publisher.get_message()
             published_at = trio.current_time()
@@ -155,7 +157,9 @@ async def main(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/transports.json")
     started = time.time()

@@ -53,7 +53,7 @@ def files(subpackage: str) -> list[Path]:
 
 
 def top(name: str) -> str:
-    return name.split(".")[0]
+    return name.split(".", maxsplit=1)[0]
 
 
 def reaches(name: str, layers: set[str]) -> bool:

@@ -41,6 +41,9 @@ LOGGER = logging.getLogger("tidings.server")
 H = TypeVar("H", bound=RequestHandler)
 
 SHUTDOWN_REASON: Final = "server shutting down"
+#: Pending connections the kernel queues per listener. hypercorn's default of 100
+#: overflowed (connection resets) while 10,000 clients connected at once.
+LISTEN_BACKLOG: Final = 4096
 
 
 @attrs.frozen(slots=True)
@@ -326,6 +329,7 @@ class Server:
             ws_path=self.config.ws_path,
             max_message_size=self.config.max_message_size,
             handshake_timeout=self.config.handshake_timeout,
+            backlog=LISTEN_BACKLOG,
         )
         with self._stop_listening:
             await builtin.serve(
@@ -341,6 +345,7 @@ class Server:
         hypercorn_config.websocket_max_message_size = self.config.max_message_size
         hypercorn_config.websocket_ping_interval = self.config.ping_interval
         hypercorn_config.graceful_timeout = self.config.close_timeout
+        hypercorn_config.backlog = LISTEN_BACKLOG
         hypercorn_config.accesslog = None
         # Through our logging configuration, not a second handler of hypercorn's own.
         hypercorn_config.errorlog = logging.getLogger("hypercorn.error")

@@ -229,8 +229,10 @@ class BuiltinServer:
         ws_path: str,
         max_message_size: int,
         handshake_timeout: float,
+        backlog: int = 4096,
     ) -> None:
         self.handler = handler
+        self.backlog = backlog
         self.http_app = http_app
         self.ws_path = ws_path
         self.max_message_size = max_message_size
@@ -249,7 +251,7 @@ class BuiltinServer:
         Cancelling this task stops accepting without touching connections that
         are already open, which is the first step of a graceful shutdown.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=4096)
+        listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.backlog)
         task_status.started([_address(listener) for listener in listeners])
         await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=handler_nursery)
 
