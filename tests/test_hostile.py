@@ -113,7 +113,10 @@ async def test_oversized_and_malformed_http_requests_are_refused(server) -> None
             server.port,
             "GET",
             "/ws",
-            headers="Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: x\r\nSec-WebSocket-Version: 8\r\n",
+            headers=(
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                "Sec-WebSocket-Key: x\r\nSec-WebSocket-Version: 8\r\n"
+            ),
         )
         assert bad_version == 426
         health, _, _ = await http_request(server.port, "GET", "/health")

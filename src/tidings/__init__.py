@@ -11,6 +11,7 @@ module exports; the layers under it, inside out:
 * ``server``    - composes them; ``cli`` and ``client`` sit outside.
 """
 
+from . import client as client
 from ._version import __version__ as __version__
 from .app import ClientInfo as ClientInfo
 from .app import CloseInfo as CloseInfo
@@ -49,6 +50,7 @@ __all__ = [
     "ServerStats",
     "Subscription",
     "__version__",
+    "client",
     "open_server",
     "serve",
 ]

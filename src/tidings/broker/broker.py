@@ -137,6 +137,18 @@ class _Topic:
     def idle(self) -> bool:
         return self.subscribers == 0 and len(self.history) == 0
 
+    def statistics(self) -> TopicStats:
+        return TopicStats(
+            self.name,
+            self.seq,
+            self.epoch,
+            self.subscribers,
+            len(self.history),
+            self.published,
+            self.delivered,
+            self.dropped,
+        )
+
 
 @attrs.frozen(slots=True)
 class _Publication:
@@ -375,32 +387,12 @@ class Broker:
         return events, topic.position
 
     def topics(self) -> Iterable[TopicStats]:
-        for topic in self._topics.values():
-            yield TopicStats(
-                topic.name,
-                topic.seq,
-                topic.epoch,
-                topic.subscribers,
-                len(topic.history),
-                topic.published,
-                topic.delivered,
-                topic.dropped,
-            )
+        """Counters of every topic the node holds."""
+        return [topic.statistics() for topic in self._topics.values()]
 
     def topic_stats(self, topic_name: str) -> TopicStats | None:
         topic = self._topics.get(topic_name)
-        if topic is None:
-            return None
-        return TopicStats(
-            topic.name,
-            topic.seq,
-            topic.epoch,
-            topic.subscribers,
-            len(topic.history),
-            topic.published,
-            topic.delivered,
-            topic.dropped,
-        )
+        return None if topic is None else topic.statistics()
 
     def statistics(self) -> BrokerStats:
         return BrokerStats(

@@ -15,7 +15,6 @@ import logging
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from typing import Any
 
-import orjson
 import trio
 
 from .base import (
@@ -171,9 +170,7 @@ async def _refuse(scope: Scope, send: Send, rejection: Rejection) -> None:
     is a close before accept, which servers turn into HTTP 403.
     """
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = orjson.dumps(
-            {"error": {"code": f"http_{rejection.status}", "message": rejection.message}}
-        )
+        body = rejection.body()
         await send(
             {
                 "type": "websocket.http.response.start",

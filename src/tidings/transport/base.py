@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol, TypeAlias
 
 import attrs
+import orjson
 
 
 @attrs.frozen(slots=True)
@@ -121,6 +122,10 @@ class Rejection:
 
     status: int
     message: str
+
+    def body(self) -> bytes:
+        """The JSON body every refusal carries: ``{"error": {"code", "message"}}``."""
+        return orjson.dumps({"error": {"code": f"http_{self.status}", "message": self.message}})
 
 
 class ConnectionHandler(Protocol):

@@ -24,7 +24,6 @@ from typing import Any, Final, cast
 from urllib.parse import unquote
 
 import h11
-import orjson
 import trio
 from wsproto.connection import Connection as WsConnection
 from wsproto.connection import ConnectionState, ConnectionType
@@ -40,6 +39,7 @@ from .base import (
     PingFrame,
     PongFrame,
     ProtocolViolation,
+    Rejection,
     UpgradeRequest,
 )
 
@@ -367,7 +367,7 @@ class BuiltinServer:
         message: str,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        body = orjson.dumps({"error": {"code": f"http_{status}", "message": message}})
+        body = Rejection(status, message).body()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
