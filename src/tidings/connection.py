@@ -19,10 +19,11 @@ subscriber is detached from every topic in ``finally``.
 
 from __future__ import annotations
 
+import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -38,6 +39,7 @@ from .protocol.messages import (
     Acked,
     Answer,
     Error,
+    Event,
     Ping,
     Pong,
     Position,
@@ -54,6 +56,7 @@ from .protocol.topics import TopicFilter
 from .transport.base import (
     CloseFrame,
     ConnectionLost,
+    Framer,
     MessageTooBig,
     Outgoing,
     PeerClosed,
@@ -62,9 +65,26 @@ from .transport.base import (
     ProtocolViolation,
     Transport,
     UpgradeRequest,
+    WireMessage,
+    WriteTimeout,
 )
 
 LOGGER = logging.getLogger("tidings.connection")
+
+
+@functools.lru_cache(maxsize=64)
+def wire_encoder(encode: Callable[[Event], bytes], frame: Framer) -> Callable[[Event], Outgoing]:
+    """Encode-and-frame, one function object per (dialect, transport kind).
+
+    Every connection with the same dialect and transport gets this same
+    function, and the broker groups subscribers by it: each event is encoded
+    and framed once for all of them, and each delivery is the same bytes.
+    """
+
+    def encode_and_frame(event: Event) -> Outgoing:
+        return frame(encode(event))
+
+    return encode_and_frame
 
 
 @attrs.frozen(kw_only=True)
@@ -122,9 +142,10 @@ class Connection:
             path=request.path,
         )
         self.outbox: Outbox[Outgoing] = Outbox(limits.outbox_size, limits.overflow_policy)
+        self._frame = transport.framer(dialect.text)
         self.subscriber = Subscriber(
             self.outbox,
-            dialect.encode_event,
+            wire_encoder(dialect.encode_event, self._frame),
             max_topics=limits.max_subscriptions,
             label=self.info.id,
         )
@@ -220,9 +241,16 @@ class Connection:
             if self._topic_refused(command.topic, command.request_id):
                 return
             try:
-                await self.broker.submit(
-                    command.topic, command.payload, self._publish_reply(command)
-                )
+                try:
+                    # Without yielding, so every publication of one socket read
+                    # reaches the broker before it runs, as one batch.
+                    self.broker.submit_nowait(
+                        command.topic, command.payload, self._publish_reply(command)
+                    )
+                except trio.WouldBlock:
+                    await self.broker.submit(
+                        command.topic, command.payload, self._publish_reply(command)
+                    )
             except TypeError as exc:  # a value orjson cannot write back (e.g. a huge int)
                 self._reply(
                     Error(ErrorCode.INVALID_FIELD, str(exc), command.request_id, command.topic)
@@ -263,7 +291,7 @@ class Connection:
                 len(result.replay),
             )
         )
-        encode = self.dialect.encode_event
+        encode = self.subscriber.encode
         for event in result.replay:
             self.outbox.put(encode(event))
 
@@ -315,37 +343,33 @@ class Connection:
         self._nursery.start_soon(self._answer, handler, command)
 
     async def _answer(self, handler: RequestHandler, command: Request) -> None:
-        reply: Reply
+        topic, request_id = command.topic, command.request_id
         try:
             with trio.fail_after(self.limits.request_timeout):
-                result = await handler(RequestContext(command.topic, command.payload, self.info))
-            reply = Answer(command.topic, command.request_id, result)
-            frame = self.dialect.encode_reply(reply)
+                result = await handler(RequestContext(topic, command.payload, self.info))
+            # Encoded here, inside the try: an answer JSON cannot carry is the
+            # handler's failure, not the connection's.
+            frame = self._frame(self.dialect.encode_reply(Answer(topic, request_id, result)))
         except trio.TooSlowError:
-            reply = Error(
+            frame = self._encode_error(
                 ErrorCode.REQUEST_TIMEOUT,
                 f"no answer within {self.limits.request_timeout:g} s",
-                command.request_id,
-                command.topic,
+                request_id,
+                topic,
             )
-            frame = self.dialect.encode_reply(reply)
         except RequestError as exc:
-            frame = self.dialect.encode_reply(
-                Error(exc.code, exc.message, command.request_id, command.topic)
-            )
+            frame = self._encode_error(exc.code, exc.message, request_id, topic)
         except Exception:
-            LOGGER.exception("request handler for %r failed", command.topic)
-            frame = self.dialect.encode_reply(
-                Error(
-                    ErrorCode.REQUEST_FAILED,
-                    "the request handler failed",
-                    command.request_id,
-                    command.topic,
-                )
+            LOGGER.exception("request handler for %r failed", topic)
+            frame = self._encode_error(
+                ErrorCode.REQUEST_FAILED, "the request handler failed", request_id, topic
             )
         finally:
             self._requests.release()
         self.outbox.put(frame)
+
+    def _encode_error(self, code: str, message: str, request_id: Any, topic: str) -> WireMessage:
+        return self._frame(self.dialect.encode_reply(Error(code, message, request_id, topic)))
 
     def _topic_refused(self, topic: str, request_id: Any) -> bool:
         if self.topic_filter.allows(topic):
@@ -360,7 +384,7 @@ class Connection:
         return Error(ErrorCode.NOT_SUBSCRIBED, f"not subscribed to {topic!r}", request_id, topic)
 
     def _reply(self, reply: Reply) -> None:
-        self.outbox.put(self.dialect.encode_reply(reply))
+        self.outbox.put(self._frame(self.dialect.encode_reply(reply)))
 
     # --- writer -------------------------------------------------------------
 
@@ -385,16 +409,15 @@ class Connection:
             self._end(info)
             return
 
-    async def _send(self, batch: list[Outgoing]) -> bool:
-        with trio.move_on_after(self.limits.write_timeout) as scope:
-            try:
-                await self.transport.send(batch, text=self.dialect.text)
-            except ConnectionLost:
-                self._end(CloseInfo(CloseCode.ABNORMAL, "connection lost", "client"))
-                return False
-        if scope.cancelled_caught:
-            # A cancelled write may have left half a frame on the wire: the
-            # connection cannot be used any more, only dropped.
+    async def _send(self, batch: Iterable[Outgoing]) -> bool:
+        try:
+            await self.transport.send(batch, write_timeout=self.limits.write_timeout)
+        except ConnectionLost:
+            self._end(CloseInfo(CloseCode.ABNORMAL, "connection lost", "client"))
+            return False
+        except WriteTimeout:
+            # Half a frame may be on the wire: the connection cannot be used
+            # any more, only dropped.
             self._end(CloseInfo(CloseCode.ABNORMAL, "write timeout", "server"))
             return False
         return True

@@ -34,6 +34,10 @@ LOGGER = logging.getLogger("tidings.broker")
 
 #: How often idle topics and expired history are swept, at most.
 MAX_SWEEP_INTERVAL: Final = 10.0
+#: Publications sequenced per wake-up of the broker task. Fanning out a batch
+#: before yielding lets each writer find several frames queued and send them in
+#: one write; the cap keeps one wake-up's latency bounded.
+MAX_BATCH: Final = 64
 
 Encoder = Callable[[Event], Any]
 """Turns an event into what a subscriber's outbox carries (a frame, or the event itself)."""
@@ -210,7 +214,12 @@ class Broker:
         payload: Any,
         on_done: Callable[[Position | BrokerError], None] | None = None,
     ) -> None:
-        """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full."""
+        """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
+
+        It does not yield either, so a reader can queue every publication of one
+        socket read before the broker runs, and the broker can fan them out as
+        one batch.
+        """
         self._inbox_send.send_nowait(_Publication(topic, payload, orjson.dumps(payload), on_done))
 
     async def publish(self, topic: str, payload: Any) -> Position:
@@ -241,8 +250,16 @@ class Broker:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_forever)
             task_status.started()
-            async for publication in self._inbox_receive:
-                self._apply(publication)
+            receive = self._inbox_receive
+            apply = self._apply
+            while True:
+                apply(await receive.receive())
+                for _ in range(MAX_BATCH - 1):
+                    try:
+                        publication = receive.receive_nowait()
+                    except trio.WouldBlock:
+                        break
+                    apply(publication)
 
     def _apply(self, publication: _Publication) -> None:
         try:

@@ -138,18 +138,17 @@ class Outbox(Generic[T]):
 
     # --- the consumer -------------------------------------------------------
 
-    async def receive_batch(self) -> list[T]:
+    async def receive_batch(self) -> deque[T]:
         """Everything queued, waiting until there is something.
 
-        Returns an empty list once the outbox is closing and drained.
+        Returns an empty batch once the outbox is closing and drained.
         """
         while not self._items:
             if self.closing is not None:
                 await trio.lowlevel.checkpoint()
-                return []
+                return deque()
             await self._wait_for_items()
-        batch = list(self._items)
-        self._items.clear()
+        batch, self._items = self._items, deque()
         self._put_queued = 0
         self._wake_producer()
         return batch

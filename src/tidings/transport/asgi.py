@@ -12,7 +12,7 @@ queued frames cannot be coalesced into one write.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import trio
@@ -21,6 +21,7 @@ from .base import (
     CloseFrame,
     ConnectionHandler,
     ConnectionLost,
+    Framer,
     Outgoing,
     PeerClosed,
     PingFrame,
@@ -62,16 +63,21 @@ class AsgiWebSocket:
             raise PeerClosed(int(message.get("code", 1005)))
         raise ConnectionLost(f"unexpected ASGI message {kind!r}")
 
-    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
+    def framer(self, text: bool) -> Framer:
+        # ASGI takes text as str: decode once per event, not once per subscriber.
+        return _as_text if text else _as_bytes
+
+    async def send(self, items: Iterable[Outgoing], *, write_timeout: float) -> None:
+        # ``write_timeout`` cannot be honoured: the ASGI server owns the socket, and
+        # hypercorn shields its writes from cancellation.
         if self._closed:
             raise ConnectionLost
         try:
             for item in items:
-                if type(item) is bytes:
-                    if text:
-                        await self._send({"type": "websocket.send", "text": item.decode()})
-                    else:
-                        await self._send({"type": "websocket.send", "bytes": item})
+                if type(item) is str:
+                    await self._send({"type": "websocket.send", "text": item})
+                elif type(item) is bytes:
+                    await self._send({"type": "websocket.send", "bytes": item})
                 elif type(item) is CloseFrame:
                     self._closed = True
                     await self._send(
@@ -85,6 +91,14 @@ class AsgiWebSocket:
     async def aclose(self) -> None:
         # The ASGI server closes the socket when the application returns.
         self._closed = True
+
+
+def _as_text(data: bytes) -> str:
+    return data.decode()
+
+
+def _as_bytes(data: bytes) -> bytes:
+    return data
 
 
 class AsgiApp:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable
 from typing import Protocol, TypeAlias
 
 import attrs
@@ -26,8 +26,12 @@ class CloseFrame:
 
 
 ControlFrame: TypeAlias = PingFrame | PongFrame | CloseFrame
-Outgoing: TypeAlias = bytes | ControlFrame
-"""What a writer hands a transport: a data frame's payload, or a control frame."""
+WireMessage: TypeAlias = bytes | str
+"""One message as its transport sends it, made by the transport's framer."""
+Outgoing: TypeAlias = WireMessage | ControlFrame
+"""What a writer hands a transport: framed messages and control frames."""
+Framer: TypeAlias = Callable[[bytes], WireMessage]
+"""Turns one encoded message into its wire form."""
 
 
 class TransportError(Exception):
@@ -60,6 +64,10 @@ class MessageTooBig(TransportError):
     """A message exceeded the size limit; the rest of it is skipped."""
 
 
+class WriteTimeout(TransportError):
+    """A write could not complete within its timeout; the connection is unusable."""
+
+
 class Transport(Protocol):
     """One accepted WebSocket connection, as the connection code sees it.
 
@@ -82,13 +90,21 @@ class Transport(Protocol):
         """
         ...
 
-    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
-        """Write ``items`` in order, coalesced into as few writes as possible.
+    def framer(self, text: bool) -> Framer:
+        """The function that frames one message (text or binary) for this transport.
 
-        Data payloads go out as text frames when ``text`` is true. A cancelled
-        send may leave a partial frame behind: the caller must then abort.
+        The same function object for every connection of a transport kind, so
+        the broker can frame each event once for all of them.
+        """
+        ...
+
+    async def send(self, items: Iterable[Outgoing], *, write_timeout: float) -> None:
+        """Write ``items`` (framed by :meth:`framer`) in order, in as few writes as possible.
 
         Raises:
+            WriteTimeout: the peer did not take the bytes within ``write_timeout``
+                seconds; part of a frame may be on the wire, so the caller must
+                drop the connection.
             ConnectionLost.
         """
         ...

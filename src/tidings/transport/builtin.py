@@ -17,8 +17,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import os
 import struct
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Final, cast
 from urllib.parse import unquote
@@ -33,6 +34,8 @@ from .base import (
     CloseFrame,
     ConnectionHandler,
     ConnectionLost,
+    ControlFrame,
+    Framer,
     MessageTooBig,
     Outgoing,
     PeerClosed,
@@ -41,6 +44,7 @@ from .base import (
     ProtocolViolation,
     Rejection,
     UpgradeRequest,
+    WriteTimeout,
 )
 
 LOGGER = logging.getLogger("tidings.transport")
@@ -76,6 +80,26 @@ def frame_header(first_byte: int, length: int) -> bytes:
     return _pack_long(first_byte, 127, length)
 
 
+def frame_text(data: bytes) -> bytes:
+    """A complete server text frame; the same bytes suit every connection."""
+    return frame_header(_TEXT, len(data)) + data
+
+
+def frame_binary(data: bytes) -> bytes:
+    """A complete server binary frame."""
+    return frame_header(_BINARY, len(data)) + data
+
+
+def _control(item: ControlFrame) -> bytes:
+    if type(item) is PingFrame:
+        return frame_header(_PING, len(item.payload)) + item.payload
+    if type(item) is PongFrame:
+        return frame_header(_PONG, len(item.payload)) + item.payload
+    assert type(item) is CloseFrame
+    payload = _close_payload(item.code, item.reason)
+    return frame_header(_CLOSE, len(payload)) + payload
+
+
 def _close_payload(code: int, reason: str) -> bytes:
     encoded = reason.encode()[:_MAX_CLOSE_REASON]
     # Never cut a multi-byte character in half: the peer would fail with 1007.
@@ -92,6 +116,7 @@ class WebSocketStream:
         "_buffer",
         "_buffered",
         "_closed",
+        "_fd",
         "_skipping",
         "_stream",
         "_ws",
@@ -102,13 +127,14 @@ class WebSocketStream:
 
     def __init__(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.SocketStream,
         remote: str,
         *,
         max_message_size: int,
         trailing_data: bytes = b"",
     ) -> None:
         self._stream = stream
+        self._fd = stream.socket.fileno()
         self._ws = WsConnection(ConnectionType.SERVER, trailing_data=trailing_data)
         self.remote = remote
         self.max_message_size = max_message_size
@@ -143,7 +169,7 @@ class WebSocketStream:
             if not data:
                 raise ConnectionLost
             self.last_received = trio.current_time()
-            ws.receive_data(cast(bytes, data))
+            ws.receive_data(data)
 
     def _assemble(self, event: TextMessage | BytesMessage) -> str | bytes | None:
         data = event.data
@@ -170,25 +196,39 @@ class WebSocketStream:
         parts, self._buffer, self._buffered = self._buffer, [], 0
         return "".join(parts) if isinstance(data, str) else b"".join(parts)
 
-    async def send(self, items: Sequence[Outgoing], *, text: bool) -> None:
-        opcode = _TEXT if text else _BINARY
-        parts: list[bytes] = []
-        append = parts.append
-        for item in items:
-            if type(item) is bytes:
-                append(frame_header(opcode, len(item)))
-                append(item)
-            elif type(item) is PingFrame:
-                append(frame_header(_PING, len(item.payload)) + item.payload)
-            elif type(item) is PongFrame:
-                append(frame_header(_PONG, len(item.payload)) + item.payload)
-            elif type(item) is CloseFrame:
-                payload = _close_payload(item.code, item.reason)
-                append(frame_header(_CLOSE, len(payload)) + payload)
+    def framer(self, text: bool) -> Framer:
+        return frame_text if text else frame_binary
+
+    async def send(self, items: Iterable[Outgoing], *, write_timeout: float) -> None:
+        """Write everything in one system call when the socket takes it, which it
+        almost always does: no task switch, no cancel scope, no checkpoint. Only
+        a full socket buffer makes it wait, under ``write_timeout``."""
+        if self._closed:
+            raise ConnectionLost
+        data = b"".join([item if type(item) is bytes else _control(item) for item in items])  # type: ignore[arg-type]
         try:
-            await self._stream.send_all(b"".join(parts))
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            sent = os.write(self._fd, data)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
             raise ConnectionLost from exc
+        if sent < len(data):
+            await self._send_rest(memoryview(data)[sent:], write_timeout)
+
+    async def _send_rest(self, rest: memoryview, write_timeout: float) -> None:
+        with trio.move_on_after(write_timeout):
+            while rest:
+                await trio.lowlevel.wait_writable(self._fd)
+                if self._closed:
+                    raise ConnectionLost
+                try:
+                    rest = rest[os.write(self._fd, rest) :]
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    raise ConnectionLost from exc
+            return
+        raise WriteTimeout
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -255,7 +295,7 @@ class BuiltinServer:
         task_status.started([_address(listener) for listener in listeners])
         await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=handler_nursery)
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def handle_stream(self, stream: trio.SocketStream) -> None:
         """Serve one TCP connection: HTTP requests, or one WebSocket."""
         remote = _remote(stream)
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
@@ -301,7 +341,7 @@ class BuiltinServer:
 
     async def _upgrade(
         self,
-        stream: trio.abc.Stream,
+        stream: trio.SocketStream,
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
