@@ -1,20 +1,29 @@
-"""One client connection: a nursery with a reader, a writer and a pinger.
+r"""One client connection: its reader task, and writes that need no task of their own.
 
 ::
 
-    broker --offer--> outbox --receive_batch--> writer --send--> transport
-                        ^                                           |
+    broker --offer--> outbox --flusher: try_send--> transport (one write, never waits)
+                        ^            \--socket full--> drain task --send_rest--> transport
                         +--put (replies, pongs) <-- reader <--receive
-                        +--put (pings) <-- pinger  (closes silent peers)
+                        +--put (pings) <-- the server's heartbeat (closes silent peers)
 
-Every byte to the socket is written by the writer, so writes never interleave
-and the write timeout is enforced in one place. Whoever decides the connection
-must end (the reader on a protocol error or the peer's close, the pinger on a
-read timeout, the broker on overflow, the server on shutdown) closes the
-outbox with a code; the writer then sends what must still go out, the close
-frame, waits briefly for the peer's answer, and returns, which ends the
-nursery. A lost TCP connection ends it at once. Whatever way it ends, the
-subscriber is detached from every topic in ``finally``.
+The connection's task is its reader. Writing takes no task per connection:
+whatever is queued for a client, the node's :class:`~tidings.broker.outbox.Flusher`
+writes in one non-blocking write once the producers have yielded, so a
+broadcast to a thousand clients costs one task switch, not a thousand. Only
+when a socket is full does the connection start a drain task, which writes the
+rest under the write timeout and ends when it has caught up. Pings and the read
+timeout are the server's heartbeat task, one for all connections.
+
+Whoever decides the connection must end (the reader on a protocol error or the
+peer's close, the heartbeat on a read timeout, the broker on overflow, the
+server on shutdown) closes the outbox with a code. What must still go out (a
+shutdown drains; an overflow does not) and the close frame are then written;
+the reader waits up to ``close_timeout`` for the peer's close frame, and the
+connection ends. Whatever way it ends, the subscriber is detached from every
+topic in ``finally``.
+
+Measured reasons for this shape are in ``docs/architecture.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +40,7 @@ import trio
 
 from .app import ClientInfo, CloseInfo, RequestContext, RequestError, RequestHandler
 from .broker.broker import Broker, BrokerError, Subscriber
-from .broker.outbox import Outbox, OverflowPolicy
+from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .protocol.codes import CloseCode, ErrorCode
 from .protocol.dialect import Dialect
 from .protocol.messages import (
@@ -127,6 +136,7 @@ class Connection:
         limits: ConnectionLimits,
         topic_filter: TopicFilter,
         handlers: Mapping[str, RequestHandler],
+        flusher: Flusher,
     ) -> None:
         self.transport = transport
         self.dialect = dialect
@@ -141,7 +151,9 @@ class Connection:
             dialect=dialect.name,
             path=request.path,
         )
-        self.outbox: Outbox[Outgoing] = Outbox(limits.outbox_size, limits.overflow_policy)
+        self.outbox: Outbox[Outgoing] = Outbox(
+            limits.outbox_size, limits.overflow_policy, flusher=flusher, sink=self._flush
+        )
         self._frame = transport.framer(dialect.text)
         self.subscriber = Subscriber(
             self.outbox,
@@ -153,8 +165,12 @@ class Connection:
         """Last offset the client acknowledged, per topic."""
         self.closed: CloseInfo | None = None
         self._peer_close: PeerClosed | None = None
-        self._reader_done = trio.Event()
-        self._requests = trio.Semaphore(limits.max_pending_requests)
+        self._close_sent = False
+        self._draining = False  # a drain task owns the socket until it has caught up
+        self._reader_done = False
+        self._ended = False
+        self._next_ping = trio.current_time() + limits.ping_interval
+        self._requests: trio.Semaphore | None = None  # made on the first request
         self._nursery: trio.Nursery | None = None
 
     @property
@@ -184,10 +200,11 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._reader)
-                nursery.start_soon(self._writer)
-                nursery.start_soon(self._pinger)
+                await self._reader()
+                await self._finish()
+                nursery.cancel_scope.cancel()  # request handlers still running
         finally:
+            self._ended = True
             self.outbox.close(CloseCode.ABNORMAL, "connection ended", flush=False)
             self.broker.detach(self.subscriber)
             with trio.CancelScope(shield=True):
@@ -195,6 +212,21 @@ class Connection:
         if self.closed is None:  # pragma: no cover - every path records how it ended
             self.closed = CloseInfo(CloseCode.ABNORMAL, "connection ended", "server")
         return self.closed
+
+    def heartbeat(self, now: float) -> None:
+        """Ping when due; close a peer silent for longer than the read timeout.
+
+        Called by the server's heartbeat task for every connection.
+        """
+        transport = self.transport
+        if not transport.supports_ping or self.outbox.closing is not None:
+            return  # under ASGI the server keeps the connection alive
+        if now - transport.last_received >= self.limits.read_timeout:
+            LOGGER.info("closing %s: silent for %.1f s", self.info.id, self.limits.read_timeout)
+            self.close(CloseCode.INTERNAL_ERROR, "read timeout", flush=False)
+        elif now >= self._next_ping:
+            self.outbox.put(PingFrame())
+            self._next_ping = now + self.limits.ping_interval
 
     # --- reader -------------------------------------------------------------
 
@@ -231,9 +263,9 @@ class Connection:
         except ProtocolViolation as exc:
             self.close(exc.code, exc.reason, flush=False)
         except ConnectionLost:
-            self._end(CloseInfo(CloseCode.ABNORMAL, "connection lost", "client"))
+            self._lose("connection lost", "client")
         finally:
-            self._reader_done.set()
+            self._reader_done = True
 
     async def _dispatch(self, command: Any) -> None:
         kind = type(command)
@@ -338,6 +370,8 @@ class Connection:
                 )
             )
             return
+        if self._requests is None:
+            self._requests = trio.Semaphore(self.limits.max_pending_requests)
         await self._requests.acquire()  # at most max_pending_requests in flight
         assert self._nursery is not None
         self._nursery.start_soon(self._answer, handler, command)
@@ -365,6 +399,7 @@ class Connection:
                 ErrorCode.REQUEST_FAILED, "the request handler failed", request_id, topic
             )
         finally:
+            assert self._requests is not None
             self._requests.release()
         self.outbox.put(frame)
 
@@ -386,66 +421,96 @@ class Connection:
     def _reply(self, reply: Reply) -> None:
         self.outbox.put(self._frame(self.dialect.encode_reply(reply)))
 
-    # --- writer -------------------------------------------------------------
+    # --- writing ------------------------------------------------------------
 
-    async def _writer(self) -> None:
-        outbox = self.outbox
-        while True:
-            batch = await outbox.receive_batch()
-            if batch:
-                if not await self._send(batch):
-                    return
-                continue
-            closing = outbox.closing
-            assert closing is not None
-            await self._send([CloseFrame(closing.code, closing.reason)])
-            if self._peer_close is not None:
-                self._end(CloseInfo(self._peer_close.code, self._peer_close.reason, "client"))
-                return
-            info = CloseInfo(closing.code, closing.reason, "server")
-            self._end(info, cancel=False)
-            with trio.move_on_after(self.limits.close_timeout):
-                await self._reader_done.wait()
-            self._end(info)
+    def _flush(self) -> None:
+        """The outbox's sink: write everything queued now, without waiting."""
+        if self._draining or self._ended:
+            return  # the drain task will take it; or nothing is listening any more
+        batch, has_close = self._next_batch()
+        if not batch:
             return
-
-    async def _send(self, batch: Iterable[Outgoing]) -> bool:
         try:
-            await self.transport.send(batch, write_timeout=self.limits.write_timeout)
+            rest = self.transport.try_send(batch)
         except ConnectionLost:
-            self._end(CloseInfo(CloseCode.ABNORMAL, "connection lost", "client"))
-            return False
+            self._lose("connection lost", "client")
+            return
+        if rest is not None:
+            self._draining = True
+            assert self._nursery is not None
+            self._nursery.start_soon(self._drain, rest, has_close)
+        elif has_close:
+            self._close_written()
+
+    def _next_batch(self) -> tuple[Iterable[Outgoing], bool]:
+        """What is queued, with the close frame behind it once the outbox is closing."""
+        batch = self.outbox.take()
+        closing = self.outbox.closing
+        if closing is None or self._close_sent:
+            return batch, False
+        self._close_sent = True
+        batch.append(CloseFrame(closing.code, closing.reason))
+        return batch, True
+
+    async def _drain(self, rest: object, has_close: bool) -> None:
+        """Write what the socket did not take, then everything queued meanwhile."""
+        transport, timeout = self.transport, self.limits.write_timeout
+        try:
+            while True:
+                await transport.send_rest(rest, write_timeout=timeout)
+                if has_close:
+                    self._close_written()
+                batch, has_close = self._next_batch()
+                if not batch:
+                    return
+                rest = transport.try_send(batch)
+                if rest is None:
+                    if has_close:
+                        self._close_written()
+                    return
         except WriteTimeout:
             # Half a frame may be on the wire: the connection cannot be used
             # any more, only dropped.
-            self._end(CloseInfo(CloseCode.ABNORMAL, "write timeout", "server"))
-            return False
-        return True
+            self._lose("write timeout", "server")
+        except ConnectionLost:
+            self._lose("connection lost", "client")
+        finally:
+            self._draining = False
+            if self._reader_done and self._nursery is not None:
+                self._nursery.cancel_scope.cancel()  # _finish was waiting for this
 
-    # --- pinger -------------------------------------------------------------
-
-    async def _pinger(self) -> None:
-        transport = self.transport
-        if not transport.supports_ping:
-            return  # the transport's server keeps the connection alive
-        interval = self.limits.ping_interval
-        read_timeout = self.limits.read_timeout
-        next_ping = trio.current_time() + interval
-        while True:
-            await trio.sleep_until(min(next_ping, transport.last_received + read_timeout))
-            now = trio.current_time()
-            if now >= transport.last_received + read_timeout:
-                LOGGER.info("closing %s: silent for %.1f s", self.info.id, read_timeout)
-                self.close(CloseCode.INTERNAL_ERROR, "read timeout", flush=False)
-                return
-            if now >= next_ping:
-                self.outbox.put(PingFrame())
-                next_ping = now + interval
-
-    # --- ending -------------------------------------------------------------
-
-    def _end(self, info: CloseInfo, *, cancel: bool = True) -> None:
+    def _close_written(self) -> None:
+        """The close frame is on the wire: wait for the peer's, briefly, then end."""
+        assert self._nursery is not None
+        peer = self._peer_close
+        closing = self.outbox.closing
+        assert closing is not None
         if self.closed is None:
-            self.closed = info
-        if cancel and self._nursery is not None:
+            self.closed = (
+                CloseInfo(peer.code, peer.reason, "client")
+                if peer is not None
+                else CloseInfo(closing.code, closing.reason, "server")
+            )
+        if self._reader_done:
+            self._nursery.cancel_scope.cancel()
+        else:
+            self._nursery.cancel_scope.deadline = trio.current_time() + self.limits.close_timeout
+
+    async def _finish(self) -> None:
+        """The reader is done: get the close frame out, then let the connection end."""
+        if self.closed is not None and self.closed.code == CloseCode.ABNORMAL:
+            return  # lost: nothing can be written
+        if self._close_sent and not self._draining:
+            return
+        self._flush()
+        if self._draining:
+            # The drain task ends the connection, within the write timeout.
+            await trio.sleep_forever()
+
+    def _lose(self, reason: str, by: str) -> None:
+        """End now, without a close handshake (the connection is gone or unusable)."""
+        if self.closed is None:
+            self.closed = CloseInfo(CloseCode.ABNORMAL, reason, by)
+        self._ended = True
+        if self._nursery is not None:
             self._nursery.cancel_scope.cancel()

@@ -22,7 +22,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ._version import __version__
 from .app import ClientInfo, CloseInfo, RequestHandler
 from .broker.broker import Broker, BrokerStats, Subscriber
-from .broker.outbox import Outbox, OverflowPolicy
+from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .broker.subscription import Subscription, as_event
 from .config import Config
 from .connection import Connection, ConnectionStats
@@ -44,6 +44,9 @@ SHUTDOWN_REASON: Final = "server shutting down"
 #: Pending connections the kernel queues per listener. hypercorn's default of 100
 #: overflowed (connection resets) while 10,000 clients connected at once.
 LISTEN_BACKLOG: Final = 4096
+#: Seconds between passes of the heartbeat, at most: the read timeout is
+#: enforced within this much.
+HEARTBEAT_TICK: Final = 1.0
 
 
 @attrs.frozen(slots=True)
@@ -72,6 +75,7 @@ class Server:
             inbox_size=config.inbox_size,
         )
         self.dialect = NativeDialect()
+        self.flusher = Flusher()
         self.addresses: list[tuple[str, int]] = []
         """Where the server listens, once it does: ``[(host, port), ...]``."""
         self._limits = config.connection_limits
@@ -270,6 +274,7 @@ class Server:
             limits=self._limits,
             topic_filter=self._topic_filter,
             handlers=self._handlers,
+            flusher=self.flusher,
         )
         info = connection.info
         self._connections[info.id] = connection
@@ -294,6 +299,20 @@ class Server:
             )
             for disconnect_hook in self._on_disconnect:
                 _call_hook(disconnect_hook, info, closed)
+
+    async def _heartbeat(self) -> None:
+        """Ping every connection when due, and close the silent ones: one task for all.
+
+        A pinger task per connection cost memory on every idle connection; this
+        costs one pass over the connections per tick.
+        """
+        limits = self._limits
+        tick = min(HEARTBEAT_TICK, limits.ping_interval / 4, limits.read_timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for connection in list(self._connections.values()):
+                connection.heartbeat(now)
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         stats = self.statistics()
@@ -391,6 +410,8 @@ async def open_server(
     server = Server(config or Config())
     async with trio.open_nursery() as nursery:
         await nursery.start(server.broker.run)
+        await nursery.start(server.flusher.run)
+        nursery.start_soon(server._heartbeat)
         async with trio.open_nursery() as connections:
             if listen:
                 await server._listen(nursery, connections)

@@ -1,7 +1,6 @@
 """The bounded queue between the broker and one consumer.
 
-It is a memory channel cut to this one job, for three reasons measured or
-required elsewhere:
+It is a memory channel cut to this one job:
 
 * the broker must never wait: :meth:`Outbox.offer` is ``send_nowait`` that
   answers False instead of raising, applying the overflow policy in place;
@@ -11,16 +10,20 @@ required elsewhere:
   behind them (the reader waits in :meth:`Outbox.wait_writable` before reading
   the next command, so the excess is bounded by what one command produces:
   at most one topic's history);
-* the writer wants everything that is queued in one go, to coalesce it into
-  one socket write: :meth:`Outbox.receive_batch`.
+* whoever writes wants everything queued in one go, to coalesce it into one
+  socket write.
 
-There is exactly one consumer task per outbox, so waking it is a single
-reschedule, not a parking lot.
+An outbox is drained in one of two ways. An in-process subscriber is a task
+that waits in :meth:`receive`. A connection instead gives the outbox a
+``sink`` and a :class:`Flusher`: when something is queued, the outbox asks the
+flusher to call the sink, and one node-wide task then writes every outbox that
+has something queued, with no task switch per connection.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Generic, TypeVar
 
@@ -51,24 +54,76 @@ class Closing:
 OVERFLOW_CLOSE_CODE = 1008
 
 
+class Flusher:
+    """Calls the sink of every outbox that has something to write, in one task.
+
+    Producers (the broker's fan-out, a connection's reader, the heartbeat)
+    only queue; the flusher runs after they yield, so everything one broker
+    batch queued for a connection goes out in one write, and a thousand
+    connections cost one task switch rather than a thousand.
+    """
+
+    __slots__ = ("_pending", "_task")
+
+    def __init__(self) -> None:
+        self._pending: list[Outbox[object]] = []
+        self._task: trio.lowlevel.Task | None = None
+
+    def schedule(self, outbox: Outbox[object]) -> None:
+        self._pending.append(outbox)
+        task = self._task
+        if task is not None:
+            self._task = None
+            trio.lowlevel.reschedule(task)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Flush until cancelled."""
+        task_status.started()
+        while True:
+            if not self._pending:
+                self._task = trio.lowlevel.current_task()
+
+                def abort(_: object) -> trio.lowlevel.Abort:
+                    self._task = None
+                    return trio.lowlevel.Abort.SUCCEEDED
+
+                await trio.lowlevel.wait_task_rescheduled(abort)
+            pending, self._pending = self._pending, []
+            for outbox in pending:
+                outbox.flush()
+            await trio.lowlevel.checkpoint()
+
+
 class Outbox(Generic[T]):
-    """Bounded, single-consumer queue with a drop-or-disconnect overflow policy."""
+    """Bounded queue with a drop-or-disconnect overflow policy."""
 
     __slots__ = (
         "_consumer",
+        "_flusher",
         "_items",
         "_put_queued",
+        "_scheduled",
         "_writer_waiting_for_space",
         "capacity",
         "closing",
         "dropped",
         "peak",
         "policy",
+        "sink",
     )
 
-    def __init__(self, capacity: int, policy: OverflowPolicy = OverflowPolicy.DROP) -> None:
+    def __init__(
+        self,
+        capacity: int,
+        policy: OverflowPolicy = OverflowPolicy.DROP,
+        *,
+        flusher: Flusher | None = None,
+        sink: Callable[[], None] | None = None,
+    ) -> None:
         if capacity < 1:
             raise ValueError("outbox capacity must be at least 1")
+        if (flusher is None) != (sink is None):
+            raise ValueError("an outbox needs both a flusher and a sink, or neither")
         self.capacity = capacity
         self.policy = policy
         self.dropped = 0
@@ -76,6 +131,10 @@ class Outbox(Generic[T]):
         self.peak = 0
         """The most items ever queued at once."""
         self.closing: Closing | None = None
+        self.sink = sink
+        """Writes what is queued (:meth:`take`) without waiting; called by the flusher."""
+        self._flusher = flusher
+        self._scheduled = False
         self._items: deque[T] = deque()
         self._put_queued = 0  # items queued by put(), which do not use up the capacity
         self._consumer: trio.lowlevel.Task | None = None
@@ -101,8 +160,8 @@ class Outbox(Generic[T]):
             return False
         items.append(item)
         self.peak = max(self.peak, len(items))
-        if self._consumer is not None:
-            self._wake_consumer()
+        if not self._scheduled:
+            self._notify()
         return True
 
     def put(self, item: T) -> None:
@@ -116,8 +175,7 @@ class Outbox(Generic[T]):
         self._items.append(item)
         self._put_queued += 1
         self.peak = max(self.peak, len(self._items))
-        if self._consumer is not None:
-            self._wake_consumer()
+        self._notify()
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Stop accepting items; the first close wins.
@@ -132,11 +190,23 @@ class Outbox(Generic[T]):
         if not flush:
             self._items.clear()
             self._put_queued = 0
-        if self._consumer is not None:
-            self._wake_consumer()
+        self._notify()
         self._wake_producer()
 
-    # --- the consumer -------------------------------------------------------
+    # --- consumers ----------------------------------------------------------
+
+    def take(self) -> deque[T]:
+        """Everything queued, now (for a sink)."""
+        batch, self._items = self._items, deque()
+        self._put_queued = 0
+        self._wake_producer()
+        return batch
+
+    def flush(self) -> None:
+        """Run the sink (the flusher calls this after producers have yielded)."""
+        self._scheduled = False
+        if self.sink is not None:
+            self.sink()
 
     async def receive_batch(self) -> deque[T]:
         """Everything queued, waiting until there is something.
@@ -148,10 +218,7 @@ class Outbox(Generic[T]):
                 await trio.lowlevel.checkpoint()
                 return deque()
             await self._wait_for_items()
-        batch, self._items = self._items, deque()
-        self._put_queued = 0
-        self._wake_producer()
-        return batch
+        return self.take()
 
     async def receive(self) -> T:
         """The next item, waiting until there is one.
@@ -184,6 +251,16 @@ class Outbox(Generic[T]):
 
     # --- internals ----------------------------------------------------------
 
+    def _notify(self) -> None:
+        """Something changed for whoever drains this outbox."""
+        if self._consumer is not None:
+            task = self._consumer
+            self._consumer = None
+            trio.lowlevel.reschedule(task)
+        elif self._flusher is not None and not self._scheduled:
+            self._scheduled = True
+            self._flusher.schedule(self)  # type: ignore[arg-type]
+
     async def _wait_for_items(self) -> None:
         if self._consumer is not None:
             raise trio.BusyResourceError("another task is already receiving from this outbox")
@@ -194,12 +271,6 @@ class Outbox(Generic[T]):
             return trio.lowlevel.Abort.SUCCEEDED
 
         await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _wake_consumer(self) -> None:
-        task = self._consumer
-        assert task is not None
-        self._consumer = None
-        trio.lowlevel.reschedule(task)
 
     def _wake_producer(self) -> None:
         task = self._writer_waiting_for_space

@@ -67,13 +67,20 @@ class AsgiWebSocket:
         # ASGI takes text as str: decode once per event, not once per subscriber.
         return _as_text if text else _as_bytes
 
-    async def send(self, items: Iterable[Outgoing], *, write_timeout: float) -> None:
+    def try_send(self, items: Iterable[Outgoing]) -> list[Outgoing]:
+        # ASGI has no write that does not wait: everything goes through send_rest.
+        if self._closed:
+            raise ConnectionLost
+        return list(items)
+
+    async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         # ``write_timeout`` cannot be honoured: the ASGI server owns the socket, and
         # hypercorn shields its writes from cancellation.
+        assert isinstance(rest, list)
         if self._closed:
             raise ConnectionLost
         try:
-            for item in items:
+            for item in rest:
                 if type(item) is str:
                     await self._send({"type": "websocket.send", "text": item})
                 elif type(item) is bytes:

@@ -98,11 +98,22 @@ class Transport(Protocol):
         """
         ...
 
-    async def send(self, items: Iterable[Outgoing], *, write_timeout: float) -> None:
-        """Write ``items`` (framed by :meth:`framer`) in order, in as few writes as possible.
+    def try_send(self, items: Iterable[Outgoing]) -> object | None:
+        """Write ``items`` (framed by :meth:`framer`) now, without waiting, in one write.
+
+        Returns None when everything went out, else what is left, to hand to
+        :meth:`send_rest`. Nothing else may be sent before the rest is.
 
         Raises:
-            WriteTimeout: the peer did not take the bytes within ``write_timeout``
+            ConnectionLost.
+        """
+        ...
+
+    async def send_rest(self, rest: object, *, write_timeout: float) -> None:
+        """Write what :meth:`try_send` left, waiting for the peer to take it.
+
+        Raises:
+            WriteTimeout: the peer did not take it within ``write_timeout``
                 seconds; part of a frame may be on the wire, so the caller must
                 drop the connection.
             ConnectionLost.
