@@ -62,8 +62,10 @@ async def main(args: argparse.Namespace) -> None:
     config = tidings.Config(port=0, log_level="warning", max_connections=args.connections + 10)
     async with tidings.open_server(config) as server:
         gc.collect()
-        tracemalloc.start(args.frames)
-        before, rss_before = tracemalloc.take_snapshot(), rss()
+        if args.trace:
+            tracemalloc.start(args.frames)
+        before = tracemalloc.take_snapshot() if args.trace else None
+        rss_before = rss()
         child = await trio.lowlevel.open_process(
             [sys.executable, "-c", CLIENT, str(server.port), str(args.connections)],
             stdin=subprocess.PIPE,
@@ -75,12 +77,18 @@ async def main(args: argparse.Namespace) -> None:
             await trio.sleep(0.05)
         await trio.sleep(0.5)
         gc.collect()
-        after, rss_after = tracemalloc.take_snapshot(), rss()
-        stats = after.compare_to(before, "traceback" if args.frames > 1 else "lineno")
-        total = sum(s.size_diff for s in stats)
+        rss_after = rss()
         n = args.connections
         print(f"{n} idle subscribed connections")
-        print(f"RSS growth: {(rss_after - rss_before) / n:,.0f} bytes per connection")
+        print(f"RSS growth: {(rss_after - rss_before) / n:,.0f} bytes per connection", end="")
+        print(" (tracemalloc on: it adds its own)" if args.trace else "")
+        if before is None:
+            await child.stdin.send_all(b"\n")
+            await child.wait()
+            return
+        after = tracemalloc.take_snapshot()
+        stats = after.compare_to(before, "traceback" if args.frames > 1 else "lineno")
+        total = sum(s.size_diff for s in stats)
         print(f"Python heap (tracemalloc): {total / n:,.0f} bytes per connection\n")
         by_file: dict[str, int] = {}
         for stat in stats:
@@ -95,7 +103,9 @@ async def main(args: argparse.Namespace) -> None:
             if stat.size_diff / n < 8:
                 break
             where = stat.traceback.format(limit=args.frames)
-            print(f"{stat.size_diff / n:8,.0f} B {stat.count_diff / n:5.1f} blocks  {where[0].strip()}")
+            print(
+                f"{stat.size_diff / n:8,.0f} B {stat.count_diff / n:5.1f} blocks  {where[0].strip()}"
+            )
             for line in where[1:]:
                 print(f"{'':27}{line.strip()}")
         await child.stdin.send_all(b"\n")
@@ -107,4 +117,7 @@ if __name__ == "__main__":
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--frames", type=int, default=1, help="traceback depth to group by")
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--no-trace", dest="trace", action="store_false", help="RSS only, tracemalloc off"
+    )
     trio.run(main, parser.parse_args())

@@ -30,7 +30,7 @@ def subscriber(capacity: int = 64, policy: OverflowPolicy = OverflowPolicy.DROP)
 
 
 def drain(sub: Subscriber) -> list[Event]:
-    return [sub.outbox._items.popleft() for _ in range(len(sub.outbox))]
+    return list(sub.outbox.take())
 
 
 async def test_seq_counts_up_per_topic_and_epoch_is_stable() -> None:

@@ -126,6 +126,30 @@ class ConnectionStats:
 class Connection:
     """A client connection from upgrade to close. Created and run by the server."""
 
+    # Slots: one of these lives for every connected client.
+    __slots__ = (
+        "_close_sent",
+        "_draining",
+        "_ended",
+        "_frame",
+        "_next_ping",
+        "_nursery",
+        "_peer_close",
+        "_reader_done",
+        "_requests",
+        "acked",
+        "broker",
+        "closed",
+        "dialect",
+        "handlers",
+        "info",
+        "limits",
+        "outbox",
+        "subscriber",
+        "topic_filter",
+        "transport",
+    )
+
     def __init__(
         self,
         transport: Transport,

@@ -144,14 +144,11 @@ class AsgiApp:
         if message["type"] != "websocket.connect":
             return
         client = scope.get("client") or ("unknown", 0)
-        request = UpgradeRequest(
-            path=path,
-            query=bytes(scope.get("query_string", b"")).decode("latin-1"),
-            headers=tuple(
-                (bytes(name).decode("latin-1").lower(), bytes(value).decode("latin-1"))
-                for name, value in scope.get("headers", [])
-            ),
-            remote=f"{client[0]}:{client[1]}",
+        request = UpgradeRequest.build(
+            path,
+            bytes(scope.get("query_string", b"")).decode("latin-1"),
+            ((bytes(name), bytes(value)) for name, value in scope.get("headers", [])),
+            f"{client[0]}:{client[1]}",
         )
         rejection = (
             self.handler.admit(request)

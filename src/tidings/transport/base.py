@@ -127,13 +127,34 @@ class Transport(Protocol):
 
 @attrs.frozen(slots=True)
 class UpgradeRequest:
-    """The HTTP request that asked for a WebSocket, as the server saw it."""
+    """The HTTP request that asked for a WebSocket, as the server saw it.
+
+    It lives as long as the connection, so its headers are kept as one bytes
+    object (``name: value`` lines, names lower-cased) rather than a tuple of
+    string pairs: a few hundred bytes less on every idle connection.
+    """
 
     path: str
     query: str
-    headers: tuple[tuple[str, str], ...]
-    """Lower-cased names, in order of arrival."""
+    raw_headers: bytes
     remote: str
+
+    @classmethod
+    def build(
+        cls, path: str, query: str, headers: Iterable[tuple[bytes, bytes]], remote: str
+    ) -> UpgradeRequest:
+        raw = b"\n".join(name.lower() + b": " + value for name, value in headers)
+        return cls(path, query, raw, remote)
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """Every header as ``(lower-case name, value)``, in order of arrival."""
+        pairs = []
+        for line in self.raw_headers.decode("latin-1").split("\n"):
+            name, _, value = line.partition(": ")
+            if name:
+                pairs.append((name, value))
+        return pairs
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), or None."""

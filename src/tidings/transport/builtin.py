@@ -26,9 +26,7 @@ from urllib.parse import unquote
 
 import h11
 import trio
-from wsproto.connection import Connection as WsConnection
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .base import (
     CloseFrame,
@@ -113,13 +111,13 @@ class WebSocketStream:
     supports_ping = True
 
     __slots__ = (
-        "_buffer",
         "_buffered",
         "_closed",
         "_fd",
+        "_frames",
+        "_parts",
         "_skipping",
         "_stream",
-        "_ws",
         "last_received",
         "max_message_size",
         "remote",
@@ -135,53 +133,64 @@ class WebSocketStream:
     ) -> None:
         self._stream = stream
         self._fd = stream.socket.fileno()
-        self._ws = WsConnection(ConnectionType.SERVER, trailing_data=trailing_data)
+        # wsproto's frame parser without its Connection wrapper: we send our
+        # own frames, so only parsing is needed, and the wrapper costs memory
+        # on every connection.
+        self._frames = FrameProtocol(client=False, extensions=[])
+        if trailing_data:
+            self._frames.receive_bytes(trailing_data)
         self.remote = remote
         self.max_message_size = max_message_size
         self.last_received = trio.current_time()
-        self._buffer: list[Any] = []
+        self._parts: list[Any] | None = None  # a fragmented message so far
         self._buffered = 0
         self._skipping = False
         self._closed = False
 
     async def receive(self) -> str | bytes | PingFrame:
-        ws = self._ws
+        frames = self._frames
         while True:
-            for event in ws.events():
-                if isinstance(event, TextMessage | BytesMessage):
-                    message = self._assemble(event)
-                    if message is not None:
-                        return message
-                elif isinstance(event, Ping):
-                    return PingFrame(bytes(event.payload))
-                elif isinstance(event, CloseConnection):
-                    if ws.state is ConnectionState.OPEN:
-                        # wsproto reports its own parse failures as a close event.
-                        if event.code == INVALID_UTF8:
-                            raise ProtocolViolation(event.code, "text frame is not UTF-8")
-                        raise ProtocolViolation(event.code, event.reason or "protocol error")
-                    raise PeerClosed(event.code, event.reason or "")
-                # Pong: its arrival already counts as activity.
+            try:
+                for frame in frames.received_frames():
+                    opcode = frame.opcode
+                    if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                        message = self._assemble(frame.payload, frame.message_finished)
+                        if message is not None:
+                            return message
+                    elif opcode is Opcode.PING:
+                        return PingFrame(bytes(frame.payload))  # type: ignore[arg-type]
+                    elif opcode is Opcode.CLOSE:
+                        code, reason = cast(tuple[int, str], frame.payload)
+                        raise PeerClosed(int(code), reason)
+                    # PONG: its arrival already counts as activity.
+            except ParseFailed as exc:
+                if exc.code == INVALID_UTF8:
+                    raise ProtocolViolation(exc.code, "text frame is not UTF-8") from None
+                raise ProtocolViolation(exc.code, str(exc) or "protocol error") from None
             # Straight to the socket, not through SocketStream.receive_some:
             # fewer frames on the stack of every idle connection.
             try:
                 data = os.read(self._fd, RECEIVE_SIZE)
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._fd)
-                continue
+                data = None
             except OSError as exc:
                 raise ConnectionLost from exc
+            if data is None:
+                # Waited for outside the except block: an exception being
+                # handled stays alive, with its traceback, for the whole wait.
+                await trio.lowlevel.wait_readable(self._fd)
+                continue
             if not data:
                 raise ConnectionLost
             self.last_received = trio.current_time()
-            ws.receive_data(data)
+            frames.receive_bytes(data)
+            del data
             await trio.lowlevel.checkpoint()  # a peer that never stops sending still yields
 
-    def _assemble(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        data = event.data
+    def _assemble(self, data: Any, finished: bool) -> str | bytes | None:
+        """Reassemble a fragmented message, enforcing the size limit as it grows."""
         if self._skipping:
-            if event.message_finished:
-                self._skipping = False
+            self._skipping = not finished
             return None
         if isinstance(data, str):
             size = len(data) if data.isascii() else len(data.encode())
@@ -189,17 +198,19 @@ class WebSocketStream:
             size = len(data)
         self._buffered += size
         if self._buffered > self.max_message_size:
-            self._buffer.clear()
+            self._parts = None
             self._buffered = 0
-            self._skipping = not event.message_finished
+            self._skipping = not finished
             raise MessageTooBig
-        if event.message_finished and not self._buffer:
+        if finished and self._parts is None:
             self._buffered = 0
             return data if isinstance(data, str) else bytes(data)
-        self._buffer.append(data)
-        if not event.message_finished:
+        if self._parts is None:
+            self._parts = []
+        self._parts.append(data)
+        if not finished:
             return None
-        parts, self._buffer, self._buffered = self._buffer, [], 0
+        parts, self._parts, self._buffered = self._parts, None, 0
         return "".join(parts) if isinstance(data, str) else b"".join(parts)
 
     def framer(self, text: bool) -> Framer:
@@ -302,6 +313,26 @@ class BuiltinServer:
     async def handle_stream(self, stream: trio.SocketStream) -> None:
         """Serve one TCP connection: HTTP requests, or one WebSocket."""
         remote = _remote(stream)
+        try:
+            # The handshake returns before the WebSocket is served, so that the
+            # h11 objects die with its frame instead of living as long as the
+            # connection.
+            accepted = await self._http(stream, remote)
+            if accepted is not None:
+                transport, request = accepted
+                del accepted
+                await self.handler.serve(transport, request)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except Exception:
+            # One connection's failure must never reach the nursery all
+            # connections share.
+            LOGGER.exception("error while serving %s:%s", *remote)
+
+    async def _http(
+        self, stream: trio.SocketStream, remote: tuple[str, int]
+    ) -> tuple[WebSocketStream, UpgradeRequest] | None:
+        """Answer HTTP requests until one upgrades to WebSocket (returned) or the end."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             for _ in range(MAX_REQUESTS_PER_CONNECTION):
@@ -309,26 +340,22 @@ class BuiltinServer:
                 with trio.move_on_after(self.handshake_timeout):
                     request = await self._read_request(stream, http)
                 if request is None:  # closed, or idle past the handshake timeout
-                    return
+                    return None
                 path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
                 if path == self.ws_path and _is_upgrade(request):
-                    await self._upgrade(stream, http, request, remote)
-                    return
+                    with trio.move_on_after(self.handshake_timeout):
+                        return await self._upgrade(stream, http, request, remote)
+                    return None
                 with trio.move_on_after(self.handshake_timeout):
                     await self._serve_http(stream, http, request, remote)
                 if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
-                    return
+                    return None
                 http.start_next_cycle()
         except h11.RemoteProtocolError as exc:
             with trio.move_on_after(1):
                 if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await self._respond(stream, http, exc.error_status_hint, "bad request")
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
-        except Exception:
-            # One connection's failure must never reach the nursery all
-            # connections share.
-            LOGGER.exception("error while serving %s:%s", *remote)
+        return None
 
     async def _read_request(
         self, stream: trio.abc.Stream, http: h11.Connection
@@ -349,14 +376,15 @@ class BuiltinServer:
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
-    ) -> None:
+    ) -> tuple[WebSocketStream, UpgradeRequest] | None:
+        """Accept (101) or refuse one WebSocket upgrade."""
         headers = {name: value for name, value in request.headers}
         key = headers.get(b"sec-websocket-key")
         if request.method != b"GET" or key is None:
             await self._respond(
                 stream, http, 400, "a WebSocket upgrade is a GET with Sec-WebSocket-Key"
             )
-            return
+            return None
         if headers.get(b"sec-websocket-version") != b"13":
             await self._respond(
                 stream,
@@ -365,21 +393,16 @@ class BuiltinServer:
                 "only WebSocket version 13 is supported",
                 [(b"sec-websocket-version", b"13")],
             )
-            return
+            return None
         target = request.target.decode("latin-1")
         path, _, query = target.partition("?")
-        upgrade = UpgradeRequest(
-            path=unquote(path),
-            query=query,
-            headers=tuple(
-                (name.decode("latin-1"), value.decode("latin-1")) for name, value in request.headers
-            ),
-            remote=f"{remote[0]}:{remote[1]}",
+        upgrade = UpgradeRequest.build(
+            unquote(path), query, request.headers, f"{remote[0]}:{remote[1]}"
         )
         rejection = self.handler.admit(upgrade)
         if rejection is not None:
             await self._respond(stream, http, rejection.status, rejection.message)
-            return
+            return None
         response = http.send(
             h11.InformationalResponse(
                 status_code=101,
@@ -390,10 +413,7 @@ class BuiltinServer:
                 ],
             )
         )
-        with trio.move_on_after(self.handshake_timeout) as scope:
-            await stream.send_all(response)
-        if scope.cancelled_caught:
-            return
+        await stream.send_all(response)
         trailing, _ = http.trailing_data
         transport = WebSocketStream(
             stream,
@@ -401,7 +421,7 @@ class BuiltinServer:
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
         )
-        await self.handler.serve(transport, upgrade)
+        return transport, upgrade
 
     async def _respond(
         self,
