@@ -11,11 +11,8 @@ grouped by the line that allocated it, next to the RSS growth.
 from __future__ import annotations
 
 import argparse
-import base64
 import gc
-import os
 import resource
-import socket
 import subprocess
 import sys
 import textwrap
@@ -57,7 +54,7 @@ def rss() -> int:
 
 
 async def main(args: argparse.Namespace) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     config = tidings.Config(port=0, log_level="warning", max_connections=args.connections + 10)
     async with tidings.open_server(config) as server:
@@ -73,7 +70,7 @@ async def main(args: argparse.Namespace) -> None:
         )
         assert child.stdout is not None and child.stdin is not None
         await child.stdout.receive_some(100)
-        while server.statistics().subscriptions < args.connections:
+        while server.statistics().subscriptions < args.connections:  # noqa: ASYNC110 - a bench polls
             await trio.sleep(0.05)
         await trio.sleep(0.5)
         gc.collect()
