@@ -249,7 +249,7 @@ class Connection:
             LOGGER.info("closing %s: silent for %.1f s", self.info.id, self.limits.read_timeout)
             self.close(CloseCode.INTERNAL_ERROR, "read timeout", flush=False)
         elif now >= self._next_ping:
-            self.outbox.put(PingFrame())
+            self.outbox.put(self.transport.frame_control(PingFrame()))
             self._next_ping = now + self.limits.ping_interval
 
     # --- reader -------------------------------------------------------------
@@ -266,7 +266,7 @@ class Connection:
                     self.close(CloseCode.MESSAGE_TOO_BIG, "message too big", flush=False)
                     continue
                 if isinstance(message, PingFrame):
-                    outbox.put(PongFrame(message.payload))
+                    outbox.put(transport.frame_control(PongFrame(message.payload)))
                     continue
                 if outbox.closing is not None:
                     continue  # closing: read on only to see the peer's close frame
@@ -473,7 +473,7 @@ class Connection:
         if closing is None or self._close_sent:
             return batch, False
         self._close_sent = True
-        batch.append(CloseFrame(closing.code, closing.reason))
+        batch.append(self.transport.frame_control(CloseFrame(closing.code, closing.reason)))
         return batch, True
 
     async def _drain(self, rest: object, has_close: bool) -> None:

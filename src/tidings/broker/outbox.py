@@ -128,7 +128,7 @@ class Outbox(Generic[T]):
         self.dropped = 0
         """Events refused because the outbox was full."""
         self.peak = 0
-        """The most items ever queued at once."""
+        """The most items ever queued at once (as seen by the consumer)."""
         self.closing: Closing | None = None
         self.sink = sink
         """Writes what is queued (:meth:`take`) without waiting; called by the flusher."""
@@ -160,7 +160,6 @@ class Outbox(Generic[T]):
                     self.close(OVERFLOW_CLOSE_CODE, "outbox overflow", flush=False)
             return False
         items.append(item)
-        self.peak = max(self.peak, len(items))
         if not self._scheduled:
             self._notify()
         return True
@@ -175,7 +174,6 @@ class Outbox(Generic[T]):
             return
         self._items.append(item)
         self._put_queued += 1
-        self.peak = max(self.peak, len(self._items))
         self._notify()
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
@@ -198,6 +196,9 @@ class Outbox(Generic[T]):
 
     def take(self) -> list[T]:
         """Everything queued, now (for a sink)."""
+        # The queue only grows between takes, so its length is at a peak now:
+        # measured here rather than on every offer, which is the hot path.
+        self._note_peak()
         batch, self._items = self._items, []
         self._put_queued = 0
         self._wake_producer()
@@ -231,6 +232,7 @@ class Outbox(Generic[T]):
             if self.closing is not None:
                 raise trio.EndOfChannel
             await self._wait_for_items()
+        self._note_peak()
         item = self._items.pop(0)  # at most capacity + one replay long
         # Which kind of item left is not recorded; assuming a put() one errs
         # towards dropping sooner, never towards growing past the bound.
@@ -251,6 +253,9 @@ class Outbox(Generic[T]):
             await trio.lowlevel.wait_task_rescheduled(abort)
 
     # --- internals ----------------------------------------------------------
+
+    def _note_peak(self) -> None:
+        self.peak = max(self.peak, len(self._items))
 
     def _notify(self) -> None:
         """Something changed for whoever drains this outbox."""

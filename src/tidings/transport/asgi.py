@@ -21,6 +21,7 @@ from .base import (
     CloseFrame,
     ConnectionHandler,
     ConnectionLost,
+    ControlFrame,
     Framer,
     Outgoing,
     PeerClosed,
@@ -66,6 +67,9 @@ class AsgiWebSocket:
     def framer(self, text: bool) -> Framer:
         # ASGI takes text as str: decode once per event, not once per subscriber.
         return _as_text if text else _as_bytes
+
+    def frame_control(self, frame: ControlFrame) -> ControlFrame:
+        return frame  # send_rest turns a close into websocket.close; pings are the server's
 
     def try_send(self, items: Iterable[Outgoing]) -> list[Outgoing]:
         # ASGI has no write that does not wait: everything goes through send_rest.

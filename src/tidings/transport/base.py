@@ -98,6 +98,10 @@ class Transport(Protocol):
         """
         ...
 
+    def frame_control(self, frame: ControlFrame) -> Outgoing:
+        """A ping, pong or close frame in the form :meth:`try_send` takes it."""
+        ...
+
     def try_send(self, items: Iterable[Outgoing]) -> object | None:
         """Write ``items`` (framed by :meth:`framer`) now, without waiting, in one write.
 

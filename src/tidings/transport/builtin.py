@@ -88,7 +88,8 @@ def frame_binary(data: bytes) -> bytes:
     return frame_header(_BINARY, len(data)) + data
 
 
-def _control(item: ControlFrame) -> bytes:
+def frame_control(item: ControlFrame) -> bytes:
+    """A complete server control frame."""
     if type(item) is PingFrame:
         return frame_header(_PING, len(item.payload)) + item.payload
     if type(item) is PongFrame:
@@ -216,11 +217,15 @@ class WebSocketStream:
     def framer(self, text: bool) -> Framer:
         return frame_text if text else frame_binary
 
+    def frame_control(self, frame: ControlFrame) -> bytes:
+        return frame_control(frame)
+
     def try_send(self, items: Iterable[Outgoing]) -> memoryview | None:
         """One ``write`` on the non-blocking socket, which almost always takes it all."""
         if self._closed:
             raise ConnectionLost
-        data = b"".join([item if type(item) is bytes else _control(item) for item in items])  # type: ignore[arg-type]
+        # Control frames were framed when queued: every item is bytes here.
+        data = b"".join(items)  # type: ignore[arg-type]
         try:
             sent = os.write(self._fd, data)
         except BlockingIOError:
