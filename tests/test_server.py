@@ -407,3 +407,24 @@ async def test_an_idle_tcp_connection_is_closed_quietly_after_the_handshake_time
             assert await stream.receive_some(10) == b""  # the server hung up
             await stream.aclose()
     assert not [r for r in caplog.records if r.levelname == "ERROR"]
+
+
+async def test_a_client_that_pauses_reading_catches_up_in_order_without_loss() -> None:
+    """Its socket fills, the server keeps the rest queued and writes it as the client reads."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(outbox_size=1000, write_timeout=30) as server:
+            slow = await raw_client(server, receive_buffer=4096)
+            await slow.send_json({"type": "subscribe", "topic": "t", "requestId": "s"})
+            assert (await slow.receive_json())["type"] == "response"
+            for i in range(300):  # ~10 MB: far more than the socket buffers hold
+                await server.publish("t", {"i": i, "blob": "x" * 32_000})
+            [client] = server.clients()
+            stats = server.client_statistics(client.id)
+            assert stats is not None
+            assert stats.queued > 0  # the socket is full: the rest waits in the outbox
+            received = [(await slow.receive_json())["payload"]["i"] for _ in range(300)]
+            assert received == list(range(300))
+            stats = server.client_statistics(client.id)
+            assert stats is not None
+            assert (stats.dropped, stats.queued) == (0, 0)
+            await slow.aclose()

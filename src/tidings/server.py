@@ -312,7 +312,10 @@ class Server:
             await trio.sleep(tick)
             now = trio.current_time()
             for connection in list(self._connections.values()):
-                connection.heartbeat(now)
+                try:
+                    connection.heartbeat(now)
+                except Exception:  # one connection's bug must not stop every heartbeat
+                    LOGGER.exception("heartbeat of %s failed", connection.id)
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         stats = self.statistics()

@@ -22,12 +22,15 @@ has something queued, with no task switch per connection.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Generic, TypeVar
 
 import attrs
 import trio
+
+LOGGER = logging.getLogger("tidings.broker")
 
 T = TypeVar("T")
 
@@ -89,7 +92,11 @@ class Flusher:
                 await trio.lowlevel.wait_task_rescheduled(abort)
             pending, self._pending = self._pending, []
             for outbox in pending:
-                outbox.flush()
+                try:
+                    outbox.flush()
+                except Exception:
+                    # A sink's bug must cost its own connection, not the node's writes.
+                    LOGGER.exception("flushing an outbox failed")
             await trio.lowlevel.checkpoint()
 
 
