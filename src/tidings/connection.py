@@ -179,6 +179,10 @@ class Connection:
             limits.outbox_size, limits.overflow_policy, flusher=flusher, sink=self._flush
         )
         self._frame = transport.framer(dialect.text)
+        # What this client's commands queued (its replies, the fan-out of its
+        # publications) goes out before the reader waits again, without a
+        # task switch to the flusher.
+        transport.on_idle = flusher.flush_now
         self.subscriber = Subscriber(
             self.outbox,
             wire_encoder(dialect.encode_event, self._frame),

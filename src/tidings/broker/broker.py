@@ -183,6 +183,8 @@ class Broker:
         self._topics: dict[str, _Topic] = {}
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[_Publication](inbox_size)
         self._inbox_capacity = inbox_size
+        self._queued = 0  # publications in the inbox, or handed to the broker task and not applied
+        self._running = False
         self._published = 0
         self._delivered = 0
         self._dropped = 0
@@ -206,7 +208,16 @@ class Broker:
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        await self._inbox_send.send(_Publication(topic, payload, orjson.dumps(payload), on_done))
+        publication = _Publication(topic, payload, orjson.dumps(payload), on_done)
+        if not self._apply_now(publication):
+            self._queued += 1
+            try:
+                await self._inbox_send.send(publication)
+            except BaseException:
+                self._queued -= 1
+                raise
+        else:
+            await trio.lowlevel.checkpoint()
 
     def submit_nowait(
         self,
@@ -216,11 +227,25 @@ class Broker:
     ) -> None:
         """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
 
-        It does not yield either, so a reader can queue every publication of one
-        socket read before the broker runs, and the broker can fan them out as
-        one batch.
+        It does not yield either, so a reader can hand over every publication of
+        one socket read before its writes are flushed, which then carry them all.
         """
-        self._inbox_send.send_nowait(_Publication(topic, payload, orjson.dumps(payload), on_done))
+        publication = _Publication(topic, payload, orjson.dumps(payload), on_done)
+        if not self._apply_now(publication):
+            self._inbox_send.send_nowait(publication)
+            self._queued += 1
+
+    def _apply_now(self, publication: _Publication) -> bool:
+        """Sequence a publication in the caller's task when nothing is queued ahead of it.
+
+        The order is the same as through the inbox (nothing is ahead), and the
+        event is out one task switch sooner: at low rates that switch was most
+        of the latency. Only while the broker task runs, which owns the rest.
+        """
+        if self._queued or not self._running:
+            return False
+        self._apply(publication)
+        return True
 
     async def publish(self, topic: str, payload: Any) -> Position:
         """Publish and wait until the event is sequenced; returns its position.
@@ -252,14 +277,21 @@ class Broker:
             task_status.started()
             receive = self._inbox_receive
             apply = self._apply
-            while True:
-                apply(await receive.receive())
-                for _ in range(MAX_BATCH - 1):
-                    try:
-                        publication = receive.receive_nowait()
-                    except trio.WouldBlock:
-                        break
+            self._running = True
+            try:
+                while True:
+                    publication = await receive.receive()
+                    self._queued -= 1
                     apply(publication)
+                    for _ in range(MAX_BATCH - 1):
+                        try:
+                            publication = receive.receive_nowait()
+                        except trio.WouldBlock:
+                            break
+                        self._queued -= 1
+                        apply(publication)
+            finally:
+                self._running = False
 
     def _apply(self, publication: _Publication) -> None:
         try:

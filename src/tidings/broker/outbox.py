@@ -90,14 +90,22 @@ class Flusher:
                     return trio.lowlevel.Abort.SUCCEEDED
 
                 await trio.lowlevel.wait_task_rescheduled(abort)
-            pending, self._pending = self._pending, []
-            for outbox in pending:
-                try:
-                    outbox.flush()
-                except Exception:
-                    # A sink's bug must cost its own connection, not the node's writes.
-                    LOGGER.exception("flushing an outbox failed")
+            self.flush_now()
             await trio.lowlevel.checkpoint()
+
+    def flush_now(self) -> None:
+        """Flush every waiting outbox in the caller's task.
+
+        A reader calls this when it is about to wait for input: what its
+        commands queued goes out without waiting for the flusher's turn.
+        """
+        pending, self._pending = self._pending, []
+        for outbox in pending:
+            try:
+                outbox.flush()
+            except Exception:
+                # A sink's bug must cost its own connection, not the node's writes.
+                LOGGER.exception("flushing an outbox failed")
 
 
 class Outbox(Generic[T]):

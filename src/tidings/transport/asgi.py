@@ -48,9 +48,12 @@ class AsgiWebSocket:
         self._send = send
         self.remote = remote
         self.last_received = trio.current_time()
+        self.on_idle: Callable[[], None] | None = None
         self._closed = False
 
     async def receive(self) -> str | bytes | PingFrame:
+        if self.on_idle is not None:
+            self.on_idle()
         message = await self._receive()
         self.last_received = trio.current_time()
         kind = message["type"]

@@ -81,6 +81,8 @@ class Transport(Protocol):
     """``trio.current_time()`` when bytes last arrived from the peer."""
     supports_ping: bool
     """Whether protocol pings can be sent and their pongs observed."""
+    on_idle: Callable[[], None] | None
+    """Called, when set, each time :meth:`receive` is about to wait for the peer."""
 
     async def receive(self) -> str | bytes | PingFrame:
         """The next message (text as str, binary as bytes), or a ping to answer.

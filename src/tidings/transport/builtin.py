@@ -121,6 +121,7 @@ class WebSocketStream:
         "_stream",
         "last_received",
         "max_message_size",
+        "on_idle",
         "remote",
     )
 
@@ -143,6 +144,7 @@ class WebSocketStream:
         self.remote = remote
         self.max_message_size = max_message_size
         self.last_received = trio.current_time()
+        self.on_idle: Callable[[], None] | None = None
         self._parts: list[Any] | None = None  # a fragmented message so far
         self._buffered = 0
         self._skipping = False
@@ -177,6 +179,8 @@ class WebSocketStream:
             except OSError as exc:
                 raise ConnectionLost from exc
             if data is None:
+                if self.on_idle is not None:
+                    self.on_idle()
                 # Waited for outside the except block: an exception being
                 # handled stays alive, with its traceback, for the whole wait.
                 await trio.lowlevel.wait_readable(self._fd)
