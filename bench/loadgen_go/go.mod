@@ -1,0 +1,3 @@
+module tidings/bench/loadgen
+
+go 1.19
