@@ -32,7 +32,7 @@ import functools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import attrs
@@ -128,6 +128,7 @@ class Connection:
 
     # Slots: one of these lives for every connected client.
     __slots__ = (
+        "_close_done",
         "_close_sent",
         "_draining",
         "_ended",
@@ -175,14 +176,18 @@ class Connection:
             dialect=dialect.name,
             path=request.path,
         )
-        self.outbox: Outbox[Outgoing] = Outbox(
-            limits.outbox_size, limits.overflow_policy, flusher=flusher, sink=self._flush
-        )
+        if transport.writes_without_waiting:
+            self.outbox: Outbox[Outgoing] = Outbox(
+                limits.outbox_size, limits.overflow_policy, flusher=flusher, sink=self._flush
+            )
+            # What this client's commands queued (its replies, the fan-out of its
+            # publications) goes out before the reader waits again, without a
+            # task switch to the flusher.
+            transport.on_idle = flusher.flush_now
+        else:
+            # Every write waits (ASGI): a writer task of its own drains the outbox.
+            self.outbox = Outbox(limits.outbox_size, limits.overflow_policy)
         self._frame = transport.framer(dialect.text)
-        # What this client's commands queued (its replies, the fan-out of its
-        # publications) goes out before the reader waits again, without a
-        # task switch to the flusher.
-        transport.on_idle = flusher.flush_now
         self.subscriber = Subscriber(
             self.outbox,
             wire_encoder(dialect.encode_event, self._frame),
@@ -193,7 +198,8 @@ class Connection:
         """Last offset the client acknowledged, per topic."""
         self.closed: CloseInfo | None = None
         self._peer_close: PeerClosed | None = None
-        self._close_sent = False
+        self._close_sent = False  # the close frame is queued for writing
+        self._close_done = False  # ... and written
         self._draining = False  # a drain task owns the socket until it has caught up
         self._reader_done = False
         self._ended = False
@@ -228,6 +234,9 @@ class Connection:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if not self.transport.writes_without_waiting:
+                    self._draining = True  # the writer owns writing for the whole connection
+                    nursery.start_soon(self._writer)
                 await self._reader()
                 await self._finish()
                 nursery.cancel_scope.cancel()  # request handlers still running
@@ -470,9 +479,11 @@ class Connection:
         elif has_close:
             self._close_written()
 
-    def _next_batch(self) -> tuple[Iterable[Outgoing], bool]:
+    def _next_batch(self) -> tuple[list[Outgoing], bool]:
         """What is queued, with the close frame behind it once the outbox is closing."""
-        batch = self.outbox.take()
+        return self._with_close(self.outbox.take())
+
+    def _with_close(self, batch: list[Outgoing]) -> tuple[list[Outgoing], bool]:
         closing = self.outbox.closing
         if closing is None or self._close_sent:
             return batch, False
@@ -507,9 +518,28 @@ class Connection:
             if self._reader_done and self._nursery is not None:
                 self._nursery.cancel_scope.cancel()  # _finish was waiting for this
 
+    async def _writer(self) -> None:
+        """Drain the outbox for a transport whose every write waits (ASGI)."""
+        transport, timeout = self.transport, self.limits.write_timeout
+        try:
+            while not self._close_sent:
+                batch = await self.outbox.receive_batch()
+                batch, has_close = self._with_close(batch)
+                if batch:
+                    rest = transport.try_send(batch)
+                    if rest is not None:
+                        await transport.send_rest(rest, write_timeout=timeout)
+                if has_close:
+                    self._close_written()
+        except WriteTimeout:
+            self._lose("write timeout", "server")
+        except ConnectionLost:
+            self._lose("connection lost", "client")
+
     def _close_written(self) -> None:
         """The close frame is on the wire: wait for the peer's, briefly, then end."""
         assert self._nursery is not None
+        self._close_done = True
         peer = self._peer_close
         closing = self.outbox.closing
         assert closing is not None
@@ -528,11 +558,13 @@ class Connection:
         """The reader is done: get the close frame out, then let the connection end."""
         if self.closed is not None and self.closed.code == CloseCode.ABNORMAL:
             return  # lost: nothing can be written
-        if self._close_sent and not self._draining:
+        if self._close_done:
             return
-        self._flush()
-        if self._draining:
-            # The drain task ends the connection, within the write timeout.
+        if not self._draining:
+            self._flush()  # the close frame, now; or it starts a drain task
+        if not self._close_done:
+            # The drain or writer task ends the connection when the close frame
+            # is out, within the write timeout.
             await trio.sleep_forever()
 
     def _lose(self, reason: str, by: str) -> None:

@@ -42,6 +42,7 @@ class AsgiWebSocket:
     """A :class:`~tidings.transport.base.Transport` over ASGI ``receive``/``send``."""
 
     supports_ping = False
+    writes_without_waiting = False
 
     def __init__(self, receive: Receive, send: Send, remote: str) -> None:
         self._receive = receive

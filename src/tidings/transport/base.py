@@ -81,6 +81,9 @@ class Transport(Protocol):
     """``trio.current_time()`` when bytes last arrived from the peer."""
     supports_ping: bool
     """Whether protocol pings can be sent and their pongs observed."""
+    writes_without_waiting: bool
+    """Whether :meth:`try_send` usually writes everything at once (a socket), or
+    never does (an ASGI server, which is only reached through awaits)."""
     on_idle: Callable[[], None] | None
     """Called, when set, each time :meth:`receive` is about to wait for the peer."""
 

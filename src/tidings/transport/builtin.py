@@ -110,6 +110,7 @@ class WebSocketStream:
     """A :class:`~tidings.transport.base.Transport` over a Trio stream."""
 
     supports_ping = True
+    writes_without_waiting = True
 
     __slots__ = (
         "_buffered",
