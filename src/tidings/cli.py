@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -133,6 +134,10 @@ def _run_serve(args: argparse.Namespace) -> int:
 async def _serve(config: Config) -> None:
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_server(config) as server:
+            # Everything loaded so far lives as long as the process: keep the
+            # cyclic garbage collector from traversing it on every full
+            # collection (35,000 objects, ~15 ms each time, a latency spike).
+            gc.freeze()
             http = server.url.replace("ws://", "http://", 1).removesuffix(config.ws_path)
             print(f"tidings {__version__} listening on {server.url}", flush=True)
             print(f"  health: {http}/health", flush=True)

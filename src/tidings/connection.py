@@ -200,7 +200,7 @@ class Connection:
         self._peer_close: PeerClosed | None = None
         self._close_sent = False  # the close frame is queued for writing
         self._close_done = False  # ... and written
-        self._draining = False  # a drain task owns the socket until it has caught up
+        self._draining = False  # a drain (or ASGI writer) task owns writing; the sink stands aside
         self._reader_done = False
         self._ended = False
         self._next_ping = trio.current_time() + limits.ping_interval
