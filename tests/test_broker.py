@@ -11,14 +11,18 @@ import trio.testing
 
 from tidings import BrokerError, ErrorCode, OverflowPolicy
 from tidings.broker.broker import Broker, Subscriber
+from tidings.broker.namespaces import Namespace, Namespaces
 from tidings.broker.outbox import Outbox
 from tidings.broker.subscription import as_event
 from tidings.protocol.messages import Event
 
 
 @asynccontextmanager
-async def running(**settings: object) -> AsyncIterator[Broker]:
-    broker = Broker(**settings)  # type: ignore[arg-type]
+async def running(
+    *, history_size: int = 1000, history_ttl: float = 300.0, **settings: int
+) -> AsyncIterator[Broker]:
+    default = Namespace(name="", history_size=history_size, history_ttl=history_ttl)
+    broker = Broker(namespaces=Namespaces(default), **settings)
     async with trio.open_nursery() as nursery:
         await nursery.start(broker.run)
         yield broker

@@ -7,19 +7,9 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from .protocol.messages import ClientInfo
 
-@attrs.frozen(slots=True)
-class ClientInfo:
-    """One connected client, as request handlers and hooks see it."""
-
-    id: str
-    """Unique within this server process."""
-    remote: str
-    """``host:port`` of the peer (of the proxy, behind one)."""
-    connected_at: float
-    """Wall-clock time of the upgrade (seconds since the epoch)."""
-    dialect: str
-    path: str
+__all__ = ["ClientInfo", "CloseInfo", "RequestContext", "RequestError", "RequestHandler"]
 
 
 @attrs.frozen(slots=True)

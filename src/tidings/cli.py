@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import client as tidings_client
+from . import logs
 from ._version import __version__
 from .config import FIELDS, Config, ConfigError, choices
 from .protocol.messages import Event
@@ -63,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     watch = commands.add_parser("watch", help="print a topic's events live")
     watch.add_argument("topics", nargs="+", metavar="TOPIC")
     watch.add_argument("--url", default=tidings_client.DEFAULT_URL)
+    _add_token(watch)
     watch.add_argument("--since", type=int, help="replay events after this seq first")
     watch.add_argument("--json", action="store_true", help="print each event as raw JSON")
     watch.set_defaults(run=_run_watch)
@@ -71,6 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     publish.add_argument("topic", metavar="TOPIC")
     publish.add_argument("payload", metavar="JSON", help="the event's payload, as JSON")
     publish.add_argument("--url", default=tidings_client.DEFAULT_URL)
+    _add_token(publish)
     publish.add_argument("--timeout", type=float, default=10.0)
     publish.set_defaults(run=_run_publish)
 
@@ -78,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     request.add_argument("topic", metavar="TOPIC")
     request.add_argument("payload", metavar="JSON", nargs="?", help="the request's payload")
     request.add_argument("--url", default=tidings_client.DEFAULT_URL)
+    _add_token(request)
     request.add_argument("--timeout", type=float, default=10.0)
     request.set_defaults(run=_run_request)
 
@@ -87,6 +91,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(config)
     config.set_defaults(run=_run_config)
     return parser
+
+
+def _add_token(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("TIDINGS_CLIENT_TOKEN"),
+        help="token to present (Authorization: Bearer); default $TIDINGS_CLIENT_TOKEN",
+    )
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -122,11 +134,7 @@ def _show(value: Any) -> str:
 
 def _run_serve(args: argparse.Namespace) -> int:
     config = Config.load(args.config, overrides=_overrides(args))
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logs.configure(config.log_level, config.log_format)
     trio.run(_serve, config)
     return 0
 
@@ -187,7 +195,7 @@ async def _watch(
     backoff = 0.2
     while True:
         try:
-            async with tidings_client.connect(args.url) as client:
+            async with tidings_client.connect(args.url, token=args.token) as client:
                 backoff = 0.2
                 status.print(f"[dim]connected to {escape(args.url)}[/dim]")
                 async with trio.open_nursery() as nursery:
@@ -272,7 +280,7 @@ def _run_publish(args: argparse.Namespace) -> int:
     payload = _parse_json(args.payload)
 
     async def publish() -> int:
-        async with tidings_client.connect(args.url, reconnect=False) as client:
+        async with tidings_client.connect(args.url, reconnect=False, token=args.token) as client:
             position = await client.publish(args.topic, payload, timeout=args.timeout)
             print(position.seq)
             return 0
@@ -284,7 +292,7 @@ def _run_request(args: argparse.Namespace) -> int:
     payload = _parse_json(args.payload)
 
     async def request() -> int:
-        async with tidings_client.connect(args.url, reconnect=False) as client:
+        async with tidings_client.connect(args.url, reconnect=False, token=args.token) as client:
             answer = await client.request(args.topic, payload, timeout=args.timeout)
             print(orjson.dumps(answer, option=orjson.OPT_INDENT_2).decode())
             return 0

@@ -143,8 +143,11 @@ class Client:
         connect_timeout: float,
         ping_interval: float,
         max_message_size: int,
+        token: str | None = None,
     ) -> None:
         self.url = url
+        self.token = token
+        """Sent as ``Authorization: Bearer`` on every (re)connection; see :meth:`refresh`."""
         self.reconnect = reconnect
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -189,6 +192,23 @@ class Client:
     async def ping(self, *, timeout: float = 10.0) -> None:
         """Round-trip an application-level ping."""
         await self._call({"type": "ping"}, timeout)
+
+    async def refresh(self, token: str, *, timeout: float = 10.0) -> float | None:
+        """Give the server a new token before the current one expires.
+
+        It is also the token used from the next reconnection on. Returns the
+        new expiry (seconds since the epoch), if the token has one.
+        """
+        reply = await self._call({"type": "refresh", "payload": {"token": token}}, timeout)
+        self.token = token
+        expires: float | None = (reply.get("payload") or {}).get("expiresAt")
+        return expires
+
+    async def presence(self, topic: str, *, timeout: float = 10.0) -> list[dict[str, Any]]:
+        """Who is subscribed to ``topic`` (where its namespace has presence on)."""
+        reply = await self._call({"type": "presence", "topic": topic}, timeout)
+        clients: list[dict[str, Any]] = (reply.get("payload") or {}).get("clients", [])
+        return clients
 
     @asynccontextmanager
     async def subscribe(
@@ -287,8 +307,12 @@ class Client:
         started = False
         while True:
             try:
+                headers = (
+                    [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
+                )
                 async with open_websocket_url(
                     self.url,
+                    extra_headers=headers,
                     connect_timeout=self.connect_timeout,
                     disconnect_timeout=2,
                     max_message_size=self.max_message_size,
@@ -417,13 +441,15 @@ async def connect(
     connect_timeout: float = 10.0,
     ping_interval: float = 20.0,
     max_message_size: int = 16 * 1024 * 1024,
+    token: str | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to a tidings server for the duration of the block.
 
     The first connection must succeed (``ConnectionError`` otherwise); after
     that, with ``reconnect``, a lost connection is re-established with
     exponential backoff between ``min_backoff`` and ``max_backoff`` seconds and
-    every subscription resumes where it left off.
+    every subscription resumes where it left off. ``token`` authenticates the
+    client (``Authorization: Bearer``).
     """
     client = Client(
         url,
@@ -433,6 +459,7 @@ async def connect(
         connect_timeout=connect_timeout,
         ping_interval=ping_interval,
         max_message_size=max_message_size,
+        token=token,
     )
     failed: ConnectionError | None = None
     async with trio.open_nursery() as nursery:

@@ -13,6 +13,8 @@ Durations are seconds, as numbers or with a unit (``"500ms"``, ``"30s"``,
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -24,13 +26,17 @@ from typing import Any, Literal, NewType, get_args, get_origin
 import attrs
 import cattrs
 
+from .broker.namespaces import Namespace, Namespaces
 from .broker.outbox import OverflowPolicy
 from .connection import ConnectionLimits
+from .protocol.topics import TopicFilter
 
 Seconds = NewType("Seconds", float)
 Bytes = NewType("Bytes", int)
 TransportName = Literal["builtin", "hypercorn"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+AuthMode = Literal["auto", "none", "token", "jwt"]
 
 ENV_PREFIX = "TIDINGS_"
 
@@ -76,6 +82,30 @@ def parse_size(value: str | int) -> int:
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+def _optional_duration(value: Any) -> float | None:
+    return None if value is None else parse_duration(value)
+
+
+@attrs.frozen(kw_only=True)
+class NamespaceConfig:
+    """One ``[namespaces.NAME]`` table: settings for topics ``NAME:...``.
+
+    Every setting left out is taken from the top level (the default namespace),
+    except ``topics``, whose default is to allow every ``NAME:`` topic.
+    """
+
+    history_size: int | None = None
+    history_ttl: Seconds | None = attrs.field(default=None, converter=_optional_duration)
+    client_publish: bool | None = None
+    presence: bool | None = None
+    join_leave: bool | None = None
+    overflow_policy: OverflowPolicy | None = attrs.field(
+        default=None, converter=attrs.converters.optional(OverflowPolicy)
+    )
+    outbox_size: int | None = None
+    topics: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
 @attrs.frozen(kw_only=True)
@@ -161,7 +191,82 @@ class Config:
     topics: tuple[str, ...] = attrs.field(
         default=(),
         converter=tuple,
-        metadata=_help("allowed topic patterns (shell-style, comma-separated); empty allows all"),
+        metadata=_help(
+            "allowed topic patterns of the default namespace (shell-style); empty allows all"
+        ),
+    )
+    client_publish: bool | None = attrs.field(
+        default=None,
+        metadata=_help(
+            "may clients publish (default namespace)? unset: yes without auth, else the token's"
+            " publish claim decides"
+        ),
+    )
+    presence: bool = attrs.field(
+        default=False, metadata=_help("clients may ask who is subscribed (default namespace)")
+    )
+    join_leave: bool = attrs.field(
+        default=False, metadata=_help("subscribers get join/leave messages (default namespace)")
+    )
+    namespaces: dict[str, NamespaceConfig] = attrs.field(
+        factory=dict,
+        metadata=_help("[namespaces.NAME] tables for topics NAME:...; JSON in the environment"),
+    )
+    allow_unknown_namespaces: bool = attrs.field(
+        default=False, metadata=_help("treat NAME: topics of unconfigured namespaces as default")
+    )
+    auth: AuthMode = attrs.field(
+        default="auto",
+        metadata=_help("client authentication: auto (from the keys set), none, token, jwt"),
+    )
+    token: str | None = attrs.field(
+        default=None, metadata=_help("the static token clients must present (auth token)")
+    )
+    jwt_secret: str | None = attrs.field(
+        default=None, metadata=_help("HS256 secret for client JWTs (auth jwt)")
+    )
+    jwt_public_key: str | None = attrs.field(
+        default=None, metadata=_help("RS256 public key for client JWTs: PEM text or a file path")
+    )
+    jwt_audience: str | None = attrs.field(
+        default=None, metadata=_help("required aud claim of client JWTs, if set")
+    )
+    jwt_issuer: str | None = attrs.field(
+        default=None, metadata=_help("required iss claim of client JWTs, if set")
+    )
+    default_tenant: str = attrs.field(
+        default="default", metadata=_help("tenant of clients whose token names none")
+    )
+    api_key: str | None = attrs.field(
+        default=None, metadata=_help("key of the HTTP API (Authorization: apikey KEY); unset: off")
+    )
+    allowed_origins: tuple[str, ...] = attrs.field(
+        default=(),
+        converter=tuple,
+        metadata=_help("browser origins allowed besides localhost (comma-separated)"),
+    )
+    rate_limit: int = attrs.field(
+        default=0, metadata=_help("messages a client may send per rate_period; 0 is no limit")
+    )
+    rate_period: Seconds = attrs.field(
+        default=Seconds(1.0),
+        converter=parse_duration,
+        metadata=_help("the period of rate_limit (5 per 60s: rate_limit 5, rate_period 60s)"),
+    )
+    rate_burst: int = attrs.field(
+        default=0, metadata=_help("messages a client may send at once; 0 means rate_limit")
+    )
+    rate_limit_violations: int = attrs.field(
+        default=10,
+        metadata=_help("rate-limited messages before a client is closed (4029); 0 never"),
+    )
+    max_connections_per_ip: int = attrs.field(
+        default=0, metadata=_help("WebSocket connections from one address; 0 is no limit")
+    )
+    metrics: bool = attrs.field(default=True, metadata=_help("serve GET /metrics (Prometheus)"))
+    log_format: LogFormat = attrs.field(default="text", metadata=_help("text or json"))
+    node_id: str = attrs.field(
+        default="", metadata=_help("this node's name in the API and logs; default host-pid")
     )
     demo: bool = attrs.field(
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
@@ -172,6 +277,42 @@ class Config:
         problems = list(_semantic_problems(self))
         if problems:
             raise ConfigError("; ".join(problems))
+
+    @property
+    def auth_mode(self) -> Literal["none", "token", "jwt"]:
+        """The authentication in force: ``auto`` resolved from the keys that are set."""
+        if self.auth != "auto":
+            return self.auth
+        if self.jwt_secret or self.jwt_public_key:
+            return "jwt"
+        return "token" if self.token else "none"
+
+    def build_namespaces(self) -> Namespaces:
+        """The default namespace from the top-level settings, and the named ones."""
+        default = Namespace(
+            name="",
+            history_size=self.history_size,
+            history_ttl=self.history_ttl,
+            publish=self.client_publish,
+            presence=self.presence,
+            join_leave=self.join_leave,
+            overflow_policy=self.overflow_policy,
+            outbox_size=self.outbox_size,
+            topics=TopicFilter(self.topics),
+        )
+        named = {}
+        for name, table in self.namespaces.items():
+            settings = {
+                key: value
+                for key, value in attrs.asdict(table, recurse=False).items()
+                if value is not None and key != "topics"
+            }
+            if "client_publish" in settings:
+                settings["publish"] = settings.pop("client_publish")
+            named[name] = attrs.evolve(
+                default, name=name, topics=TopicFilter(table.topics), **settings
+            )
+        return Namespaces(default, named, allow_unknown=self.allow_unknown_namespaces)
 
     @property
     def connection_limits(self) -> ConnectionLimits:
@@ -185,6 +326,9 @@ class Config:
             max_subscriptions=self.max_subscriptions,
             max_pending_requests=self.max_pending_requests,
             request_timeout=self.request_timeout,
+            rate_limit=self.rate_limit / self.rate_period,
+            rate_burst=self.rate_burst or self.rate_limit,
+            rate_limit_violations=self.rate_limit_violations,
         )
 
     @classmethod
@@ -222,7 +366,7 @@ FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.
 
 def _semantic_problems(config: Config) -> list[str]:
     problems = []
-    for name in ("transport", "log_level"):
+    for name in ("transport", "log_level", "log_format", "auth"):
         allowed = _choices(FIELDS[name].type)
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}")
@@ -255,6 +399,23 @@ def _semantic_problems(config: Config) -> list[str]:
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
+    for name in ("rate_limit", "rate_burst", "rate_limit_violations", "max_connections_per_ip"):
+        if getattr(config, name) < 0:
+            problems.append(f"{name} must not be negative")
+    if config.auth == "jwt" and not (config.jwt_secret or config.jwt_public_key):
+        problems.append("auth jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
+    if config.auth == "token" and not config.token:
+        problems.append("auth token needs token")
+    if config.auth == "auto" and config.auth_mode == "none" and not _is_loopback(config.host):
+        problems.append(
+            f"listening on {config.host} needs client authentication: set jwt_secret,"
+            " jwt_public_key or token, or auth = 'none' to open it on purpose"
+        )
+    for name, namespace in config.namespaces.items():
+        if not name or ":" in name:
+            problems.append(f"namespace names are non-empty and have no ':' ({name!r})")
+        if namespace.outbox_size is not None and namespace.outbox_size < 1:
+            problems.append(f"namespaces.{name}.outbox_size must be at least 1")
     if config.read_timeout <= config.ping_interval:
         problems.append(
             "read_timeout must be longer than ping_interval, or clients are closed before a ping"
@@ -268,7 +429,9 @@ def _semantic_problems(config: Config) -> list[str]:
 def _parse_text(key: str, text: str) -> Any:
     """Turn the text of an environment variable or flag into the field's value."""
     kind = FIELDS[key].type
-    if kind is bool:
+    if kind is bool or kind == bool | None:
+        if not text.strip() and kind is not bool:
+            return None
         lowered = text.strip().lower()
         if lowered in _TRUE:
             return True
@@ -277,6 +440,11 @@ def _parse_text(key: str, text: str) -> Any:
         raise ConfigError(f"{key}: {text!r} is not a boolean (use true or false)")
     if kind == tuple[str, ...]:
         return tuple(part.strip() for part in text.split(",") if part.strip())
+    if kind == dict[str, NamespaceConfig]:
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{key}: not valid JSON: {exc}") from None
     return text
 
 
@@ -358,6 +526,15 @@ def _readable(message: str) -> str:
     text, _, where = message.partition(" @ ")
     key = where.removeprefix("config").removeprefix(".") if where else ""
     return f"{key}: {text}" if key else text
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_key(key: str, source: str) -> None:

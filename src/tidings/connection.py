@@ -33,13 +33,15 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import attrs
 import trio
 
 from .app import ClientInfo, CloseInfo, RequestContext, RequestError, RequestHandler
-from .broker.broker import Broker, BrokerError, Subscriber
+from .auth import Authenticator, AuthError, Identity, expired, may_publish
+from .broker.broker import DEFAULT_TENANT, Broker, BrokerError, Subscriber
+from .broker.namespaces import Namespaces
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .protocol.codes import CloseCode, ErrorCode
 from .protocol.dialect import Dialect
@@ -47,13 +49,17 @@ from .protocol.messages import (
     Ack,
     Acked,
     Answer,
+    Command,
     Error,
-    Event,
     Ping,
     Pong,
     Position,
+    PresenceList,
+    PresenceQuery,
     Publish,
     Published,
+    Refresh,
+    Refreshed,
     Reply,
     Request,
     Subscribe,
@@ -61,7 +67,8 @@ from .protocol.messages import (
     Unsubscribe,
     Unsubscribed,
 )
-from .protocol.topics import TopicFilter
+from .ratelimit import TokenBucket
+from .stats import NodeCounters
 from .transport.base import (
     CloseFrame,
     ConnectionLost,
@@ -80,9 +87,11 @@ from .transport.base import (
 
 LOGGER = logging.getLogger("tidings.connection")
 
+M = TypeVar("M")
+
 
 @functools.lru_cache(maxsize=64)
-def wire_encoder(encode: Callable[[Event], bytes], frame: Framer) -> Callable[[Event], Outgoing]:
+def wire_encoder(encode: Callable[[M], bytes], frame: Framer) -> Callable[[M], Outgoing]:
     """Encode-and-frame, one function object per (dialect, transport kind).
 
     Every connection with the same dialect and transport gets this same
@@ -90,8 +99,8 @@ def wire_encoder(encode: Callable[[Event], bytes], frame: Framer) -> Callable[[E
     and framed once for all of them, and each delivery is the same bytes.
     """
 
-    def encode_and_frame(event: Event) -> Outgoing:
-        return frame(encode(event))
+    def encode_and_frame(message: M) -> Outgoing:
+        return frame(encode(message))
 
     return encode_and_frame
 
@@ -109,6 +118,11 @@ class ConnectionLimits:
     max_subscriptions: int = 1000
     max_pending_requests: int = 16
     request_timeout: float = 10.0
+    rate_limit: float = 0.0
+    """Messages per second a client may send; 0 is no limit."""
+    rate_burst: float = 0.0
+    rate_limit_violations: int = 10
+    """Messages over the limit before the connection is closed (4029); 0 never."""
 
 
 @attrs.frozen(slots=True)
@@ -128,6 +142,7 @@ class Connection:
 
     # Slots: one of these lives for every connected client.
     __slots__ = (
+        "_bucket",
         "_close_done",
         "_close_sent",
         "_draining",
@@ -137,17 +152,22 @@ class Connection:
         "_nursery",
         "_peer_close",
         "_reader_done",
+        "_reported_drops",
         "_requests",
+        "_violations",
         "acked",
+        "authenticator",
         "broker",
         "closed",
+        "counters",
         "dialect",
         "handlers",
+        "identity",
         "info",
         "limits",
+        "namespaces",
         "outbox",
         "subscriber",
-        "topic_filter",
         "transport",
     )
 
@@ -159,22 +179,30 @@ class Connection:
         dialect: Dialect,
         broker: Broker,
         limits: ConnectionLimits,
-        topic_filter: TopicFilter,
         handlers: Mapping[str, RequestHandler],
         flusher: Flusher,
+        identity: Identity | None = None,
+        namespaces: Namespaces | None = None,
+        authenticator: Authenticator | None = None,
+        counters: NodeCounters | None = None,
     ) -> None:
         self.transport = transport
         self.dialect = dialect
         self.broker = broker
         self.limits = limits
-        self.topic_filter = topic_filter
         self.handlers = handlers
+        self.identity = identity or Identity(DEFAULT_TENANT)
+        self.namespaces = namespaces or broker.namespaces
+        self.authenticator = authenticator
+        self.counters = counters or NodeCounters()
         self.info = ClientInfo(
             id=secrets.token_hex(6),
             remote=transport.remote,
             connected_at=time.time(),
             dialect=dialect.name,
             path=request.path,
+            user=self.identity.user,
+            tenant=self.identity.tenant,
         )
         if transport.writes_without_waiting:
             self.outbox: Outbox[Outgoing] = Outbox(
@@ -191,8 +219,11 @@ class Connection:
         self.subscriber = Subscriber(
             self.outbox,
             wire_encoder(dialect.encode_event, self._frame),
+            tenant=self.identity.tenant,
             max_topics=limits.max_subscriptions,
             label=self.info.id,
+            presence=self.info,
+            encode_presence=wire_encoder(dialect.encode_presence, self._frame),
         )
         self.acked: dict[str, int] = {}
         """Last offset the client acknowledged, per topic."""
@@ -206,6 +237,12 @@ class Connection:
         self._next_ping = trio.current_time() + limits.ping_interval
         self._requests: trio.Semaphore | None = None  # made on the first request
         self._nursery: trio.Nursery | None = None
+        self._bucket = None
+        if limits.rate_limit:
+            burst = limits.rate_burst or limits.rate_limit
+            self._bucket = TokenBucket(limits.rate_limit, burst, trio.current_time())
+        self._violations = 0
+        self._reported_drops = 0
 
     @property
     def id(self) -> str:
@@ -256,7 +293,24 @@ class Connection:
         Called by the server's heartbeat task for every connection.
         """
         transport = self.transport
-        if not transport.supports_ping or self.outbox.closing is not None:
+        if self.outbox.closing is not None:
+            return
+        self.counters.outbox_depth.observe(len(self.outbox))
+        dropped = self.outbox.dropped
+        if dropped > self._reported_drops:  # one line per tick at most, not per event
+            LOGGER.warning(
+                "client %s is not keeping up: %d events dropped (%d in all)",
+                self.info.id,
+                dropped - self._reported_drops,
+                dropped,
+                extra={"event": "overflow", "client": self.info.id, "dropped": dropped},
+            )
+            self._reported_drops = dropped
+        if expired(self.identity):
+            LOGGER.info("closing %s: its token expired", self.info.id)
+            self.close(CloseCode.TOKEN_EXPIRED, "token expired", flush=False)
+            return
+        if not transport.supports_ping:
             return  # under ASGI the server keeps the connection alive
         if now - transport.last_received >= self.limits.read_timeout:
             LOGGER.info("closing %s: silent for %.1f s", self.info.id, self.limits.read_timeout)
@@ -284,6 +338,8 @@ class Connection:
                 if outbox.closing is not None:
                     continue  # closing: read on only to see the peer's close frame
                 for item in decode(message):
+                    if self._bucket is not None and not self._within_rate(item):
+                        break
                     if type(item) is Error:
                         self._reply(item)
                     else:
@@ -307,18 +363,19 @@ class Connection:
     async def _dispatch(self, command: Any) -> None:
         kind = type(command)
         if kind is Publish:
-            if self._topic_refused(command.topic, command.request_id):
+            if self._refused("publish", command.topic, command.request_id):
                 return
+            tenant = self.identity.tenant
             try:
                 try:
                     # Without yielding, so every publication of one socket read
                     # reaches the broker before it runs, as one batch.
                     self.broker.submit_nowait(
-                        command.topic, command.payload, self._publish_reply(command)
+                        command.topic, command.payload, self._publish_reply(command), tenant=tenant
                     )
                 except trio.WouldBlock:
                     await self.broker.submit(
-                        command.topic, command.payload, self._publish_reply(command)
+                        command.topic, command.payload, self._publish_reply(command), tenant=tenant
                     )
             except TypeError as exc:  # a value orjson cannot write back (e.g. a huge int)
                 self._reply(
@@ -338,9 +395,49 @@ class Connection:
             self._ack(command)
         elif kind is Ping:
             self._reply(Pong(command.request_id))
+        elif kind is PresenceQuery:
+            if not self._refused("presence", command.topic, command.request_id):
+                clients = self.broker.presence(command.topic, self.identity.tenant)
+                self._reply(PresenceList(command.topic, command.request_id, clients))
+        elif kind is Refresh:
+            self._refresh(command)
+
+    def _within_rate(self, item: Command | Error) -> bool:
+        """Spend a token on one message; over the limit, answer rate_limited (or close)."""
+        assert self._bucket is not None
+        if self._bucket.take(trio.current_time()):
+            return True
+        self._violations += 1
+        self.counters.rate_limited += 1
+        limit = self.limits.rate_limit_violations
+        if limit and self._violations >= limit:
+            LOGGER.info("closing %s: %d messages over its rate limit", self.info.id, limit)
+            self.close(CloseCode.RATE_LIMITED, "rate limited", flush=False)
+            return False
+        request_id = getattr(item, "request_id", None)
+        self._reply(Error(ErrorCode.RATE_LIMITED, "too many messages; slow down", request_id))
+        return False
+
+    def _refresh(self, command: Refresh) -> None:
+        if self.authenticator is None or self.authenticator.mode == "none":
+            self._reply(Refreshed(command.request_id, None))
+            return
+        try:
+            identity = self.authenticator.verify(command.token)
+        except AuthError as exc:
+            self.counters.auth_failures += 1
+            self._reply(Error(ErrorCode.UNAUTHORIZED, str(exc), command.request_id))
+            return
+        if (identity.user, identity.tenant) != (self.identity.user, self.identity.tenant):
+            self._reply(
+                Error(ErrorCode.UNAUTHORIZED, "the token is for another user", command.request_id)
+            )
+            return
+        self.identity = identity
+        self._reply(Refreshed(command.request_id, identity.expires_at))
 
     def _subscribe(self, command: Subscribe) -> None:
-        if self._topic_refused(command.topic, command.request_id):
+        if self._refused("subscribe", command.topic, command.request_id):
             return
         try:
             result = self.broker.subscribe(
@@ -368,7 +465,7 @@ class Connection:
         if command.topic not in self.subscriber.topics:
             self._reply(self._not_subscribed(command.topic, command.request_id))
             return
-        position = self.broker.position(command.topic)
+        position = self.broker.position(command.topic, self.identity.tenant)
         head = position.seq if position is not None else 0
         if command.seq > head:
             self._reply(
@@ -394,7 +491,7 @@ class Connection:
         return on_done
 
     async def _request(self, command: Request) -> None:
-        if self._topic_refused(command.topic, command.request_id):
+        if self._refused("request", command.topic, command.request_id):
             return
         handler = self.handlers.get(command.topic)
         if handler is None:
@@ -443,13 +540,38 @@ class Connection:
     def _encode_error(self, code: str, message: str, request_id: Any, topic: str) -> WireMessage:
         return self._frame(self.dialect.encode_reply(Error(code, message, request_id, topic)))
 
-    def _topic_refused(self, topic: str, request_id: Any) -> bool:
-        if self.topic_filter.allows(topic):
+    def _refused(self, action: str, topic: str, request_id: Any) -> bool:
+        """Whether this client may not ``action`` on ``topic``; if so, it is told why.
+
+        The namespace must exist and allow the topic; subscribing, requests and
+        presence need the token's ``topics`` claim to allow it; publishing
+        follows the namespace and the token's ``publish`` claim (see
+        ``docs/auth.md``).
+        """
+        problem = self._permission_problem(action, topic)
+        if problem is None:
             return False
-        self._reply(
-            Error(ErrorCode.UNKNOWN_TOPIC, f"topic {topic!r} is not served here", request_id, topic)
-        )
+        code, message = problem
+        self._reply(Error(code, message, request_id, topic))
         return True
+
+    def _permission_problem(self, action: str, topic: str) -> tuple[ErrorCode, str] | None:
+        namespace = self.namespaces.resolve(topic)
+        if namespace is None:
+            prefix = topic.partition(":")[0]
+            return ErrorCode.UNKNOWN_NAMESPACE, f"namespace {prefix!r} is not configured"
+        if not namespace.topics.allows(topic):
+            return ErrorCode.UNKNOWN_TOPIC, f"topic {topic!r} is not served here"
+        identity = self.identity
+        if action == "publish":
+            if may_publish(identity, namespace, topic):
+                return None
+            return ErrorCode.FORBIDDEN, f"publishing to {topic!r} is not allowed"
+        if not identity.subscribe.allows(topic):
+            return ErrorCode.FORBIDDEN, f"your token does not allow topic {topic!r}"
+        if action == "presence" and not namespace.presence:
+            return ErrorCode.FORBIDDEN, f"presence is off for topic {topic!r}"
+        return None
 
     @staticmethod
     def _not_subscribed(topic: str, request_id: Any) -> Error:

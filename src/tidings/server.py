@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeVar, overload
+from urllib.parse import urlsplit
 
 import attrs
 import trio
@@ -20,19 +23,23 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve as hypercorn_serve
 
 from ._version import __version__
+from .api import Api
 from .app import ClientInfo, CloseInfo, RequestHandler
+from .auth import Authenticator, AuthError, Identity
 from .broker.broker import Broker, BrokerStats, Subscriber
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .broker.subscription import Subscription, as_event
 from .config import Config
 from .connection import Connection, ConnectionStats
 from .demo import run_demo
+from .metrics import registry_for, render
 from .protocol.codes import CloseCode
 from .protocol.messages import Event, Position
 from .protocol.native import NativeDialect
-from .protocol.topics import TopicFilter, topic_problem
+from .protocol.topics import topic_problem
+from .stats import NodeCounters
 from .transport.asgi import AsgiApp
-from .transport.base import Rejection, Transport, UpgradeRequest
+from .transport.base import Admission, Rejection, Transport, UpgradeRequest
 from .transport.builtin import BuiltinServer
 from .web import HttpRoutes
 
@@ -68,20 +75,32 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.namespaces = config.build_namespaces()
         self.broker = Broker(
-            history_size=config.history_size,
-            history_ttl=config.history_ttl,
+            namespaces=self.namespaces,
             max_topics=config.max_topics,
             inbox_size=config.inbox_size,
         )
+        self.authenticator = Authenticator(
+            config.auth_mode,
+            default_tenant=config.default_tenant,
+            token=config.token,
+            jwt_secret=config.jwt_secret,
+            jwt_public_key=config.jwt_public_key,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+        )
         self.dialect = NativeDialect()
-        self.flusher = Flusher()
+        self.counters = NodeCounters()
+        self.flusher = Flusher(delays=self.counters.flush_delay)
         self.addresses: list[tuple[str, int]] = []
         """Where the server listens, once it does: ``[(host, port), ...]``."""
         self._limits = config.connection_limits
-        self._topic_filter = TopicFilter(config.topics)
+        self._origins = OriginPolicy(config.allowed_origins)
         self._handlers: dict[str, RequestHandler] = {}
         self._connections: dict[str, Connection] = {}
+        self._per_host: dict[str, int] = {}
         self._on_connect: list[Callable[[ClientInfo], None]] = []
         self._on_disconnect: list[Callable[[ClientInfo, CloseInfo], None]] = []
         self._started = time.monotonic()
@@ -89,7 +108,14 @@ class Server:
         self._drained = trio.Event()
         self._stop_listening = trio.CancelScope()
         self._stop_hypercorn = trio.Event()
-        self.http_routes = HttpRoutes(self._health, ws_path=config.ws_path)
+        self.api = Api(self)
+        self.metrics_registry = registry_for(self)
+        self.http_routes = HttpRoutes(
+            self._health,
+            ws_path=config.ws_path,
+            metrics=(lambda: render(self.metrics_registry)) if config.metrics else None,
+            api=self.api,
+        )
         self.asgi_app = AsgiApp(self, self.http_routes, ws_path=config.ws_path)
         """This server's endpoints as an ASGI app, to mount in a larger application."""
 
@@ -111,20 +137,21 @@ class Server:
 
     # --- publishing -----------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: Any) -> Position:
+    async def publish(self, topic: str, payload: Any, *, tenant: str | None = None) -> Position:
         """Publish an event; returns its position (``seq`` and ``epoch``) once sequenced.
 
-        Waits only while the broker's inbox is full.
+        Waits only while the broker's inbox is full. ``tenant`` defaults to the
+        configured default tenant.
 
         Raises:
             ValueError: ``topic`` is not a valid topic name.
             TypeError: ``payload`` is not JSON-serializable.
-            tidings.BrokerError: the node holds its limit of topics.
+            tidings.BrokerError: an unknown namespace, or the node's limit of topics.
         """
         _check_topic(topic)
-        return await self.broker.publish(topic, payload)
+        return await self.broker.publish(topic, payload, tenant=self._tenant(tenant))
 
-    def publish_nowait(self, topic: str, payload: Any) -> None:
+    def publish_nowait(self, topic: str, payload: Any, *, tenant: str | None = None) -> None:
         """Queue an event without waiting (for code that cannot await).
 
         Raises:
@@ -132,7 +159,10 @@ class Server:
             ValueError, TypeError: as for :meth:`publish`.
         """
         _check_topic(topic)
-        self.broker.submit_nowait(topic, payload)
+        self.broker.submit_nowait(topic, payload, tenant=self._tenant(tenant))
+
+    def _tenant(self, tenant: str | None) -> str:
+        return self.config.default_tenant if tenant is None else tenant
 
     # --- in-process subscriptions ------------------------------------------------------
 
@@ -144,6 +174,7 @@ class Server:
         since: int | None = None,
         epoch: str | None = None,
         buffer: int | None = None,
+        tenant: str | None = None,
     ) -> AsyncIterator[Subscription]:
         """Receive a topic's events in this process, without a socket.
 
@@ -159,7 +190,9 @@ class Server:
         """
         _check_topic(topic)
         outbox: Outbox[Event] = Outbox(buffer or self.config.outbox_size, OverflowPolicy.DROP)
-        subscriber = Subscriber(outbox, as_event, label=f"in-process:{topic}")
+        subscriber = Subscriber(
+            outbox, as_event, tenant=self._tenant(tenant), label=f"in-process:{topic}"
+        )
         result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
         for event in result.replay:
             outbox.put(event)
@@ -222,6 +255,27 @@ class Server:
         connection.close(code, reason)
         return True
 
+    def disconnect_user(
+        self,
+        user: str,
+        code: int = CloseCode.NORMAL,
+        reason: str = "",
+        *,
+        tenant: str | None = None,
+    ) -> int:
+        """Close every connection of ``user`` (in ``tenant``); returns how many."""
+        tenant = self._tenant(tenant)
+        closed = 0
+        for connection in list(self._connections.values()):
+            if connection.info.user == user and connection.info.tenant == tenant:
+                connection.close(code, reason)
+                closed += 1
+        return closed
+
+    def presence(self, topic: str, *, tenant: str | None = None) -> list[ClientInfo]:
+        """Who on this node is subscribed to ``topic``."""
+        return self.broker.presence(topic, self._tenant(tenant))
+
     def statistics(self) -> ServerStats:
         broker: BrokerStats = self.broker.statistics()
         return ServerStats(
@@ -256,46 +310,104 @@ class Server:
 
     # --- the transports' side (ConnectionHandler) ---------------------------------------
 
-    def admit(self, request: UpgradeRequest) -> Rejection | None:
-        """Refuse upgrades while draining or at ``max_connections``."""
+    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
+        """Decide on an upgrade: capacity, origin, then the client's token."""
         if self._draining:
-            return Rejection(503, SHUTDOWN_REASON)
+            return Rejection(503, SHUTDOWN_REASON, "shutting_down")
         if len(self._connections) >= self.config.max_connections:
-            return Rejection(503, "too many connections")
-        return None
+            return Rejection(503, "too many connections", "too_many_connections")
+        cap = self.config.max_connections_per_ip
+        if cap and self._per_host.get(_host(request.remote), 0) >= cap:
+            return Rejection(429, "too many connections from this address", "too_many_connections")
+        origin = request.header("origin")
+        if not self._origins.allows(origin):
+            LOGGER.warning(
+                "refused origin %.200r from %s",
+                origin,
+                request.remote,
+                extra={"event": "origin_refused", "origin": origin, "remote": request.remote},
+            )
+            return Rejection(403, "origin not allowed", "forbidden_origin")
+        try:
+            identity = self.authenticator.authenticate(request)
+        except AuthError as exc:
+            self.counters.auth_failures += 1
+            LOGGER.warning(
+                "authentication failed from %s: %s",
+                request.remote,
+                exc,
+                extra={"event": "auth_failure", "remote": request.remote, "reason": str(exc)},
+            )
+            return Rejection(401, str(exc), "unauthorized")
+        return Admission(request, identity)
 
-    async def serve(self, transport: Transport, request: UpgradeRequest) -> None:
+    async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run one accepted WebSocket connection to its end."""
+        identity = admission.context if isinstance(admission.context, Identity) else None
         connection = Connection(
             transport,
-            request,
+            admission.request,
             dialect=self.dialect,
             broker=self.broker,
             limits=self._limits,
-            topic_filter=self._topic_filter,
             handlers=self._handlers,
             flusher=self.flusher,
+            identity=identity,
+            namespaces=self.namespaces,
+            authenticator=self.authenticator,
+            counters=self.counters,
         )
+        del admission  # its headers need not live as long as the connection
         info = connection.info
+        host = _host(info.remote)
         self._connections[info.id] = connection
-        LOGGER.info("connect %s from %s", info.id, info.remote)
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        LOGGER.info(
+            "connect %s from %s user=%s tenant=%s",
+            info.id,
+            info.remote,
+            info.user,
+            info.tenant,
+            extra={
+                "event": "connect",
+                "client": info.id,
+                "remote": info.remote,
+                "user": info.user,
+                "tenant": info.tenant,
+            },
+        )
         for hook in self._on_connect:
             _call_hook(hook, info)
         try:
             await connection.run()
         finally:
             del self._connections[info.id]
+            remaining = self._per_host.pop(host) - 1
+            if remaining:
+                self._per_host[host] = remaining
             if self._draining and not self._connections:
                 self._drained.set()
             closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
+            key = (closed.code, closed.reason)
+            self.counters.disconnects[key] = self.counters.disconnects.get(key, 0) + 1
+            duration = time.time() - info.connected_at
             LOGGER.info(
                 "disconnect %s code=%d reason=%r by=%s after %.1f s dropped=%d",
                 info.id,
                 closed.code,
                 closed.reason,
                 closed.initiated_by,
-                time.time() - info.connected_at,
+                duration,
                 connection.outbox.dropped,
+                extra={
+                    "event": "disconnect",
+                    "client": info.id,
+                    "code": closed.code,
+                    "reason": closed.reason,
+                    "by": closed.initiated_by,
+                    "duration": round(duration, 3),
+                    "dropped": connection.outbox.dropped,
+                },
             )
             for disconnect_hook in self._on_disconnect:
                 _call_hook(disconnect_hook, info, closed)
@@ -377,6 +489,33 @@ class Server:
             shutdown_trigger=self._stop_hypercorn.wait,
             task_status=task_status,
         )
+
+
+def _host(remote: str) -> str:
+    """``host:port`` (or ``[v6]:port``) -> host."""
+    return remote.rpartition(":")[0].strip("[]") or remote
+
+
+class OriginPolicy:
+    """The Norn seed's origin check, for browsers (other clients send no Origin).
+
+    Allowed: no Origin header; an origin in the configured list; an origin
+    whose host is localhost, 127.0.0.1 or ::1. Anything else is refused.
+    """
+
+    LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = frozenset(origin.rstrip("/") for origin in allowed)
+
+    def allows(self, origin: str | None) -> bool:
+        if not origin or origin.rstrip("/") in self.allowed:
+            return True
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            return False
+        return host in self.LOCAL_HOSTS
 
 
 def _check_topic(topic: str) -> None:

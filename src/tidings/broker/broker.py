@@ -6,6 +6,11 @@ encodes it once per dialect and offers the frame to every subscriber's outbox.
 It never awaits a subscriber: a full outbox is that subscriber's problem
 (:class:`~tidings.broker.outbox.OverflowPolicy`).
 
+Topics belong to a tenant: the same name in two tenants is two topics, and
+nothing a client of one tenant does can reach the other's. Each topic's
+namespace (``chat:`` in ``chat:lobby``) sets its history, its overflow limits
+and whether subscribers hear who joins and leaves.
+
 Subscribing and unsubscribing are synchronous methods. Under Trio only one
 task runs at a time, so a synchronous call is atomic with respect to fan-out:
 ``subscribe`` registers the subscriber and reads the replay from history with
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterator
 from typing import Any, Final
 
 import attrs
@@ -26,9 +31,11 @@ import trio
 
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
-from ..protocol.messages import Event, Position
+from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
 from .history import History
+from .namespaces import Namespace, Namespaces
 from .outbox import Outbox
+from .subscription import as_event
 
 LOGGER = logging.getLogger("tidings.broker")
 
@@ -52,23 +59,45 @@ class BrokerError(Exception):
         self.message = message
 
 
+DEFAULT_TENANT: Final = "default"
+
+PresenceEncoder = Callable[[PresenceChange], Any]
+
+
 class Subscriber:
     """One consumer of topics: a WebSocket connection or an in-process subscription."""
 
-    __slots__ = ("encode", "label", "max_topics", "outbox", "topics")
+    __slots__ = (
+        "encode",
+        "encode_presence",
+        "label",
+        "max_topics",
+        "outbox",
+        "presence",
+        "tenant",
+        "topics",
+    )
 
     def __init__(
         self,
         outbox: Outbox[Any],
         encode: Encoder,
         *,
+        tenant: str = DEFAULT_TENANT,
         max_topics: int = 1000,
         label: str = "",
+        presence: ClientInfo | None = None,
+        encode_presence: PresenceEncoder | None = None,
     ) -> None:
         self.outbox = outbox
         self.encode = encode
+        self.tenant = tenant
         self.max_topics = max_topics
         self.label = label
+        self.presence = presence
+        """What others see of this subscriber in presence (None: it is not listed)."""
+        self.encode_presence = encode_presence
+        """Encodes join/leave messages for it (None: it does not receive them)."""
         self.topics: set[str] = set()
         """Names of the topics this subscriber is subscribed to (kept by the broker)."""
 
@@ -89,6 +118,7 @@ class SubscribeResult:
 @attrs.frozen(slots=True)
 class TopicStats:
     name: str
+    tenant: str
     seq: int
     epoch: str
     subscribers: int
@@ -111,24 +141,32 @@ class BrokerStats:
 
 class _Topic:
     __slots__ = (
+        "capacity",
         "delivered",
         "dropped",
         "epoch",
         "groups",
         "history",
         "name",
+        "namespace",
+        "policy",
         "published",
         "seq",
         "subscribers",
+        "tenant",
     )
 
-    def __init__(self, name: str, history: History) -> None:
+    def __init__(self, tenant: str, name: str, namespace: Namespace) -> None:
+        self.tenant = tenant
         self.name = name
+        self.namespace = namespace
+        self.capacity = namespace.outbox_size
+        self.policy = namespace.overflow_policy
         self.epoch = secrets.token_hex(4)
         self.seq = 0
-        self.history = history
+        self.history = History(namespace.history_size, namespace.history_ttl)
         # Subscribers grouped by encoder, so each event is encoded once per group.
-        self.groups: dict[Encoder, dict[Outbox[Any], None]] = {}
+        self.groups: dict[Encoder, dict[Outbox[Any], Subscriber]] = {}
         self.subscribers = 0
         self.published = 0
         self.delivered = 0
@@ -141,9 +179,14 @@ class _Topic:
     def idle(self) -> bool:
         return self.subscribers == 0 and len(self.history) == 0
 
+    def members(self) -> Iterator[Subscriber]:
+        for group in self.groups.values():
+            yield from group.values()
+
     def statistics(self) -> TopicStats:
         return TopicStats(
             self.name,
+            self.tenant,
             self.seq,
             self.epoch,
             self.subscribers,
@@ -156,6 +199,7 @@ class _Topic:
 
 @attrs.frozen(slots=True)
 class _Publication:
+    tenant: str
     topic: str
     payload: Any
     payload_json: bytes
@@ -172,15 +216,13 @@ class Broker:
     def __init__(
         self,
         *,
-        history_size: int = 1000,
-        history_ttl: float = 300.0,
+        namespaces: Namespaces | None = None,
         max_topics: int = 100_000,
         inbox_size: int = 1024,
     ) -> None:
-        self.history_size = history_size
-        self.history_ttl = history_ttl
+        self.namespaces = namespaces or Namespaces()
         self.max_topics = max_topics
-        self._topics: dict[str, _Topic] = {}
+        self._topics: dict[tuple[str, str], _Topic] = {}
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[_Publication](inbox_size)
         self._inbox_capacity = inbox_size
         self._queued = 0  # publications in the inbox, or handed to the broker task and not applied
@@ -197,6 +239,8 @@ class Broker:
         topic: str,
         payload: Any,
         on_done: Callable[[Position | BrokerError], None] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         """Queue an event for ``topic``, waiting only while the inbox is full.
 
@@ -208,7 +252,7 @@ class Broker:
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        publication = _Publication(topic, payload, orjson.dumps(payload), on_done)
+        publication = _Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
         if not self._apply_now(publication):
             self._queued += 1
             try:
@@ -224,13 +268,15 @@ class Broker:
         topic: str,
         payload: Any,
         on_done: Callable[[Position | BrokerError], None] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> None:
         """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
 
         It does not yield either, so a reader can hand over every publication of
         one socket read before its writes are flushed, which then carry them all.
         """
-        publication = _Publication(topic, payload, orjson.dumps(payload), on_done)
+        publication = _Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
         if not self._apply_now(publication):
             self._inbox_send.send_nowait(publication)
             self._queued += 1
@@ -247,7 +293,7 @@ class Broker:
         self._apply(publication)
         return True
 
-    async def publish(self, topic: str, payload: Any) -> Position:
+    async def publish(self, topic: str, payload: Any, *, tenant: str = DEFAULT_TENANT) -> Position:
         """Publish and wait until the event is sequenced; returns its position.
 
         Raises:
@@ -261,7 +307,7 @@ class Broker:
             outcome.append(result)
             done.set()
 
-        await self.submit(topic, payload, on_done)
+        await self.submit(topic, payload, on_done, tenant=tenant)
         await done.wait()
         result = outcome[0]
         if isinstance(result, BrokerError):
@@ -295,7 +341,7 @@ class Broker:
 
     def _apply(self, publication: _Publication) -> None:
         try:
-            topic = self._topic(publication.topic, create=True)
+            topic = self._topic(publication.tenant, publication.topic, create=True)
         except BrokerError as exc:
             if publication.on_done is not None:
                 publication.on_done(exc)
@@ -320,8 +366,11 @@ class Broker:
         for encode, outboxes in topic.groups.items():
             frame = encode(event)
             offered += len(outboxes)
+            # In-process subscribers keep the buffer they asked for; connections
+            # meet the namespace's limit and policy.
+            capacity, policy = (0, None) if encode is as_event else (topic.capacity, topic.policy)
             for outbox in outboxes:
-                if not outbox.offer(frame):
+                if not outbox.offer(frame, capacity, policy):
                     dropped += 1
         delivered = offered - dropped
         topic.published += 1
@@ -332,7 +381,9 @@ class Broker:
         self._dropped += dropped
 
     async def _sweep_forever(self) -> None:
-        interval = min(MAX_SWEEP_INTERVAL, max(self.history_ttl / 4, 0.05))
+        namespaces = [self.namespaces.default, *self.namespaces.named()]
+        ttls = [namespace.history_ttl for namespace in namespaces]
+        interval = min(MAX_SWEEP_INTERVAL, max(min(ttls) / 4, 0.05))
         while True:
             await trio.sleep(interval)
             self.sweep()
@@ -340,11 +391,11 @@ class Broker:
     def sweep(self) -> None:
         """Expire old history and forget topics nobody uses any more."""
         now = trio.current_time()
-        for name in list(self._topics):
-            topic = self._topics[name]
+        for key in list(self._topics):
+            topic = self._topics[key]
             topic.history.expire(now)
             if topic.idle():
-                del self._topics[name]
+                del self._topics[key]
 
     # --- subscribing --------------------------------------------------------------
 
@@ -375,13 +426,14 @@ class Broker:
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"a connection may hold at most {subscriber.max_topics} subscriptions",
             )
-        topic = self._topic(topic_name, create=True)
+        topic = self._topic(subscriber.tenant, topic_name, create=True)
         assert topic is not None
         replay: list[Event] = []
         recovered: bool | None = None
         if since is not None:
             replay, recovered = self._replay(topic, since, epoch)
-        topic.groups.setdefault(subscriber.encode, {})[subscriber.outbox] = None
+        self._announce(topic, "join", subscriber)
+        topic.groups.setdefault(subscriber.encode, {})[subscriber.outbox] = subscriber
         topic.subscribers += 1
         self._subscriptions += 1
         subscriber.topics.add(topic_name)
@@ -401,18 +453,35 @@ class Broker:
         if topic_name not in subscriber.topics:
             return False
         subscriber.topics.discard(topic_name)
-        topic = self._topics.get(topic_name)
+        key = (subscriber.tenant, topic_name)
+        topic = self._topics.get(key)
         if topic is None:  # pragma: no cover - topics with subscribers are never swept
             return True
         group = topic.groups.get(subscriber.encode)
-        if group is not None and group.pop(subscriber.outbox, False) is None:
+        if group is not None and group.pop(subscriber.outbox, None) is not None:
             topic.subscribers -= 1
             self._subscriptions -= 1
             if not group:
                 del topic.groups[subscriber.encode]
+            self._announce(topic, "leave", subscriber)
         if topic.idle():
-            del self._topics[topic_name]
+            del self._topics[key]
         return True
+
+    def _announce(self, topic: _Topic, kind: str, subscriber: Subscriber) -> None:
+        """Tell a topic's other subscribers that ``subscriber`` joined or left."""
+        if not topic.namespace.join_leave or subscriber.presence is None:
+            return
+        change = PresenceChange(topic.name, kind, subscriber.presence)
+        frames: dict[PresenceEncoder, Any] = {}
+        for member in topic.members():
+            encode = member.encode_presence
+            if encode is None or member is subscriber:
+                continue
+            frame = frames.get(encode)
+            if frame is None:
+                frame = frames[encode] = encode(change)
+            member.outbox.offer(frame, topic.capacity, topic.policy)
 
     def detach(self, subscriber: Subscriber) -> None:
         """Remove ``subscriber`` from every topic (its connection ended)."""
@@ -421,27 +490,42 @@ class Broker:
 
     # --- reading state ------------------------------------------------------------
 
-    def position(self, topic_name: str) -> Position | None:
+    def position(self, topic_name: str, tenant: str = DEFAULT_TENANT) -> Position | None:
         """Where a topic stands, or None if the node holds no state for it."""
-        topic = self._topics.get(topic_name)
+        topic = self._topics.get((tenant, topic_name))
         return None if topic is None else topic.position
 
     def history(
-        self, topic_name: str, since: int = 0, limit: int | None = None
+        self,
+        topic_name: str,
+        since: int = 0,
+        limit: int | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> tuple[list[Event], Position | None]:
         """Retained events of a topic after offset ``since`` (oldest first)."""
-        topic = self._topics.get(topic_name)
+        topic = self._topics.get((tenant, topic_name))
         if topic is None:
             return [], None
         events, _ = topic.history.after(since, trio.current_time(), limit)
         return events, topic.position
 
-    def topics(self) -> Iterable[TopicStats]:
-        """Counters of every topic the node holds."""
-        return [topic.statistics() for topic in self._topics.values()]
+    def presence(self, topic_name: str, tenant: str = DEFAULT_TENANT) -> list[ClientInfo]:
+        """Who is subscribed to a topic (subscribers that are listed in presence)."""
+        topic = self._topics.get((tenant, topic_name))
+        if topic is None:
+            return []
+        return [member.presence for member in topic.members() if member.presence is not None]
 
-    def topic_stats(self, topic_name: str) -> TopicStats | None:
-        topic = self._topics.get(topic_name)
+    def topics(self, tenant: str | None = None) -> list[TopicStats]:
+        """Counters of every topic the node holds (of one tenant, if given)."""
+        return [
+            topic.statistics()
+            for topic in self._topics.values()
+            if tenant is None or topic.tenant == tenant
+        ]
+
+    def topic_stats(self, topic_name: str, tenant: str = DEFAULT_TENANT) -> TopicStats | None:
+        topic = self._topics.get((tenant, topic_name))
         return None if topic is None else topic.statistics()
 
     def statistics(self) -> BrokerStats:
@@ -457,9 +541,16 @@ class Broker:
 
     # --- internals ----------------------------------------------------------------
 
-    def _topic(self, name: str, *, create: bool) -> _Topic | None:
-        topic = self._topics.get(name)
+    def _topic(self, tenant: str, name: str, *, create: bool) -> _Topic | None:
+        key = (tenant, name)
+        topic = self._topics.get(key)
         if topic is None and create:
+            namespace = self.namespaces.resolve(name)
+            if namespace is None:
+                raise BrokerError(
+                    ErrorCode.UNKNOWN_NAMESPACE,
+                    f"namespace {name.partition(':')[0]!r} is not configured",
+                )
             if len(self._topics) >= self.max_topics:
                 self.sweep()
                 if len(self._topics) >= self.max_topics:
@@ -467,6 +558,6 @@ class Broker:
                         ErrorCode.TOO_MANY_TOPICS,
                         f"this node holds its limit of {self.max_topics} topics",
                     )
-            topic = _Topic(name, History(self.history_size, self.history_ttl))
-            self._topics[name] = topic
+            topic = _Topic(tenant, name, namespace)
+            self._topics[key] = topic
         return topic

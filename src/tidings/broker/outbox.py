@@ -30,6 +30,8 @@ from typing import Generic, TypeVar
 import attrs
 import trio
 
+from ..stats import Histogram
+
 LOGGER = logging.getLogger("tidings.broker")
 
 T = TypeVar("T")
@@ -65,13 +67,18 @@ class Flusher:
     connections cost one task switch rather than a thousand.
     """
 
-    __slots__ = ("_pending", "_task")
+    __slots__ = ("_pending", "_since", "_task", "delays")
 
-    def __init__(self) -> None:
+    def __init__(self, delays: Histogram | None = None) -> None:
         self._pending: list[Outbox[object]] = []
         self._task: trio.lowlevel.Task | None = None
+        self._since = 0.0
+        self.delays = delays
+        """When set: per pass, seconds from the first thing queued to its write."""
 
     def schedule(self, outbox: Outbox[object]) -> None:
+        if not self._pending and self.delays is not None:
+            self._since = trio.current_time()
         self._pending.append(outbox)
         task = self._task
         if task is not None:
@@ -106,6 +113,8 @@ class Flusher:
             except Exception:
                 # A sink's bug must cost its own connection, not the node's writes.
                 LOGGER.exception("flushing an outbox failed")
+        if pending and self.delays is not None:
+            self.delays.observe(trio.current_time() - self._since)
 
 
 class Outbox(Generic[T]):
@@ -161,17 +170,19 @@ class Outbox(Generic[T]):
 
     # --- producers ----------------------------------------------------------
 
-    def offer(self, item: T) -> bool:
+    def offer(self, item: T, capacity: int = 0, policy: OverflowPolicy | None = None) -> bool:
         """Queue an event if there is room; never blocks. False means not queued.
 
-        A full outbox counts a drop and, under the ``disconnect`` policy, closes
-        itself with 1008 so the connection ends and the client can resume.
+        ``capacity`` and ``policy``, when given, replace the outbox's own for
+        this event (a topic's namespace sets them). A full outbox counts a drop
+        and, under the ``disconnect`` policy, closes itself with 1008 so the
+        connection ends and the client can resume.
         """
         items = self._items
-        if len(items) - self._put_queued >= self.capacity or self.closing is not None:
+        if len(items) - self._put_queued >= (capacity or self.capacity) or self.closing is not None:
             if self.closing is None:
                 self.dropped += 1
-                if self.policy is OverflowPolicy.DISCONNECT:
+                if (policy or self.policy) is OverflowPolicy.DISCONNECT:
                     self.close(OVERFLOW_CLOSE_CODE, "outbox overflow", flush=False)
             return False
         items.append(item)

@@ -36,6 +36,14 @@ class ErrorCode(StrEnum):
     """The connection holds ``max_subscriptions`` subscriptions already."""
     TOO_MANY_TOPICS = "too_many_topics"
     """The node holds ``max_topics`` topics already."""
+    UNKNOWN_NAMESPACE = "unknown_namespace"
+    """The topic's prefix (``ns:`` in ``ns:topic``) names no configured namespace."""
+    FORBIDDEN = "forbidden"
+    """The client's token, or the namespace, does not allow this on this topic."""
+    UNAUTHORIZED = "unauthorized"
+    """A token (in ``refresh``) that is invalid, expired, or for someone else."""
+    RATE_LIMITED = "rate_limited"
+    """The client sent more messages than its rate limit allows."""
     NOT_FOUND = "not_found"
     """``request`` on a topic no handler is registered for."""
     REQUEST_FAILED = "request_failed"
@@ -62,5 +70,11 @@ class CloseCode(IntEnum):
     """Read timeout (the peer stayed silent too long) or an internal failure."""
     SERVICE_RESTART = 1012
     """Not sent by tidings itself: for applications closing clients before a restart."""
+    UNAUTHORIZED = 4001
+    """The token is invalid (where it could only be checked after the upgrade)."""
+    TOKEN_EXPIRED = 4002
+    """The token expired and was not refreshed: get a new one and reconnect."""
+    RATE_LIMITED = 4029
+    """Too many messages over the rate limit: reconnect later, more slowly."""
     ABNORMAL = 1006
     """Never sent: reported when the TCP connection ended without a close frame."""

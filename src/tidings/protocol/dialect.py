@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .messages import Command, Error, Event, Reply
+from .messages import Command, Error, Event, PresenceChange, Reply
 
 
 class Dialect(Protocol):
@@ -30,6 +30,10 @@ class Dialect(Protocol):
 
     def encode_event(self, event: Event) -> bytes:
         """One event as a frame."""
+        ...
+
+    def encode_presence(self, change: PresenceChange) -> bytes:
+        """A client joined or left a topic."""
         ...
 
     def encode_reply(self, reply: Reply) -> bytes:

@@ -41,6 +41,33 @@ class Event:
     Empty in events a client received."""
 
 
+@attrs.frozen(slots=True)
+class ClientInfo:
+    """One connected client, as request handlers, hooks and presence see it."""
+
+    id: str
+    """Unique within this server process."""
+    remote: str
+    """``host:port`` of the peer (of the proxy, behind one)."""
+    connected_at: float
+    """Wall-clock time of the upgrade (seconds since the epoch)."""
+    dialect: str
+    path: str
+    user: str | None = None
+    """The token's ``sub``; None for anonymous clients."""
+    tenant: str = "default"
+
+
+@attrs.frozen(slots=True)
+class PresenceChange:
+    """A client joined or left a topic (sent where the namespace has join/leave on)."""
+
+    topic: str
+    kind: str
+    """``"join"`` or ``"leave"``."""
+    client: ClientInfo
+
+
 # --- commands (client to server) -------------------------------------------
 
 
@@ -84,7 +111,25 @@ class Ping:
     request_id: RequestId = None
 
 
-Command: TypeAlias = Subscribe | Unsubscribe | Publish | Request | Ack | Ping
+@attrs.frozen(slots=True)
+class PresenceQuery:
+    """Who is subscribed to a topic."""
+
+    topic: str
+    request_id: RequestId = None
+
+
+@attrs.frozen(slots=True)
+class Refresh:
+    """A new token for a connection whose token is about to expire."""
+
+    token: str
+    request_id: RequestId = None
+
+
+Command: TypeAlias = (
+    Subscribe | Unsubscribe | Publish | Request | Ack | Ping | PresenceQuery | Refresh
+)
 
 
 # --- replies (server to client) --------------------------------------------
@@ -132,6 +177,19 @@ class Answer:
 
 
 @attrs.frozen(slots=True)
+class PresenceList:
+    topic: str
+    request_id: RequestId
+    clients: list[ClientInfo]
+
+
+@attrs.frozen(slots=True)
+class Refreshed:
+    request_id: RequestId
+    expires_at: float | None
+
+
+@attrs.frozen(slots=True)
 class Pong:
     request_id: RequestId = None
 
@@ -150,4 +208,6 @@ class Error:
     topic: str | None = None
 
 
-Reply: TypeAlias = Subscribed | Unsubscribed | Published | Acked | Answer | Pong | Error
+Reply: TypeAlias = (
+    Subscribed | Unsubscribed | Published | Acked | Answer | PresenceList | Refreshed | Pong | Error
+)

@@ -22,13 +22,19 @@ from .messages import (
     Ack,
     Acked,
     Answer,
+    ClientInfo,
     Command,
     Error,
     Event,
     Ping,
     Pong,
+    PresenceChange,
+    PresenceList,
+    PresenceQuery,
     Publish,
     Published,
+    Refresh,
+    Refreshed,
     Reply,
     Request,
     RequestId,
@@ -40,7 +46,26 @@ from .messages import (
 from .topics import topic_problem
 
 MAX_REQUEST_ID_LENGTH: Final = 256
-COMMAND_TYPES: Final = ("subscribe", "unsubscribe", "publish", "request", "ack", "ping")
+COMMAND_TYPES: Final = (
+    "subscribe",
+    "unsubscribe",
+    "publish",
+    "request",
+    "ack",
+    "ping",
+    "presence",
+    "refresh",
+)
+
+
+def presence_entry(client: ClientInfo) -> dict[str, Any]:
+    """How presence, join and leave show a client."""
+    return {
+        "client": client.id,
+        "user": client.user,
+        "tenant": client.tenant,
+        "connectedAt": rfc3339_now(client.connected_at),
+    }
 
 
 class _Invalid(Exception):
@@ -94,6 +119,8 @@ class NativeDialect:
             kind = kind_value
             if kind == "ping":
                 return [Ping(request_id)]
+            if kind == "refresh":
+                return [self._refresh(message, request_id)]
             if kind not in COMMAND_TYPES:
                 raise _Invalid(
                     ErrorCode.UNKNOWN_TYPE,
@@ -133,6 +160,18 @@ class NativeDialect:
         return topic
 
     @staticmethod
+    def _refresh(message: dict[str, Any], request_id: RequestId) -> Refresh:
+        payload = message.get("payload")
+        if not isinstance(payload, dict):
+            raise _Invalid(ErrorCode.MISSING_FIELD, "field 'payload.token' is required")
+        token = payload.get("token")
+        if token is None:
+            raise _Invalid(ErrorCode.MISSING_FIELD, "field 'payload.token' is required")
+        if not isinstance(token, str):
+            raise _Invalid(ErrorCode.INVALID_FIELD, "field 'payload.token' must be a string")
+        return Refresh(token, request_id)
+
+    @staticmethod
     def _command(kind: str, topic: str, request_id: RequestId, message: dict[str, Any]) -> Command:
         if kind == "subscribe":
             payload = message.get("payload")
@@ -157,6 +196,8 @@ class NativeDialect:
             return Publish(topic, message["payload"], request_id)
         if kind == "request":
             return Request(topic, message.get("payload"), request_id)
+        if kind == "presence":
+            return PresenceQuery(topic, request_id)
         # ack
         seq = message.get("seq")
         if seq is None:
@@ -177,6 +218,17 @@ class NativeDialect:
                 "epoch": event.epoch,
                 "payload": orjson.Fragment(event.payload_json),
                 "timestamp": event.timestamp,
+            }
+        )
+
+    def encode_presence(self, change: PresenceChange) -> bytes:
+        """A ``join`` or ``leave`` frame."""
+        return orjson.dumps(
+            {
+                "type": change.kind,
+                "topic": change.topic,
+                "payload": presence_entry(change.client),
+                "timestamp": rfc3339_now(),
             }
         )
 
@@ -215,6 +267,17 @@ class NativeDialect:
                 "type": "response",
                 "topic": reply.topic,
                 "payload": {"status": "acked", "seq": reply.seq},
+            }
+        elif isinstance(reply, PresenceList):
+            frame = {
+                "type": "response",
+                "topic": reply.topic,
+                "payload": {"clients": [presence_entry(client) for client in reply.clients]},
+            }
+        elif isinstance(reply, Refreshed):
+            frame = {
+                "type": "response",
+                "payload": {"status": "refreshed", "expiresAt": reply.expires_at},
             }
         elif isinstance(reply, Answer):
             frame = {"type": "response", "topic": reply.topic, "payload": reply.payload}

@@ -26,19 +26,19 @@ class TopicFilter:
     """Which topics clients may use: every topic, or those matching a pattern.
 
     Patterns are shell-style (``deploy.*``, ``app-?``), matched case-sensitively.
-    An empty pattern list means topics are not restricted.
+    An empty pattern list allows every topic, unless ``empty_allows_all`` is
+    false (a token's empty ``publish`` claim allows nothing).
     """
 
-    __slots__ = ("_exact", "_patterns")
+    __slots__ = ("_exact", "_patterns", "restricted")
 
-    def __init__(self, patterns: tuple[str, ...] | list[str] = ()) -> None:
+    def __init__(
+        self, patterns: tuple[str, ...] | list[str] = (), *, empty_allows_all: bool = True
+    ) -> None:
         wildcard = set("*?[")
         self._exact = frozenset(p for p in patterns if not wildcard & set(p))
         self._patterns = tuple(p for p in patterns if wildcard & set(p))
-
-    @property
-    def restricted(self) -> bool:
-        return bool(self._exact or self._patterns)
+        self.restricted = bool(patterns) or not empty_allows_all
 
     def allows(self, topic: str) -> bool:
         if not self.restricted or topic in self._exact:

@@ -158,16 +158,16 @@ class AsgiApp:
             ((bytes(name), bytes(value)) for name, value in scope.get("headers", [])),
             f"{client[0]}:{client[1]}",
         )
-        rejection = (
+        admission = (
             self.handler.admit(request)
             if path == self.ws_path
             else Rejection(404, f"no WebSocket endpoint at {path[:200]}")
         )
-        if rejection is not None:
-            await _refuse(scope, send, rejection)
+        if isinstance(admission, Rejection):
+            await _refuse(scope, send, admission)
             return
         await send({"type": "websocket.accept"})
-        await self.handler.serve(AsgiWebSocket(receive, send, request.remote), request)
+        await self.handler.serve(AsgiWebSocket(receive, send, request.remote), admission)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()

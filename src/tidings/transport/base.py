@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Protocol, TypeAlias
+from typing import Any, Protocol, TypeAlias
 
 import attrs
 import orjson
@@ -174,24 +174,39 @@ class UpgradeRequest:
 
 
 @attrs.frozen(slots=True)
+class Admission:
+    """An upgrade the handler accepted, with what it decided about it.
+
+    Transports pass it from :meth:`ConnectionHandler.admit` to
+    :meth:`ConnectionHandler.serve` without looking inside.
+    """
+
+    request: UpgradeRequest
+    context: Any = None
+
+
+@attrs.frozen(slots=True)
 class Rejection:
-    """Refuse an upgrade with this HTTP status and message."""
+    """Refuse an upgrade (or any request) with this HTTP status, code and message."""
 
     status: int
     message: str
+    code: str = ""
+    """A stable error code; ``http_<status>`` when empty."""
 
     def body(self) -> bytes:
         """The JSON body every refusal carries: ``{"error": {"code", "message"}}``."""
-        return orjson.dumps({"error": {"code": f"http_{self.status}", "message": self.message}})
+        code = self.code or f"http_{self.status}"
+        return orjson.dumps({"error": {"code": code, "message": self.message}})
 
 
 class ConnectionHandler(Protocol):
     """What a transport hands accepted WebSockets to (the server)."""
 
-    def admit(self, request: UpgradeRequest) -> Rejection | None:
+    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
         """Decide, before the upgrade completes, whether to take this client."""
         ...
 
-    async def serve(self, transport: Transport, request: UpgradeRequest) -> None:
+    async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run the connection until it ends."""
         ...

@@ -29,6 +29,7 @@ import trio
 from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .base import (
+    Admission,
     CloseFrame,
     ConnectionHandler,
     ConnectionLost,
@@ -329,9 +330,9 @@ class BuiltinServer:
             # connection.
             accepted = await self._http(stream, remote)
             if accepted is not None:
-                transport, request = accepted
+                transport, admission = accepted
                 del accepted
-                await self.handler.serve(transport, request)
+                await self.handler.serve(transport, admission)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return
         except Exception:
@@ -341,7 +342,7 @@ class BuiltinServer:
 
     async def _http(
         self, stream: trio.SocketStream, remote: tuple[str, int]
-    ) -> tuple[WebSocketStream, UpgradeRequest] | None:
+    ) -> tuple[WebSocketStream, Admission] | None:
         """Answer HTTP requests until one upgrades to WebSocket (returned) or the end."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
@@ -364,7 +365,9 @@ class BuiltinServer:
         except h11.RemoteProtocolError as exc:
             with trio.move_on_after(1):
                 if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._respond(stream, http, exc.error_status_hint, "bad request")
+                    await self._respond(
+                        stream, http, Rejection(exc.error_status_hint, "bad request")
+                    )
         return None
 
     async def _read_request(
@@ -386,21 +389,20 @@ class BuiltinServer:
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
-    ) -> tuple[WebSocketStream, UpgradeRequest] | None:
+    ) -> tuple[WebSocketStream, Admission] | None:
         """Accept (101) or refuse one WebSocket upgrade."""
         headers = {name: value for name, value in request.headers}
         key = headers.get(b"sec-websocket-key")
         if request.method != b"GET" or key is None:
             await self._respond(
-                stream, http, 400, "a WebSocket upgrade is a GET with Sec-WebSocket-Key"
+                stream, http, Rejection(400, "a WebSocket upgrade is a GET with Sec-WebSocket-Key")
             )
             return None
         if headers.get(b"sec-websocket-version") != b"13":
             await self._respond(
                 stream,
                 http,
-                426,
-                "only WebSocket version 13 is supported",
+                Rejection(426, "only WebSocket version 13 is supported"),
                 [(b"sec-websocket-version", b"13")],
             )
             return None
@@ -409,9 +411,9 @@ class BuiltinServer:
         upgrade = UpgradeRequest.build(
             unquote(path), query, request.headers, f"{remote[0]}:{remote[1]}"
         )
-        rejection = self.handler.admit(upgrade)
-        if rejection is not None:
-            await self._respond(stream, http, rejection.status, rejection.message)
+        admission = self.handler.admit(upgrade)
+        if isinstance(admission, Rejection):
+            await self._respond(stream, http, admission)
             return None
         response = http.send(
             h11.InformationalResponse(
@@ -431,17 +433,17 @@ class BuiltinServer:
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
         )
-        return transport, upgrade
+        return transport, admission
 
     async def _respond(
         self,
         stream: trio.abc.Stream,
         http: h11.Connection,
-        status: int,
-        message: str,
+        rejection: Rejection,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
-        body = Rejection(status, message).body()
+        status = rejection.status
+        body = rejection.body()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -471,7 +473,7 @@ class BuiltinServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_REQUEST_BODY:
-                    await self._respond(stream, http, 413, "request body too large")
+                    await self._respond(stream, http, Rejection(413, "request body too large"))
                     return
             elif isinstance(event, h11.EndOfMessage):
                 break

@@ -1,0 +1,109 @@
+"""``GET /metrics``: the node's counters in the Prometheus text format.
+
+Nothing is counted through prometheus-client on a hot path: the broker,
+the connections and the flusher keep plain integers and histograms
+(``stats.py``), and a collector reads them when ``/metrics`` is scraped.
+Each server has its own registry, so several servers in one process (tests,
+embedding) do not mix their figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from .stats import Histogram
+
+if TYPE_CHECKING:
+    from .server import Server
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class NodeCollector(Collector):
+    """Reads a server's state into metric families at scrape time."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        stats = server.statistics()
+        counters = server.counters
+        yield GaugeMetricFamily(
+            "tidings_connections", "WebSocket connections open now", value=stats.connections
+        )
+        yield GaugeMetricFamily(
+            "tidings_subscriptions", "Subscriptions held now", value=stats.subscriptions
+        )
+        yield GaugeMetricFamily("tidings_topics", "Topics the node holds", value=stats.topics)
+        yield GaugeMetricFamily(
+            "tidings_broker_inbox_depth",
+            "Publications waiting for the broker",
+            value=stats.inbox_depth,
+        )
+        yield CounterMetricFamily(
+            "tidings_events_published", "Events sequenced by the broker", value=stats.published
+        )
+        yield CounterMetricFamily(
+            "tidings_events_delivered",
+            "Events queued for a subscriber (one per subscriber per event)",
+            value=stats.delivered,
+        )
+        dropped = CounterMetricFamily(
+            "tidings_events_dropped", "Events not delivered to a subscriber", labels=["reason"]
+        )
+        dropped.add_metric(["overflow"], stats.dropped)
+        yield dropped
+        disconnects = CounterMetricFamily(
+            "tidings_disconnects", "Connections that ended", labels=["code", "reason"]
+        )
+        for (code, reason), count in sorted(counters.disconnects.items()):
+            disconnects.add_metric([str(code), reason], count)
+        yield disconnects
+        yield CounterMetricFamily(
+            "tidings_rate_limited_messages",
+            "Client messages refused by the rate limit",
+            value=counters.rate_limited,
+        )
+        yield CounterMetricFamily(
+            "tidings_auth_failures",
+            "Upgrades or refreshes refused for a missing, invalid or expired token",
+            value=counters.auth_failures,
+        )
+        yield _histogram(
+            "tidings_outbox_depth",
+            "Messages queued per connection, sampled each heartbeat",
+            counters.outbox_depth,
+        )
+        yield _histogram(
+            "tidings_flush_delay_seconds",
+            "Seconds from a message being queued (an event fanned out) to its write",
+            counters.flush_delay,
+        )
+
+
+def _histogram(name: str, documentation: str, histogram: Histogram) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, documentation, buckets=histogram.cumulative(), sum_value=histogram.sum
+    )
+
+
+def registry_for(server: Server) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NodeCollector(server))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    """The scrape body."""
+    return generate_latest(registry)

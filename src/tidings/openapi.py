@@ -1,0 +1,280 @@
+"""The OpenAPI 3 document of the HTTP API, served at ``/api/openapi.json``.
+
+Written by hand next to ``api.py`` and checked against the running server by
+``tests/test_api.py`` with schemathesis: what it says is what the server does.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TOPIC = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "description": "A topic: 1 to 256 printable characters. `ns:rest` is in namespace `ns`.",
+}
+TENANT = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 128,
+    "description": "The tenant whose topics are meant; the node's default tenant if omitted.",
+}
+SEQ = {"type": "integer", "minimum": 0, "description": "The topic's offset."}
+EPOCH = {"type": "string", "description": "Identifies the topic's stream; offsets restart with it."}
+ANY_JSON: dict[str, Any] = {"description": "Any JSON value."}
+
+ERROR_BODY: dict[str, Any] = {
+    "type": "object",
+    "required": ["code", "message"],
+    "properties": {
+        "code": {"type": "string", "description": "Stable: branch on it."},
+        "message": {"type": "string", "description": "For humans."},
+    },
+}
+ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": ERROR_BODY},
+}
+
+EVENT = {
+    "type": "object",
+    "required": ["topic", "seq", "epoch", "payload", "timestamp"],
+    "properties": {
+        "topic": {"type": "string"},
+        "seq": SEQ,
+        "epoch": EPOCH,
+        "payload": ANY_JSON,
+        "timestamp": {"type": "string", "description": "RFC 3339 UTC, when sequenced."},
+    },
+}
+
+CLIENT = {
+    "type": "object",
+    "required": ["client", "user", "tenant", "connectedAt"],
+    "properties": {
+        "client": {"type": "string"},
+        "user": {"type": ["string", "null"]},
+        "tenant": {"type": "string"},
+        "connectedAt": {"type": "string", "description": "RFC 3339 UTC."},
+    },
+}
+
+POSITION = {
+    "type": "object",
+    "required": ["topic", "seq", "epoch"],
+    "properties": {"topic": {"type": "string"}, "seq": SEQ, "epoch": EPOCH},
+}
+
+
+def _obj(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": properties}
+
+
+METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "publish": (
+        "Publish one event to one topic; answers with its position.",
+        _obj(["topic", "payload"], {"topic": TOPIC, "payload": ANY_JSON, "tenant": TENANT}),
+        POSITION,
+    ),
+    "broadcast": (
+        "Publish one payload to many topics; one result per topic, in order.",
+        _obj(
+            ["topics", "payload"],
+            {
+                "topics": {"type": "array", "items": TOPIC, "minItems": 1, "maxItems": 1000},
+                "payload": ANY_JSON,
+                "tenant": TENANT,
+            },
+        ),
+        _obj(
+            ["results"],
+            {
+                "results": {
+                    "type": "array",
+                    "items": {
+                        "oneOf": [
+                            POSITION,
+                            _obj(
+                                ["topic", "error"],
+                                {
+                                    "topic": {"type": "string"},
+                                    "error": ERROR_BODY,
+                                },
+                            ),
+                        ]
+                    },
+                }
+            },
+        ),
+    ),
+    "history": (
+        "A topic's retained events after offset `since` (oldest first), at most `limit`.",
+        _obj(
+            ["topic"],
+            {
+                "topic": TOPIC,
+                "since": {"type": "integer", "minimum": 0, "default": 0},
+                "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                "tenant": TENANT,
+            },
+        ),
+        _obj(
+            ["topic", "seq", "epoch", "events"],
+            {
+                "topic": {"type": "string"},
+                "seq": SEQ,
+                "epoch": {"type": ["string", "null"], "description": "null: no state for it"},
+                "events": {"type": "array", "items": EVENT},
+            },
+        ),
+    ),
+    "presence": (
+        "Who on this node is subscribed to a topic.",
+        _obj(["topic"], {"topic": TOPIC, "tenant": TENANT}),
+        _obj(
+            ["topic", "clients"],
+            {"topic": {"type": "string"}, "clients": {"type": "array", "items": CLIENT}},
+        ),
+    ),
+    "presence_stats": (
+        "How many clients (and distinct users) are subscribed to a topic.",
+        _obj(["topic"], {"topic": TOPIC, "tenant": TENANT}),
+        _obj(
+            ["topic", "clients", "users"],
+            {
+                "topic": {"type": "string"},
+                "clients": {"type": "integer", "minimum": 0},
+                "users": {"type": "integer", "minimum": 0},
+            },
+        ),
+    ),
+    "channels": (
+        "Topics with subscribers, with their counts; `pattern` is shell-style (`chat:*`).",
+        _obj([], {"tenant": TENANT, "pattern": {"type": "string"}}),
+        _obj(
+            ["channels"],
+            {
+                "channels": {
+                    "type": "array",
+                    "items": _obj(
+                        ["topic", "subscribers"],
+                        {"topic": {"type": "string"}, "subscribers": {"type": "integer"}},
+                    ),
+                }
+            },
+        ),
+    ),
+    "disconnect": (
+        "Close one client's connection, or every connection of a user, with a code and reason.",
+        {
+            "type": "object",
+            "properties": {
+                "client": {"type": "string"},
+                "user": {"type": "string"},
+                "tenant": TENANT,
+                "code": {
+                    "type": "integer",
+                    "minimum": 1000,
+                    "maximum": 4999,
+                    "default": 1000,
+                    "description": "1000, or 3000 to 4999.",
+                },
+                "reason": {"type": "string", "maxLength": 123},
+            },
+            "description": "Exactly one of `client` and `user`.",
+        },
+        _obj(["disconnected"], {"disconnected": {"type": "integer", "minimum": 0}}),
+    ),
+    "info": (
+        "The node's identity and counters.",
+        {"type": "object"},
+        _obj(
+            [
+                "node",
+                "version",
+                "uptime",
+                "connections",
+                "topics",
+                "subscriptions",
+                "published",
+                "delivered",
+                "dropped",
+            ],
+            {
+                "node": {"type": "string"},
+                "version": {"type": "string"},
+                "uptime": {"type": "number"},
+                "connections": {"type": "integer"},
+                "topics": {"type": "integer"},
+                "subscriptions": {"type": "integer"},
+                "published": {"type": "integer"},
+                "delivered": {"type": "integer"},
+                "dropped": {"type": "integer"},
+            },
+        ),
+    ),
+}
+
+ERRORS = {
+    "400": "A field is missing or wrong (`missing_field`, `invalid_field`, `invalid_topic`, "
+    "`invalid_json`, `unknown_namespace`, ...).",
+    "401": "No `Authorization: apikey KEY`, or the wrong key (`unauthorized`).",
+    "403": "The API is off: no key is configured (`api_disabled`).",
+    "503": "The node holds its limit of topics (`too_many_topics`).",
+}
+
+
+def openapi_document(version: str) -> dict[str, Any]:
+    """The whole document."""
+    error_response = {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    }
+    paths: dict[str, Any] = {}
+    for name, (summary, request, response) in METHODS.items():
+        paths[f"/api/{name}"] = {
+            "post": {
+                "operationId": name,
+                "summary": summary,
+                "security": [{"apikey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": request}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "Done.",
+                        "content": {"application/json": {"schema": response}},
+                    },
+                    **{
+                        status: {"description": text, **error_response}
+                        for status, text in ERRORS.items()
+                    },
+                },
+            }
+        }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "tidings server API",
+            "version": version,
+            "description": (
+                "Publish, read history and presence, list channels and disconnect clients of a "
+                "tidings node. Every call is POST with a JSON object; errors carry the stable "
+                "codes of the WebSocket protocol."
+            ),
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {"Error": ERROR},
+            "securitySchemes": {
+                "apikey": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "`apikey KEY`, KEY being the configured api_key.",
+                }
+            },
+        },
+    }
