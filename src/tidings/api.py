@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
@@ -117,7 +116,10 @@ class Api:
         tenant = self._tenant(body)
         since = _integer(body, "since", default=0, minimum=0)
         limit = _integer(body, "limit", default=100, minimum=1, maximum=MAX_HISTORY_LIMIT)
-        events, position = self.server.broker.history(topic, since, limit, tenant)
+        try:
+            events, position = await self.server.history(topic, since, limit, tenant=tenant)
+        except BrokerError as exc:
+            raise _broker_error(exc) from None
         return {
             "topic": topic,
             "seq": position.seq if position else 0,
@@ -127,12 +129,12 @@ class Api:
 
     async def presence(self, body: dict[str, Any]) -> dict[str, Any]:
         topic = _topic(body)
-        clients = self.server.presence(topic, tenant=self._tenant(body))
+        clients = await self.server.presence_everywhere(topic, tenant=self._tenant(body))
         return {"topic": topic, "clients": [presence_entry(client) for client in clients]}
 
     async def presence_stats(self, body: dict[str, Any]) -> dict[str, Any]:
         topic = _topic(body)
-        clients = self.server.presence(topic, tenant=self._tenant(body))
+        clients = await self.server.presence_everywhere(topic, tenant=self._tenant(body))
         users = {client.user for client in clients if client.user is not None}
         return {"topic": topic, "clients": len(clients), "users": len(users)}
 
@@ -141,11 +143,8 @@ class Api:
         pattern = body.get("pattern")
         if pattern is not None and not isinstance(pattern, str):
             raise _invalid("pattern", "must be a string (shell-style, e.g. chat:*)")
-        channels = [
-            {"topic": stats.name, "subscribers": stats.subscribers}
-            for stats in self.server.broker.topics(tenant)
-            if stats.subscribers and (pattern is None or fnmatchcase(stats.name, pattern))
-        ]
+        counts = await self.server.channels(tenant=tenant, pattern=pattern)
+        channels = [{"topic": name, "subscribers": count} for name, count in counts.items()]
         channels.sort(key=lambda channel: str(channel["topic"]))
         return {"channels": channels}
 
@@ -163,18 +162,16 @@ class Api:
         if client is not None:
             if not isinstance(client, str):
                 raise _invalid("client", "must be a string")
-            info = next((c for c in self.server.clients() if c.id == client), None)
-            found = info is not None and info.tenant == tenant
-            if found:
-                self.server.disconnect(client, code, reason)
-            return {"disconnected": int(found)}
-        if not isinstance(user, str):
+        elif not isinstance(user, str):
             raise _invalid("user", "must be a string")
-        return {"disconnected": self.server.disconnect_user(user, code, reason, tenant=tenant)}
+        closed = await self.server.disconnect_everywhere(
+            client=client, user=user, code=code, reason=reason, tenant=tenant
+        )
+        return {"disconnected": closed}
 
     async def info(self, body: dict[str, Any]) -> dict[str, Any]:
         stats = self.server.statistics()
-        return {
+        answer: dict[str, Any] = {
             "node": self.server.node_id,
             "version": __version__,
             "uptime": round(stats.uptime, 3),
@@ -185,6 +182,15 @@ class Api:
             "delivered": stats.delivered,
             "dropped": stats.dropped,
         }
+        if self.server.backplane is not None:
+            # Cluster-wide: every live node's counters as it last announced them.
+            nodes = await self.server.nodes()
+            answer["nodes"] = nodes
+            answer["cluster"] = {
+                name: sum(int(node.get(name, 0)) for node in nodes)
+                for name in ("connections", "subscriptions", "published", "delivered", "dropped")
+            }
+        return answer
 
     # --- helpers -------------------------------------------------------------------
 
@@ -192,8 +198,7 @@ class Api:
         try:
             return await self.server.publish(topic, payload, tenant=tenant)
         except BrokerError as exc:
-            status = 503 if exc.code == ErrorCode.TOO_MANY_TOPICS else 400
-            raise ApiError(status, exc.code, exc.message) from None
+            raise _broker_error(exc) from None
         except TypeError as exc:  # a value orjson cannot write back
             raise _invalid("payload", str(exc)) from None
 
@@ -216,6 +221,11 @@ METHODS: Final[dict[str, Method]] = {
     "disconnect": Api.disconnect,
     "info": Api.info,
 }
+
+
+def _broker_error(exc: BrokerError) -> ApiError:
+    unavailable = exc.code in (ErrorCode.TOO_MANY_TOPICS, ErrorCode.UNAVAILABLE)
+    return ApiError(503 if unavailable else 400, exc.code, exc.message)
 
 
 def _missing(name: str) -> ApiError:

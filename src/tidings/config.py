@@ -26,6 +26,7 @@ from typing import Any, Literal, NewType, get_args, get_origin
 import attrs
 import cattrs
 
+from .backplane.url import parse_url as parse_backplane_url
 from .broker.namespaces import Namespace, Namespaces
 from .broker.outbox import OverflowPolicy
 from .connection import ConnectionLimits
@@ -268,6 +269,22 @@ class Config:
     node_id: str = attrs.field(
         default="", metadata=_help("this node's name in the API and logs; default host-pid")
     )
+    backplane: str = attrs.field(
+        default="memory",
+        metadata=_help(
+            "memory (one node), or redis://HOST:PORT/DB, redis+cluster://HOST:PORT,"
+            " redis+sentinel://HOST:PORT/SERVICE to share topics between nodes"
+        ),
+    )
+    backplane_timeout: Seconds = attrs.field(
+        default=Seconds(2.0),
+        converter=parse_duration,
+        metadata=_help("how long a publication or cluster-wide query waits for Redis"),
+    )
+    backplane_buffer: int = attrs.field(
+        default=10_000,
+        metadata=_help("publications held while Redis is away; beyond it they are refused"),
+    )
     demo: bool = attrs.field(
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
     )
@@ -382,6 +399,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_connections",
         "max_subscriptions",
         "max_pending_requests",
+        "backplane_buffer",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -396,12 +414,18 @@ def _semantic_problems(config: Config) -> list[str]:
         "shutdown_timeout",
         "request_timeout",
         "history_ttl",
+        "backplane_timeout",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
     for name in ("rate_limit", "rate_burst", "rate_limit_violations", "max_connections_per_ip"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
+    if config.backplane != "memory":
+        try:
+            parse_backplane_url(config.backplane)
+        except ValueError as exc:
+            problems.append(str(exc))
     if config.auth == "jwt" and not (config.jwt_secret or config.jwt_public_key):
         problems.append("auth jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
     if config.auth == "token" and not config.token:

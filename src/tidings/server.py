@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from fnmatch import fnmatchcase
 from typing import Any, Final, TypeVar, overload
 from urllib.parse import urlsplit
 
@@ -26,6 +27,7 @@ from ._version import __version__
 from .api import Api
 from .app import ClientInfo, CloseInfo, RequestHandler
 from .auth import Authenticator, AuthError, Identity
+from .backplane.redis import RedisBackplane
 from .broker.broker import Broker, BrokerStats, Subscriber
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .broker.subscription import Subscription, as_event
@@ -82,6 +84,19 @@ class Server:
             max_topics=config.max_topics,
             inbox_size=config.inbox_size,
         )
+        self.backplane: RedisBackplane | None = None
+        """The Redis backplane, when ``config.backplane`` names one."""
+        if config.backplane != "memory":
+            self.backplane = RedisBackplane(
+                config.backplane,
+                self.broker,
+                node_id=self.node_id,
+                timeout=config.backplane_timeout,
+                buffer=config.backplane_buffer,
+                answer=self._answer,
+                node_stats=self._node_stats,
+            )
+            self.broker.attach(self.backplane)
         self.authenticator = Authenticator(
             config.auth_mode,
             default_tenant=config.default_tenant,
@@ -193,6 +208,7 @@ class Server:
         subscriber = Subscriber(
             outbox, as_event, tenant=self._tenant(tenant), label=f"in-process:{topic}"
         )
+        await self.broker.prepare(topic, subscriber.tenant)
         result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
         for event in result.replay:
             outbox.put(event)
@@ -276,6 +292,110 @@ class Server:
         """Who on this node is subscribed to ``topic``."""
         return self.broker.presence(topic, self._tenant(tenant))
 
+    # --- the whole cluster (this node alone without a backplane) ---------------------
+
+    async def history(
+        self, topic: str, since: int = 0, limit: int | None = None, *, tenant: str | None = None
+    ) -> tuple[list[Event], Position | None]:
+        """A topic's retained events after offset ``since``, and where it stands.
+
+        Raises:
+            BrokerError: ``unavailable`` when the backplane cannot be reached.
+        """
+        tenant = self._tenant(tenant)
+        if self.backplane is None:
+            return self.broker.history(topic, since, limit, tenant)
+        return await self.backplane.history(tenant, topic, since, limit)
+
+    async def presence_everywhere(
+        self, topic: str, *, tenant: str | None = None
+    ) -> list[ClientInfo]:
+        """Who is subscribed to ``topic`` on every node (this one alone without a backplane)."""
+        return await self.broker.presence_everywhere(topic, self._tenant(tenant))
+
+    async def channels(
+        self, *, tenant: str | None = None, pattern: str | None = None
+    ) -> dict[str, int]:
+        """Topics with subscribers (matching a shell-style ``pattern``) and how many, everywhere."""
+        body = {"tenant": self._tenant(tenant), "pattern": pattern}
+        if self.backplane is None:
+            answer: dict[str, int] = self._answer("channels", body)
+            return answer
+        answers, _missing = await self.backplane.ask("channels", body)
+        totals: dict[str, int] = {}
+        for counts in answers.values():
+            for name, count in (counts or {}).items():
+                totals[name] = totals.get(name, 0) + int(count)
+        return totals
+
+    async def disconnect_everywhere(
+        self,
+        *,
+        client: str | None = None,
+        user: str | None = None,
+        code: int = CloseCode.NORMAL,
+        reason: str = "",
+        tenant: str | None = None,
+    ) -> int:
+        """Close a client, or every connection of a user, on whichever node; returns how many."""
+        body = {
+            "client": client,
+            "user": user,
+            "code": code,
+            "reason": reason,
+            "tenant": self._tenant(tenant),
+        }
+        if self.backplane is None:
+            closed: int = self._answer("disconnect", body)
+            return closed
+        answers, _missing = await self.backplane.ask("disconnect", body)
+        return sum(int(count or 0) for count in answers.values())
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every live node's id and counters (this node alone without a backplane)."""
+        if self.backplane is None:
+            return [{"node": self.node_id, **self._node_stats()}]
+        return await self.backplane.nodes()
+
+    def _answer(self, op: str, body: dict[str, Any]) -> Any:
+        """This node's part of a cluster-wide question."""
+        tenant = str(body.get("tenant") or self.config.default_tenant)
+        if op == "presence":
+            return [
+                attrs.asdict(info) for info in self.broker.presence(str(body.get("topic")), tenant)
+            ]
+        if op == "channels":
+            pattern = body.get("pattern")
+            return {
+                stats.name: stats.subscribers
+                for stats in self.broker.topics(tenant)
+                if stats.subscribers
+                and (not isinstance(pattern, str) or fnmatchcase(stats.name, pattern))
+            }
+        if op == "disconnect":
+            code, reason = int(body.get("code") or CloseCode.NORMAL), str(body.get("reason") or "")
+            client = body.get("client")
+            if isinstance(client, str):
+                connection = self._connections.get(client)
+                if connection is None or connection.info.tenant != tenant:
+                    return 0
+                connection.close(code, reason)
+                return 1
+            return self.disconnect_user(str(body.get("user")), code, reason, tenant=tenant)
+        return None
+
+    def _node_stats(self) -> dict[str, Any]:
+        stats = self.statistics()
+        return {
+            "uptime": round(stats.uptime, 3),
+            "connections": stats.connections,
+            "topics": stats.topics,
+            "subscriptions": stats.subscriptions,
+            "published": stats.published,
+            "delivered": stats.delivered,
+            "dropped": stats.dropped,
+        }
+
     def statistics(self) -> ServerStats:
         broker: BrokerStats = self.broker.statistics()
         return ServerStats(
@@ -285,7 +405,7 @@ class Server:
             subscriptions=broker.subscriptions,
             published=broker.published,
             delivered=broker.delivered,
-            dropped=broker.dropped,
+            dropped=broker.dropped + (self.backplane.dropped if self.backplane is not None else 0),
             inbox_depth=broker.inbox_depth,
         )
 
@@ -431,14 +551,22 @@ class Server:
 
     def _health(self) -> tuple[int, dict[str, Any]]:
         stats = self.statistics()
-        body = {
-            "status": "draining" if self._draining else "ok",
+        status = "ok"
+        if self._draining:
+            status = "draining"
+        elif self.backplane is not None and not self.backplane.connected:
+            status = "degraded"  # serving local clients; cluster features wait for Redis
+        body: dict[str, Any] = {
+            "status": status,
             "version": __version__,
+            "node": self.node_id,
             "uptime": round(stats.uptime, 3),
             "connections": stats.connections,
             "topics": stats.topics,
             "subscriptions": stats.subscriptions,
         }
+        if self.backplane is not None:
+            body["backplane"] = self.backplane.status()
         return (503 if self._draining else 200), body
 
     # --- listening --------------------------------------------------------------------
@@ -552,6 +680,8 @@ async def open_server(
     server = Server(config or Config())
     async with trio.open_nursery() as nursery:
         await nursery.start(server.broker.run)
+        if server.backplane is not None:
+            await nursery.start(server.backplane.run)
         await nursery.start(server.flusher.run)
         nursery.start_soon(server._heartbeat)
         async with trio.open_nursery() as connections:
@@ -564,6 +694,8 @@ async def open_server(
             finally:
                 with trio.CancelScope(shield=True):
                     await server.shutdown()
+                    if server.backplane is not None:
+                        await server.backplane.forget_self()
                 connections.cancel_scope.cancel()
         nursery.cancel_scope.cancel()
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Iterator
+from enum import StrEnum
 from typing import Any, Final
 
 import attrs
@@ -32,6 +33,7 @@ import trio
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
 from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
+from .backplane import Backplane, Publication
 from .history import History
 from .namespaces import Namespace, Namespaces
 from .outbox import Outbox
@@ -197,13 +199,16 @@ class _Topic:
         )
 
 
-@attrs.frozen(slots=True)
-class _Publication:
-    tenant: str
-    topic: str
-    payload: Any
-    payload_json: bytes
-    on_done: Callable[[Position | BrokerError], None] | None
+class Delivery(StrEnum):
+    """What became of an event a backplane delivered (:meth:`Broker.deliver`)."""
+
+    APPLIED = "applied"
+    DUPLICATE = "duplicate"
+    """Already applied (same epoch, offset not ahead): ignored."""
+    GAP = "gap"
+    """Events are missing before it: the backplane must fetch them first."""
+    UNTRACKED = "untracked"
+    """The node holds no state for the topic (nobody here subscribes)."""
 
 
 class Broker:
@@ -223,7 +228,7 @@ class Broker:
         self.namespaces = namespaces or Namespaces()
         self.max_topics = max_topics
         self._topics: dict[tuple[str, str], _Topic] = {}
-        self._inbox_send, self._inbox_receive = trio.open_memory_channel[_Publication](inbox_size)
+        self._inbox_send, self._inbox_receive = trio.open_memory_channel[Publication](inbox_size)
         self._inbox_capacity = inbox_size
         self._queued = 0  # publications in the inbox, or handed to the broker task and not applied
         self._running = False
@@ -231,6 +236,9 @@ class Broker:
         self._delivered = 0
         self._dropped = 0
         self._subscriptions = 0
+        self.backplane: Backplane | None = None
+        """Where events are sequenced when topics are shared with other nodes."""
+        self._tracking: dict[tuple[str, str], int] = {}  # tasks inside prepare(), per topic
 
     # --- publishing -------------------------------------------------------------
 
@@ -252,8 +260,11 @@ class Broker:
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        publication = _Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
-        if not self._apply_now(publication):
+        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        if self.backplane is not None:
+            self.backplane.send(publication)
+            await trio.lowlevel.checkpoint()
+        elif not self._apply_now(publication):
             self._queued += 1
             try:
                 await self._inbox_send.send(publication)
@@ -276,12 +287,14 @@ class Broker:
         It does not yield either, so a reader can hand over every publication of
         one socket read before its writes are flushed, which then carry them all.
         """
-        publication = _Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
-        if not self._apply_now(publication):
+        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        if self.backplane is not None:
+            self.backplane.send(publication)
+        elif not self._apply_now(publication):
             self._inbox_send.send_nowait(publication)
             self._queued += 1
 
-    def _apply_now(self, publication: _Publication) -> bool:
+    def _apply_now(self, publication: Publication) -> bool:
         """Sequence a publication in the caller's task when nothing is queued ahead of it.
 
         The order is the same as through the inbox (nothing is ahead), and the
@@ -339,7 +352,7 @@ class Broker:
             finally:
                 self._running = False
 
-    def _apply(self, publication: _Publication) -> None:
+    def _apply(self, publication: Publication) -> None:
         try:
             topic = self._topic(publication.tenant, publication.topic, create=True)
         except BrokerError as exc:
@@ -361,6 +374,9 @@ class Broker:
             # Before the fan-out, so a publisher subscribed to its own topic
             # reads the reply to its publish before the event itself.
             publication.on_done(Position(topic.seq, topic.epoch))
+        self._fan_out(topic, event)
+
+    def _fan_out(self, topic: _Topic, event: Event) -> None:
         # The hot loop: one method call per subscriber, counting only failures.
         offered = dropped = 0
         for encode, outboxes in topic.groups.items():
@@ -394,8 +410,100 @@ class Broker:
         for key in list(self._topics):
             topic = self._topics[key]
             topic.history.expire(now)
-            if topic.idle():
-                del self._topics[key]
+            if self._idle(topic):
+                self._forget(key)
+
+    # --- events sequenced elsewhere (a backplane) ------------------------------------
+
+    def attach(self, backplane: Backplane) -> None:
+        """Sequence through ``backplane`` from now on (before any topic exists)."""
+        if self._topics:
+            raise RuntimeError("attach a backplane before the broker holds topics")
+        self.backplane = backplane
+
+    async def prepare(self, topic_name: str, tenant: str = DEFAULT_TENANT) -> None:
+        """Make the node's copy of a topic current before :meth:`subscribe`.
+
+        With no backplane this returns at once without yielding. With one, it
+        waits until the node receives the topic's events and holds its offset
+        and history; call :meth:`subscribe` right after, before awaiting
+        anything else, so that copy is still current.
+
+        Raises:
+            BrokerError: unknown namespace, or the backplane is unreachable.
+        """
+        if self.backplane is None:
+            return
+        if self.namespaces.resolve(topic_name) is None:
+            raise _unknown_namespace(topic_name)
+        key = (tenant, topic_name)
+        # Counted so that a sweep while we wait does not forget the topic again.
+        self._tracking[key] = self._tracking.get(key, 0) + 1
+        try:
+            await self.backplane.track(tenant, topic_name)
+        finally:
+            left = self._tracking[key] - 1
+            if left:
+                self._tracking[key] = left
+            else:
+                del self._tracking[key]
+
+    def load(self, tenant: str, topic_name: str, position: Position, events: list[Event]) -> None:
+        """Set a tracked topic's state from the backplane: its offset and recent history.
+
+        Subscribers already here keep their subscription; anything they had not
+        been sent before ``position`` is theirs to recover by resuming.
+        """
+        topic = self._topic(tenant, topic_name, create=True)
+        assert topic is not None
+        topic.seq = position.seq
+        topic.epoch = position.epoch
+        topic.history = History(topic.namespace.history_size, topic.namespace.history_ttl)
+        now = trio.current_time()
+        for event in events:
+            topic.history.append(event, now)
+
+    def deliver(self, tenant: str, event: Event) -> Delivery:
+        """Fan out an event the backplane sequenced, if it is the next one.
+
+        Events of a tracked topic must arrive in offset order with no hole; a
+        duplicate is ignored and a hole is reported, for the backplane to fill
+        from the shared history before it delivers this event again.
+        """
+        topic = self._topics.get((tenant, event.topic))
+        if topic is None:
+            return Delivery.UNTRACKED
+        if event.epoch == topic.epoch:
+            if event.seq <= topic.seq:
+                return Delivery.DUPLICATE
+            if event.seq != topic.seq + 1:
+                return Delivery.GAP
+        elif event.seq == 1 and topic.seq == 0:
+            topic.epoch = event.epoch  # the stream's first event: it names the epoch
+        else:
+            return Delivery.GAP
+        topic.seq = event.seq
+        topic.history.append(event, trio.current_time())
+        self._fan_out(topic, event)
+        return Delivery.APPLIED
+
+    def lost(self, tenant: str, topic_name: str, code: int, reason: str) -> int:
+        """Close every subscriber of a topic whose missed events cannot be recovered.
+
+        They reconnect and resume, and the subscribe reply then tells them
+        (``recovered: false``) that some events are gone. Returns how many.
+        """
+        topic = self._topics.get((tenant, topic_name))
+        if topic is None:
+            return 0
+        members = list(topic.members())
+        for member in members:
+            member.outbox.close(code, reason)
+        return len(members)
+
+    def tracked(self) -> list[tuple[str, str]]:
+        """(tenant, topic) of every topic this node holds."""
+        return list(self._topics)
 
     # --- subscribing --------------------------------------------------------------
 
@@ -426,8 +534,11 @@ class Broker:
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"a connection may hold at most {subscriber.max_topics} subscriptions",
             )
-        topic = self._topic(subscriber.tenant, topic_name, create=True)
-        assert topic is not None
+        topic = self._topic(subscriber.tenant, topic_name, create=self.backplane is None)
+        if topic is None:
+            raise BrokerError(
+                ErrorCode.UNAVAILABLE, f"{topic_name!r} is not tracked here: call prepare() first"
+            )
         replay: list[Event] = []
         recovered: bool | None = None
         if since is not None:
@@ -464,8 +575,8 @@ class Broker:
             if not group:
                 del topic.groups[subscriber.encode]
             self._announce(topic, "leave", subscriber)
-        if topic.idle():
-            del self._topics[key]
+        if self._idle(topic):
+            self._forget(key)
         return True
 
     def _announce(self, topic: _Topic, kind: str, subscriber: Subscriber) -> None:
@@ -516,6 +627,14 @@ class Broker:
             return []
         return [member.presence for member in topic.members() if member.presence is not None]
 
+    async def presence_everywhere(
+        self, topic_name: str, tenant: str = DEFAULT_TENANT
+    ) -> list[ClientInfo]:
+        """Who is subscribed to a topic on every node sharing the backplane (or this one)."""
+        if self.backplane is None:
+            return self.presence(topic_name, tenant)
+        return await self.backplane.presence(tenant, topic_name)
+
     def topics(self, tenant: str | None = None) -> list[TopicStats]:
         """Counters of every topic the node holds (of one tenant, if given)."""
         return [
@@ -541,16 +660,24 @@ class Broker:
 
     # --- internals ----------------------------------------------------------------
 
+    def _idle(self, topic: _Topic) -> bool:
+        if self.backplane is None:
+            return topic.idle()
+        # History lives in the backplane: keep only what someone here follows.
+        return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        del self._topics[key]
+        if self.backplane is not None:
+            self.backplane.untrack(*key)
+
     def _topic(self, tenant: str, name: str, *, create: bool) -> _Topic | None:
         key = (tenant, name)
         topic = self._topics.get(key)
         if topic is None and create:
             namespace = self.namespaces.resolve(name)
             if namespace is None:
-                raise BrokerError(
-                    ErrorCode.UNKNOWN_NAMESPACE,
-                    f"namespace {name.partition(':')[0]!r} is not configured",
-                )
+                raise _unknown_namespace(name)
             if len(self._topics) >= self.max_topics:
                 self.sweep()
                 if len(self._topics) >= self.max_topics:
@@ -561,3 +688,10 @@ class Broker:
             topic = _Topic(tenant, name, namespace)
             self._topics[key] = topic
         return topic
+
+
+def _unknown_namespace(topic_name: str) -> BrokerError:
+    return BrokerError(
+        ErrorCode.UNKNOWN_NAMESPACE,
+        f"namespace {topic_name.partition(':')[0]!r} is not configured",
+    )

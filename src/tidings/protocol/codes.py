@@ -50,6 +50,8 @@ class ErrorCode(StrEnum):
     """The request handler raised."""
     REQUEST_TIMEOUT = "request_timeout"
     """The request handler did not answer within ``request_timeout``."""
+    UNAVAILABLE = "unavailable"
+    """The backplane (Redis) cannot be reached: nothing was done; retry later."""
 
 
 class CloseCode(IntEnum):
@@ -74,6 +76,9 @@ class CloseCode(IntEnum):
     """The token is invalid (where it could only be checked after the upgrade)."""
     TOKEN_EXPIRED = 4002
     """The token expired and was not refreshed: get a new one and reconnect."""
+    INSUFFICIENT_STATE = 4010
+    """Events of a subscribed topic were lost between nodes (a backplane outage
+    longer than its history): reconnect and resume; ``recovered`` says what is gone."""
     RATE_LIMITED = 4029
     """Too many messages over the rate limit: reconnect later, more slowly."""
     ABNORMAL = 1006

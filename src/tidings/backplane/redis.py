@@ -1,0 +1,737 @@
+"""The Redis backplane: one set of topics, history and presence for many nodes.
+
+How an event travels. A node hands the publication to :meth:`RedisBackplane.send`;
+a publisher task runs a Lua script per publication (pipelined in batches) that
+increments the topic's offset, appends the event to the topic's stream (its
+history, trimmed to the namespace's size) and PUBLISHes it on the topic's
+channel, all atomically. Every node that has subscribers for the topic is
+subscribed to that channel, receives the event once, and fans it out locally
+through :meth:`~tidings.broker.broker.Broker.deliver`. So Redis traffic grows
+with nodes, not clients, and the offset order is Redis's order everywhere.
+
+Redis pub/sub is at most once: a node that loses its connection misses what
+was published meanwhile, silently. Offsets make that visible: an event whose
+offset is not the next one makes the node fetch the missing ones from the
+stream first (and when the stream no longer reaches back, close the topic's
+subscribers with 4010 so they resume and learn what is gone). After a
+reconnect every tracked topic is checked the same way.
+
+Cluster-wide questions (presence, channels, disconnecting a user) go to every
+live node over a control channel and are answered from each node's memory;
+nodes announce themselves and their counters in a hash every second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Final
+
+import attrs
+import coredis
+import orjson
+import trio
+
+from ..broker.backplane import Publication
+from ..broker.broker import Broker, BrokerError, Delivery
+from ..protocol.clock import rfc3339_now
+from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.messages import ClientInfo, Event, Position
+from .url import parse_url, redacted
+
+LOGGER = logging.getLogger("tidings.backplane")
+
+PREFIX: Final = "tidings"
+#: Publications per pipelined round trip.
+PUBLISH_BATCH: Final = 128
+#: Each node writes its counters this often; a node silent for NODE_TTL is gone.
+ANNOUNCE_INTERVAL: Final = 1.0
+NODE_TTL: Final = 5.0
+#: Reconnect backoff: doubles from the first delay up to the last, with jitter.
+BACKOFF_FIRST: Final = 0.05
+BACKOFF_MAX: Final = 1.0
+#: Topic metadata (offset, epoch) outlives the history by at least this much,
+#: so a quiet topic keeps its epoch and clients can still resume against it.
+META_TTL: Final = 24 * 3600.0
+#: Events held per topic while it is being synchronised.
+SYNC_BUFFER: Final = 10_000
+#: Control messages waiting to be answered.
+CONTROL_BACKLOG: Final = 256
+
+# KEYS: meta hash, stream. ARGV: channel, payload, history size, history ttl (ms),
+# meta ttl (ms), epoch for a new stream, wall time (ms), timestamp (RFC 3339).
+# The message is "seq epoch ms timestamp payload": the payload last, as is.
+# A topic without metadata (new, or expired, or lost with Redis) starts a new
+# epoch at offset 1 and drops any stream left over.
+PUBLISH_SCRIPT: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[6]
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+  redis.call('DEL', KEYS[2])
+end
+local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+local message = seq .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[8] .. ' ' .. ARGV[2]
+local size = tonumber(ARGV[3])
+if size > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', size, seq .. '-1', 'm', message)
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[1], message)
+return {seq, epoch}
+"""
+
+# KEYS: meta hash, stream. ARGV: epoch for a new stream, meta ttl (ms).
+# Gives a followed topic an epoch before its first event, so subscribers get a
+# position they can resume from.
+ENSURE_SCRIPT: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {redis.call('HGET', KEYS[1], 's'), epoch}
+"""
+
+Answerer = Callable[[str, dict[str, Any]], Any]
+"""Answers a cluster-wide question (``presence``, ``channels``, ``disconnect``) for this node."""
+
+
+class BackplaneUnavailable(Exception):
+    """Redis could not be reached within the backplane timeout."""
+
+
+def _unavailable(message: str) -> BrokerError:
+    return BrokerError(ErrorCode.UNAVAILABLE, message)
+
+
+def topic_id(tenant: str, topic: str) -> str:
+    """A key-safe name for a (tenant, topic): names may hold any printable character."""
+    digest = hashlib.blake2b(f"{tenant}\0{topic}".encode(), digest_size=16).hexdigest()
+    # The braces make both keys of a topic one hash slot, for Redis Cluster.
+    return "{" + digest + "}"
+
+
+@attrs.define(slots=True, eq=False)
+class _Tracked:
+    """A topic this node follows: subscribed to its channel, holding its state."""
+
+    tenant: str
+    topic: str
+    channel: bytes
+    ready: trio.Event = attrs.Factory(trio.Event)
+    synced: bool = False
+    syncing: bool = False
+    buffer: list[Event] = attrs.Factory(list)
+    overflowed: bool = False
+
+
+@attrs.define(slots=True, eq=False)
+class _Pending:
+    publication: Publication
+    deadline: float
+
+
+@attrs.define(slots=True, eq=False)
+class _Question:
+    expected: set[str]
+    answers: dict[str, Any]
+    done: trio.Event = attrs.Factory(trio.Event)
+
+
+class RedisBackplane:
+    """Shares topics, history, presence and control between nodes through Redis.
+
+    Run it with ``await nursery.start(backplane.run)`` after attaching it to
+    the broker. It never fails because Redis is away: it reports
+    :attr:`connected` False, refuses what needs Redis with ``unavailable``
+    after ``timeout`` seconds, and reconnects with backoff.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        broker: Broker,
+        *,
+        node_id: str,
+        timeout: float = 2.0,
+        buffer: int = 10_000,
+        answer: Answerer | None = None,
+        node_stats: Callable[[], dict[str, Any]] | None = None,
+    ) -> None:
+        self.url = url
+        self.kind, self._hosts, self._db, self._service, self._username, self._password = parse_url(
+            url
+        )
+        self.broker = broker
+        self.node_id = node_id
+        self.timeout = timeout
+        self.buffer = buffer
+        self._answer = answer or (lambda _op, _body: None)
+        logging.getLogger("coredis").setLevel(logging.WARNING)  # its retries are ours to report
+        self._node_stats = node_stats or dict
+        self.connected = False
+        """True while the node holds a working connection to Redis."""
+        self.dropped = 0
+        """Publications refused because Redis was away too long or the buffer was full."""
+        self.reconnects = 0
+        self.gaps = 0
+        """Times a topic's events arrived with a hole that had to be filled from history."""
+        self.lost = 0
+        """Times a hole could not be filled: subscribers were closed with 4010."""
+        self._client: Any = None
+        self._pubsub: Any = None
+        self._script: Any = None
+        self._connected = trio.Event()
+        self._tracked: dict[bytes, _Tracked] = {}
+        self._unsubscribe: set[bytes] = set()
+        self._pending: deque[_Pending] = deque()
+        self._wake_publisher = trio.Event()
+        self._wake_unsubscriber = trio.Event()
+        self._questions: dict[str, _Question] = {}
+        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](
+            CONTROL_BACKLOG
+        )
+        self._nursery: trio.Nursery | None = None
+        self._control_channel = f"{PREFIX}:control".encode()
+        self._reply_channel = f"{PREFIX}:control:{node_id}".encode()
+        self._nodes_key = f"{PREFIX}:nodes"
+
+    # --- the broker's side (broker.backplane.Backplane) ----------------------------------
+
+    def send(self, publication: Publication) -> None:
+        if len(self._pending) >= self.buffer:
+            self._refuse(publication, "the backplane's buffer is full (Redis is slow or away)")
+            return
+        self._pending.append(_Pending(publication, trio.current_time() + self.timeout))
+        self._wake_publisher.set()
+
+    async def track(self, tenant: str, topic: str) -> None:
+        channel = self._channel(tenant, topic)
+        self._unsubscribe.discard(channel)
+        tracked = self._tracked.get(channel)
+        if tracked is None:
+            tracked = self._tracked[channel] = _Tracked(tenant, topic, channel)
+            self._start_sync(tracked, resume=False)
+        if tracked.synced:
+            return
+        with trio.move_on_after(self.timeout):
+            await tracked.ready.wait()
+        if not tracked.synced:
+            if self._tracked.get(channel) is tracked and not self.broker_has(tenant, topic):
+                del self._tracked[channel]
+                self._unsubscribe.add(channel)
+                self._wake_unsubscriber.set()
+            raise _unavailable("the backplane (Redis) is not reachable; try again")
+
+    def broker_has(self, tenant: str, topic: str) -> bool:
+        return self.broker.position(topic, tenant) is not None
+
+    def untrack(self, tenant: str, topic: str) -> None:
+        channel = self._channel(tenant, topic)
+        tracked = self._tracked.pop(channel, None)
+        if tracked is not None:
+            tracked.ready.set()  # wake waiters; they find it untracked and retry or fail
+        self._unsubscribe.add(channel)
+        self._wake_unsubscriber.set()
+
+    async def history(
+        self, tenant: str, topic: str, since: int, limit: int | None
+    ) -> tuple[list[Event], Position | None]:
+        namespace = self.broker.namespaces.resolve(topic)
+        if namespace is None:
+            return [], None
+        count = limit if limit is not None else max(namespace.history_size, 1)
+        try:
+            with trio.fail_after(self.timeout):
+                position, events = await self._fetch(
+                    tenant, topic, after=since, count=count, ttl=namespace.history_ttl
+                )
+        except Exception as exc:  # unreachable, timed out, or the connection broke
+            raise _unavailable("the backplane (Redis) is not reachable; try again") from exc
+        return events, position
+
+    # --- cluster-wide questions ------------------------------------------------------------
+
+    async def ask(self, op: str, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Ask every live node; returns (answers by node id, nodes that did not answer).
+
+        This node answers itself without a round trip. Without Redis only this
+        node's answer comes back (and no node is known to be missing).
+        """
+        answers: dict[str, Any] = {self.node_id: self._answer(op, body)}
+        if not self.connected:
+            return answers, []
+        question: _Question | None = None
+        try:
+            with trio.fail_after(self.timeout):
+                others = [node for node in await self._live_nodes() if node != self.node_id]
+                if not others:
+                    return answers, []
+                question = _Question(set(others), {})
+                qid = secrets.token_hex(8)
+                self._questions[qid] = question
+                try:
+                    message = {"op": op, "id": qid, "from": self.node_id, "body": body}
+                    await self._client.publish(self._control_channel, orjson.dumps(message))
+                    await question.done.wait()
+                finally:
+                    del self._questions[qid]
+        except Exception as exc:  # Redis went away, or a node did not answer in time
+            LOGGER.warning("cluster-wide %s incomplete: %r", op, exc)
+        if question is None:
+            return answers, []
+        answers.update(question.answers)
+        return answers, sorted(question.expected - set(question.answers))
+
+    async def presence(self, tenant: str, topic: str) -> list[ClientInfo]:
+        answers, _missing = await self.ask("presence", {"topic": topic, "tenant": tenant})
+        return [
+            ClientInfo(**entry)
+            for node in sorted(answers)
+            for entry in (answers[node] or [])
+            if isinstance(entry, dict)
+        ]
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every live node's latest announcement (this one's as of now)."""
+        own = {"node": self.node_id, **self._node_stats()}
+        if not self.connected:
+            return [own]
+        try:
+            with trio.fail_after(self.timeout):
+                raw = await self._client.hgetall(self._nodes_key)
+        except Exception:
+            return [own]
+        now = time.time()
+        found = [own]
+        for node, value in raw.items():
+            entry = orjson.loads(value)
+            if node.decode() != self.node_id and now - entry.get("at", 0) <= NODE_TTL:
+                found.append(entry)
+        return found
+
+    def status(self) -> dict[str, Any]:
+        """For /health and metrics."""
+        return {
+            "kind": self.kind,
+            "url": redacted(self.url),
+            "connected": self.connected,
+            "pending": len(self._pending),
+            "dropped": self.dropped,
+            "reconnects": self.reconnects,
+            "gaps": self.gaps,
+            "lost": self.lost,
+            "topics": len(self._tracked),
+        }
+
+    # --- running -------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep a connection to Redis (reconnecting with backoff) until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._publisher)
+            nursery.start_soon(self._unsubscriber)
+            nursery.start_soon(self._responder)
+            nursery.start_soon(self._announcer)
+            task_status.started()
+            delay = BACKOFF_FIRST
+            while True:
+                started = trio.current_time()
+                try:
+                    await self._connect_and_listen()
+                except Exception as exc:
+                    if self.connected or delay == BACKOFF_FIRST:
+                        LOGGER.warning("backplane %s unreachable: %s", redacted(self.url), exc)
+                finally:
+                    if self.connected:
+                        self.connected = False
+                        self._connected = trio.Event()
+                        LOGGER.warning("lost the connection to the backplane; reconnecting")
+                    self._client = self._pubsub = None
+                if trio.current_time() - started > 10 * BACKOFF_MAX:
+                    delay = BACKOFF_FIRST  # it had been up a while: retry quickly
+                await trio.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, BACKOFF_MAX)
+
+    @asynccontextmanager
+    async def _open_client(self) -> AsyncIterator[Any]:
+        options: dict[str, Any] = {
+            "connect_timeout": self.timeout,
+            "stream_timeout": None,
+            "decode_responses": False,
+            "username": self._username,
+            "password": self._password,
+        }
+        if self.kind == "cluster":
+            host, port = self._hosts[0]
+            client: Any = coredis.RedisCluster(host=host, port=port, **options)
+        elif self.kind == "sentinel":
+            sentinel: Any = coredis.Sentinel(
+                self._hosts, sentinel_kwargs={"connect_timeout": self.timeout}
+            )
+            client = sentinel.primary_for(self._service, db=self._db, **options)
+        else:
+            host, port = self._hosts[0]
+            client = coredis.Redis(host=host, port=port, db=self._db, **options)
+        async with client:
+            yield client
+
+    async def _connect_and_listen(self) -> None:
+        async with self._open_client() as client:
+            with trio.fail_after(self.timeout):
+                await client.ping()
+            pubsub = client.pubsub(
+                retry_policy=None, ignore_subscribe_messages=True, max_idle_seconds=1
+            )
+            async with pubsub:
+                with trio.fail_after(self.timeout):
+                    await pubsub.subscribe(self._control_channel, self._reply_channel)
+                self._client, self._pubsub = client, pubsub
+                self._script = client.register_script(PUBLISH_SCRIPT)
+                if self.reconnects or self._tracked:
+                    LOGGER.info(
+                        "backplane connected; resynchronising %d topics", len(self._tracked)
+                    )
+                self.connected = True
+                self.reconnects += 1
+                self._connected.set()
+                self._wake_publisher.set()
+                for tracked in list(self._tracked.values()):
+                    self._start_sync(tracked, resume=tracked.synced)
+                async for message in pubsub:
+                    if message["type"] == "message":
+                        self._on_message(message["channel"], message["data"])
+            raise BackplaneUnavailable("the pub/sub connection ended")
+
+    # --- receiving -------------------------------------------------------------------
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel == self._control_channel:
+            try:
+                self._control_send.send_nowait(orjson.loads(data))
+            except trio.WouldBlock:
+                LOGGER.warning("control backlog full: a cluster-wide question went unanswered")
+            return
+        if channel == self._reply_channel:
+            reply = orjson.loads(data)
+            question = self._questions.get(reply.get("id", ""))
+            if question is not None:
+                question.answers[reply["node"]] = reply.get("result")
+                if question.expected <= set(question.answers):
+                    question.done.set()
+            return
+        tracked = self._tracked.get(channel)
+        if tracked is None:
+            return  # unsubscribing from it
+        event = _decode(tracked.topic, data)
+        if tracked.syncing:
+            if len(tracked.buffer) < SYNC_BUFFER:
+                tracked.buffer.append(event)
+            else:
+                tracked.overflowed = True
+            return
+        if self.broker.deliver(tracked.tenant, event) is Delivery.GAP:
+            self.gaps += 1
+            tracked.buffer.append(event)
+            self._start_sync(tracked, resume=True)
+
+    def _start_sync(self, tracked: _Tracked, *, resume: bool) -> None:
+        if tracked.syncing or self._nursery is None:
+            return
+        tracked.syncing = True
+        self._nursery.start_soon(self._sync, tracked, resume)
+
+    async def _sync(self, tracked: _Tracked, resume: bool) -> None:
+        """Subscribe to a topic's channel, then bring the node's copy up to date.
+
+        Subscribing first and reading second means nothing published in
+        between is missed: it is either in what we read or in the buffer.
+        """
+        try:
+            while True:
+                await self._connected.wait()
+                if self._tracked.get(tracked.channel) is not tracked:
+                    return
+                try:
+                    with trio.fail_after(self.timeout):
+                        await self._pubsub.subscribe(tracked.channel)
+                        await self._catch_up(tracked, resume)
+                except Exception as exc:
+                    LOGGER.warning("synchronising %r failed: %s", tracked.topic, exc)
+                    if self._connected.is_set():
+                        await trio.sleep(BACKOFF_MAX)
+                    continue
+                if not tracked.overflowed:
+                    break
+                tracked.overflowed = False
+                resume = True
+        finally:
+            tracked.syncing = False
+        buffered, tracked.buffer = tracked.buffer, []
+        for event in sorted(buffered, key=lambda e: e.seq):
+            if self.broker.deliver(tracked.tenant, event) is Delivery.GAP:
+                # Only a stream reset races with a sync; start over.
+                tracked.buffer.append(event)
+                self._start_sync(tracked, resume=True)
+                return
+        tracked.synced = True
+        tracked.ready.set()
+
+    async def _catch_up(self, tracked: _Tracked, resume: bool) -> None:
+        tenant, topic = tracked.tenant, tracked.topic
+        namespace = self.broker.namespaces.resolve(topic)
+        if namespace is None:
+            return
+        known = self.broker.position(topic, tenant) if resume else None
+        size = max(namespace.history_size, 1)
+        position, events = await self._fetch(
+            tenant,
+            topic,
+            after=None if known is None else known.seq,
+            count=size,
+            ttl=namespace.history_ttl,
+            ensure=True,
+        )
+        assert position is not None  # ensure=True gives every topic an epoch
+        if known is None:
+            self.broker.load(tenant, topic, position, events)
+            return
+        if position == known:
+            return
+        if position.epoch == known.epoch:
+            if events and events[0].seq == known.seq + 1 and events[-1].seq == position.seq:
+                for event in events:
+                    self.broker.deliver(tenant, event)
+                return
+        else:
+            # A new stream (Redis lost the old one, or it expired). If all of
+            # it is still retained, subscribers just continue with it.
+            _, events = await self._fetch(
+                tenant, topic, after=0, count=size, ttl=namespace.history_ttl
+            )
+            if (not events and position.seq == 0) or (
+                events and events[0].seq == 1 and events[-1].seq == position.seq
+            ):
+                self.broker.load(tenant, topic, Position(0, position.epoch), [])
+                for event in events:
+                    self.broker.deliver(tenant, event)
+                return
+        self.lost += 1
+        closed = self.broker.lost(
+            tenant, topic, CloseCode.INSUFFICIENT_STATE, "events were lost; resume to see which"
+        )
+        LOGGER.warning(
+            "%r: events after %d (epoch %s) are no longer in Redis; closed %d subscribers",
+            topic,
+            known.seq,
+            known.epoch,
+            closed,
+        )
+        _, tail = await self._fetch(
+            tenant, topic, after=None, count=size, ttl=namespace.history_ttl
+        )
+        self.broker.load(tenant, topic, position, tail)
+
+    async def _fetch(
+        self,
+        tenant: str,
+        topic: str,
+        *,
+        after: int | None,
+        count: int,
+        ttl: float,
+        ensure: bool = False,
+    ) -> tuple[Position | None, list[Event]]:
+        """A topic's position and its retained events (after an offset, or the latest).
+
+        With ``ensure``, a topic without metadata gets an epoch at offset 0.
+        """
+        tid = topic_id(tenant, topic)
+        meta_key, stream_key = f"{PREFIX}:{tid}:meta", f"{PREFIX}:{tid}:stream"
+        client = self._client
+        if client is None:
+            raise BackplaneUnavailable("not connected to Redis")
+        async with client.pipeline(transaction=True) as pipe:
+            if ensure:
+                meta_request = pipe.eval(
+                    ENSURE_SCRIPT,
+                    keys=[meta_key, stream_key],
+                    args=[secrets.token_hex(4), int(META_TTL * 1000)],
+                )
+            else:
+                meta_request = pipe.hmget(meta_key, ["s", "e"])
+            if after is None:
+                entries_request = pipe.xrevrange(stream_key, "+", "-", count=count)
+            else:
+                entries_request = pipe.xrange(stream_key, f"{after + 1}-0", "+", count=count)
+        seq, epoch = await meta_request
+        entries = list(await entries_request or ())
+        if after is None:
+            entries.reverse()
+        if seq is None or epoch is None:
+            return None, []
+        cutoff = (time.time() - ttl) * 1000
+        events: list[Event] = []
+        for entry in entries:
+            data = entry.field_values[b"m"]
+            if int(data.split(b" ", 3)[2]) >= cutoff:
+                events.append(_decode(topic, data))
+        return Position(int(seq), _text(epoch)), events
+
+    # --- background tasks ----------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        while True:
+            if not self._pending:
+                await self._wake_publisher.wait()
+                self._wake_publisher = trio.Event()
+                continue
+            self._expire_pending()
+            if not self.connected:
+                # Wait for Redis, but no longer than the oldest publication may.
+                if self._pending:
+                    with trio.move_on_at(self._pending[0].deadline):
+                        await self._connected.wait()
+                continue
+            batch = [self._pending.popleft() for _ in range(min(PUBLISH_BATCH, len(self._pending)))]
+            try:
+                results = await self._publish_batch([item.publication for item in batch])
+            except Exception as exc:
+                # Put them back in order and let the reconnect loop notice;
+                # one sent but unanswered may be applied twice (at least once).
+                LOGGER.warning("publishing to the backplane failed: %s", exc)
+                self._pending.extendleft(reversed(batch))
+                with trio.move_on_after(BACKOFF_FIRST * 4):
+                    await trio.sleep_forever()
+                continue
+            for item, result in zip(batch, results, strict=True):
+                on_done = item.publication.on_done
+                if on_done is not None:
+                    on_done(result)
+
+    async def _publish_batch(self, publications: list[Publication]) -> list[Position]:
+        now_ms = str(int(time.time() * 1000))
+        timestamp = rfc3339_now()
+        requests = []
+        with trio.fail_after(self.timeout):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for publication in publications:
+                    namespace = self.broker.namespaces.resolve(publication.topic)
+                    size = namespace.history_size if namespace else 0
+                    ttl_ms = int((namespace.history_ttl if namespace else 0) * 1000) or 1
+                    tid = topic_id(publication.tenant, publication.topic)
+                    requests.append(
+                        self._script(
+                            keys=[f"{PREFIX}:{tid}:meta", f"{PREFIX}:{tid}:stream"],
+                            args=[
+                                f"{PREFIX}:topic:{tid}",
+                                publication.payload_json,
+                                size,
+                                ttl_ms,
+                                int(max(META_TTL, ttl_ms / 1000) * 1000),
+                                secrets.token_hex(4),
+                                now_ms,
+                                timestamp,
+                            ],
+                            client=pipe,
+                        )
+                    )
+            results = [await request for request in requests]
+        return [Position(int(seq), _text(epoch)) for seq, epoch in results]
+
+    def _expire_pending(self) -> None:
+        now = trio.current_time()
+        while self._pending and self._pending[0].deadline <= now:
+            self._refuse(self._pending.popleft().publication, "the backplane (Redis) is away")
+
+    def _refuse(self, publication: Publication, why: str) -> None:
+        self.dropped += 1
+        if publication.on_done is not None:
+            publication.on_done(_unavailable(f"{why}; the event was not published"))
+
+    async def _unsubscriber(self) -> None:
+        while True:
+            await self._wake_unsubscriber.wait()
+            self._wake_unsubscriber = trio.Event()
+            channels = [c for c in self._unsubscribe if c not in self._tracked]
+            self._unsubscribe.clear()
+            if not channels or self._pubsub is None:
+                continue  # after a reconnect only tracked channels are subscribed
+            try:
+                with trio.fail_after(self.timeout):
+                    await self._pubsub.unsubscribe(*channels)
+            except Exception as exc:
+                LOGGER.debug("unsubscribing from %d channels failed: %s", len(channels), exc)
+
+    async def _responder(self) -> None:
+        async for question in self._control_receive:
+            try:
+                if question.get("from") == self.node_id:
+                    continue
+                result = self._answer(str(question.get("op")), question.get("body") or {})
+                reply = {"id": question.get("id"), "node": self.node_id, "result": result}
+                channel = f"{PREFIX}:control:{question.get('from')}"
+                if self._client is not None:
+                    with trio.fail_after(self.timeout):
+                        await self._client.publish(channel, orjson.dumps(reply))
+            except Exception as exc:
+                LOGGER.warning("answering a cluster-wide question failed: %s", exc)
+
+    async def _announcer(self) -> None:
+        while True:
+            if self.connected and self._client is not None:
+                entry = {"node": self.node_id, "at": time.time(), **self._node_stats()}
+                try:
+                    with trio.fail_after(self.timeout):
+                        await self._client.hset(
+                            self._nodes_key, {self.node_id: orjson.dumps(entry)}
+                        )
+                except Exception as exc:
+                    LOGGER.debug("announcing this node failed: %s", exc)
+            await trio.sleep(ANNOUNCE_INTERVAL)
+
+    async def _live_nodes(self) -> list[str]:
+        raw = await self._client.hgetall(self._nodes_key)
+        now = time.time()
+        live: list[str] = []
+        gone: list[str] = []
+        for node, value in raw.items():
+            at = orjson.loads(value).get("at", 0)
+            (live if now - at <= NODE_TTL else gone).append(node.decode())
+        if gone:
+            await self._client.hdel(self._nodes_key, gone)
+        return live
+
+    async def forget_self(self) -> None:
+        """Leave the node registry (on a graceful shutdown)."""
+        if self._client is not None:
+            with trio.move_on_after(self.timeout):
+                await self._client.hdel(self._nodes_key, [self.node_id])
+
+    def _channel(self, tenant: str, topic: str) -> bytes:
+        return f"{PREFIX}:topic:{topic_id(tenant, topic)}".encode()
+
+
+def _decode(topic: str, data: bytes) -> Event:
+    seq, epoch, _ms, timestamp, payload = data.split(b" ", 4)
+    return Event(
+        topic, int(seq), epoch.decode(), orjson.loads(payload), timestamp.decode(), payload
+    )
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+__all__ = ["RedisBackplane", "parse_url", "redacted", "topic_id"]
