@@ -186,6 +186,7 @@ class Api:
             # Cluster-wide: every live node's counters as it last announced them.
             nodes = await self.server.nodes()
             answer["nodes"] = nodes
+            answer["backplane"] = self.server.backplane.status()
             answer["cluster"] = {
                 name: sum(int(node.get(name, 0)) for node in nodes)
                 for name in ("connections", "subscriptions", "published", "delivered", "dropped")

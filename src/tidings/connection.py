@@ -382,7 +382,7 @@ class Connection:
                     Error(ErrorCode.INVALID_FIELD, str(exc), command.request_id, command.topic)
                 )
         elif kind is Subscribe:
-            self._subscribe(command)
+            await self._subscribe(command)
         elif kind is Unsubscribe:
             if self.broker.unsubscribe(self.subscriber, command.topic):
                 self.acked.pop(command.topic, None)
@@ -397,7 +397,7 @@ class Connection:
             self._reply(Pong(command.request_id))
         elif kind is PresenceQuery:
             if not self._refused("presence", command.topic, command.request_id):
-                clients = self.broker.presence(command.topic, self.identity.tenant)
+                clients = await self.broker.presence_everywhere(command.topic, self.identity.tenant)
                 self._reply(PresenceList(command.topic, command.request_id, clients))
         elif kind is Refresh:
             self._refresh(command)
@@ -412,7 +412,9 @@ class Connection:
         limit = self.limits.rate_limit_violations
         if limit and self._violations >= limit:
             LOGGER.info("closing %s: %d messages over its rate limit", self.info.id, limit)
-            self.close(CloseCode.RATE_LIMITED, "rate limited", flush=False)
+            # Flushed: the replies queued before it (bounded by the rate limit)
+            # tell the client what it sent got done and why it is closed.
+            self.close(CloseCode.RATE_LIMITED, "rate limited")
             return False
         request_id = getattr(item, "request_id", None)
         self._reply(Error(ErrorCode.RATE_LIMITED, "too many messages; slow down", request_id))
@@ -436,10 +438,13 @@ class Connection:
         self.identity = identity
         self._reply(Refreshed(command.request_id, identity.expires_at))
 
-    def _subscribe(self, command: Subscribe) -> None:
+    async def _subscribe(self, command: Subscribe) -> None:
         if self._refused("subscribe", command.topic, command.request_id):
             return
         try:
+            # With a backplane, waits until this node follows the topic; then
+            # no await until the replay is queued.
+            await self.broker.prepare(command.topic, self.identity.tenant)
             result = self.broker.subscribe(
                 self.subscriber, command.topic, since=command.since, epoch=command.epoch
             )

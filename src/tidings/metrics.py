@@ -63,7 +63,42 @@ class NodeCollector(Collector):
             "tidings_events_dropped", "Events not delivered to a subscriber", labels=["reason"]
         )
         dropped.add_metric(["overflow"], stats.dropped)
+        backplane = server.backplane
+        if backplane is not None:
+            # Publications refused because Redis was away longer than backplane_timeout.
+            dropped.add_metric(["backplane"], backplane.dropped)
         yield dropped
+        if backplane is not None:
+            yield GaugeMetricFamily(
+                "tidings_backplane_connected",
+                "1 while the node is connected to its Redis backplane",
+                value=int(backplane.connected),
+            )
+            yield CounterMetricFamily(
+                "tidings_backplane_dropped",
+                "Publications refused (unavailable) while Redis was away or slow",
+                value=backplane.dropped,
+            )
+            yield CounterMetricFamily(
+                "tidings_backplane_reconnects",
+                "Connections made to Redis (the first one included)",
+                value=backplane.reconnects,
+            )
+            yield CounterMetricFamily(
+                "tidings_backplane_gaps",
+                "Holes in a topic's offsets filled from the Redis stream",
+                value=backplane.gaps,
+            )
+            yield CounterMetricFamily(
+                "tidings_backplane_lost",
+                "Holes the Redis stream no longer covered (subscribers closed with 4010)",
+                value=backplane.lost,
+            )
+            yield GaugeMetricFamily(
+                "tidings_backplane_pending",
+                "Publications waiting for Redis",
+                value=backplane.status()["pending"],
+            )
         disconnects = CounterMetricFamily(
             "tidings_disconnects", "Connections that ended", labels=["code", "reason"]
         )

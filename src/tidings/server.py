@@ -405,7 +405,7 @@ class Server:
             subscriptions=broker.subscriptions,
             published=broker.published,
             delivered=broker.delivered,
-            dropped=broker.dropped + (self.backplane.dropped if self.backplane is not None else 0),
+            dropped=broker.dropped,
             inbox_depth=broker.inbox_depth,
         )
 

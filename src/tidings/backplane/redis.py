@@ -61,6 +61,9 @@ BACKOFF_MAX: Final = 1.0
 META_TTL: Final = 24 * 3600.0
 #: Events held per topic while it is being synchronised.
 SYNC_BUFFER: Final = 10_000
+#: Publications a node remembers per topic to recognise its own retries;
+#: larger than a batch, so every publication of a retried batch is found.
+DEDUPE_RING: Final = 4 * PUBLISH_BATCH
 #: Control messages waiting to be answered.
 CONTROL_BACKLOG: Final = 256
 
@@ -69,7 +72,17 @@ CONTROL_BACKLOG: Final = 256
 # The message is "seq epoch ms timestamp payload": the payload last, as is.
 # A topic without metadata (new, or expired, or lost with Redis) starts a new
 # epoch at offset 1 and drops any stream left over.
+#
+# KEYS[3] remembers this node's recent publications (a ring of DEDUPE_RING
+# slots, ARGV[9] being the node's publication number): a batch retried after
+# a broken connection must not publish twice what Redis had already applied.
 PUBLISH_SCRIPT: Final = """
+local slot = tostring(tonumber(ARGV[9]) % tonumber(ARGV[10]))
+local seen = redis.call('HGET', KEYS[3], slot)
+if seen then
+  local number, seen_seq, seen_epoch = string.match(seen, '^(%d+) (%d+) (%S+)$')
+  if number == ARGV[9] then return {tonumber(seen_seq), seen_epoch} end
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[6]
@@ -85,6 +98,8 @@ if size > 0 then
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 redis.call('PUBLISH', ARGV[1], message)
+redis.call('HSET', KEYS[3], slot, ARGV[9] .. ' ' .. seq .. ' ' .. epoch)
+redis.call('PEXPIRE', KEYS[3], 60000)
 return {seq, epoch}
 """
 
@@ -139,6 +154,8 @@ class _Tracked:
 class _Pending:
     publication: Publication
     deadline: float
+    number: int
+    """This node's publication number: stable across retries of the same one."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -195,6 +212,9 @@ class RedisBackplane:
         self._tracked: dict[bytes, _Tracked] = {}
         self._unsubscribe: set[bytes] = set()
         self._pending: deque[_Pending] = deque()
+        self._published = 0
+        # Numbers restart with the process, so retries are recognised per incarnation.
+        self._incarnation = f"{node_id}:{secrets.token_hex(4)}"
         self._wake_publisher = trio.Event()
         self._wake_unsubscriber = trio.Event()
         self._questions: dict[str, _Question] = {}
@@ -212,7 +232,10 @@ class RedisBackplane:
         if len(self._pending) >= self.buffer:
             self._refuse(publication, "the backplane's buffer is full (Redis is slow or away)")
             return
-        self._pending.append(_Pending(publication, trio.current_time() + self.timeout))
+        self._published += 1
+        self._pending.append(
+            _Pending(publication, trio.current_time() + self.timeout, self._published)
+        )
         self._wake_publisher.set()
 
     async def track(self, tenant: str, topic: str) -> None:
@@ -320,6 +343,10 @@ class RedisBackplane:
                 found.append(entry)
         return found
 
+    async def wait_connected(self) -> None:
+        """Return once the node is connected to Redis (at once if it is)."""
+        await self._connected.wait()
+
     def status(self) -> dict[str, Any]:
         """For /health and metrics."""
         return {
@@ -352,7 +379,9 @@ class RedisBackplane:
                     await self._connect_and_listen()
                 except Exception as exc:
                     if self.connected or delay == BACKOFF_FIRST:
-                        LOGGER.warning("backplane %s unreachable: %s", redacted(self.url), exc)
+                        LOGGER.warning(
+                            "backplane %s unreachable: %s", redacted(self.url), _cause(exc)
+                        )
                 finally:
                     if self.connected:
                         self.connected = False
@@ -388,6 +417,18 @@ class RedisBackplane:
             yield client
 
     async def _connect_and_listen(self) -> None:
+        try:
+            await self._listen()
+        except BaseExceptionGroup as group:
+            # On cancellation coredis's pub/sub cleanup writes to a connection
+            # its pool already closed and adds that error to the Cancelled:
+            # let only the cancellation through.
+            cancelled, _ = group.split(trio.Cancelled)
+            if cancelled is not None:
+                raise cancelled from None
+            raise
+
+    async def _listen(self) -> None:
         async with self._open_client() as client:
             with trio.fail_after(self.timeout):
                 await client.ping()
@@ -468,7 +509,7 @@ class RedisBackplane:
                         await self._pubsub.subscribe(tracked.channel)
                         await self._catch_up(tracked, resume)
                 except Exception as exc:
-                    LOGGER.warning("synchronising %r failed: %s", tracked.topic, exc)
+                    LOGGER.warning("synchronising %r failed: %s", tracked.topic, _cause(exc))
                     if self._connected.is_set():
                         await trio.sleep(BACKOFF_MAX)
                     continue
@@ -606,11 +647,11 @@ class RedisBackplane:
                 continue
             batch = [self._pending.popleft() for _ in range(min(PUBLISH_BATCH, len(self._pending)))]
             try:
-                results = await self._publish_batch([item.publication for item in batch])
+                results = await self._publish_batch(batch)
             except Exception as exc:
                 # Put them back in order and let the reconnect loop notice;
-                # one sent but unanswered may be applied twice (at least once).
-                LOGGER.warning("publishing to the backplane failed: %s", exc)
+                # the script recognises those Redis had applied already.
+                LOGGER.warning("publishing to the backplane failed: %s", _cause(exc))
                 self._pending.extendleft(reversed(batch))
                 with trio.move_on_after(BACKOFF_FIRST * 4):
                     await trio.sleep_forever()
@@ -620,20 +661,25 @@ class RedisBackplane:
                 if on_done is not None:
                     on_done(result)
 
-    async def _publish_batch(self, publications: list[Publication]) -> list[Position]:
+    async def _publish_batch(self, batch: list[_Pending]) -> list[Position]:
         now_ms = str(int(time.time() * 1000))
         timestamp = rfc3339_now()
         requests = []
         with trio.fail_after(self.timeout):
             async with self._client.pipeline(transaction=False) as pipe:
-                for publication in publications:
+                for item in batch:
+                    publication = item.publication
                     namespace = self.broker.namespaces.resolve(publication.topic)
                     size = namespace.history_size if namespace else 0
                     ttl_ms = int((namespace.history_ttl if namespace else 0) * 1000) or 1
                     tid = topic_id(publication.tenant, publication.topic)
                     requests.append(
                         self._script(
-                            keys=[f"{PREFIX}:{tid}:meta", f"{PREFIX}:{tid}:stream"],
+                            keys=[
+                                f"{PREFIX}:{tid}:meta",
+                                f"{PREFIX}:{tid}:stream",
+                                f"{PREFIX}:{tid}:sent:{self._incarnation}",
+                            ],
                             args=[
                                 f"{PREFIX}:topic:{tid}",
                                 publication.payload_json,
@@ -643,6 +689,8 @@ class RedisBackplane:
                                 secrets.token_hex(4),
                                 now_ms,
                                 timestamp,
+                                item.number,
+                                DEDUPE_RING,
                             ],
                             client=pipe,
                         )
@@ -689,16 +737,16 @@ class RedisBackplane:
                 LOGGER.warning("answering a cluster-wide question failed: %s", exc)
 
     async def _announcer(self) -> None:
+        # At once on (re)connecting, so a new node answers cluster-wide questions
+        # from its first second; then every ANNOUNCE_INTERVAL.
         while True:
-            if self.connected and self._client is not None:
-                entry = {"node": self.node_id, "at": time.time(), **self._node_stats()}
-                try:
-                    with trio.fail_after(self.timeout):
-                        await self._client.hset(
-                            self._nodes_key, {self.node_id: orjson.dumps(entry)}
-                        )
-                except Exception as exc:
-                    LOGGER.debug("announcing this node failed: %s", exc)
+            await self._connected.wait()
+            entry = {"node": self.node_id, "at": time.time(), **self._node_stats()}
+            try:
+                with trio.fail_after(self.timeout):
+                    await self._client.hset(self._nodes_key, {self.node_id: orjson.dumps(entry)})
+            except Exception as exc:
+                LOGGER.debug("announcing this node failed: %s", exc)
             await trio.sleep(ANNOUNCE_INTERVAL)
 
     async def _live_nodes(self) -> list[str]:
@@ -715,9 +763,13 @@ class RedisBackplane:
 
     async def forget_self(self) -> None:
         """Leave the node registry (on a graceful shutdown)."""
-        if self._client is not None:
+        if self._client is None or not self.connected:
+            return  # the others stop counting it within NODE_TTL anyway
+        try:
             with trio.move_on_after(self.timeout):
                 await self._client.hdel(self._nodes_key, [self.node_id])
+        except Exception as exc:
+            LOGGER.debug("leaving the node registry failed: %s", _cause(exc))
 
     def _channel(self, tenant: str, topic: str) -> bytes:
         return f"{PREFIX}:topic:{topic_id(tenant, topic)}".encode()
@@ -728,6 +780,13 @@ def _decode(topic: str, data: bytes) -> Event:
     return Event(
         topic, int(seq), epoch.decode(), orjson.loads(payload), timestamp.decode(), payload
     )
+
+
+def _cause(exc: BaseException) -> str:
+    """The first real error inside the exception groups coredis and Trio wrap it in."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _text(value: Any) -> str:

@@ -1,0 +1,194 @@
+"""The Redis backplane inside one process: two servers sharing a real redis-server.
+
+The end-to-end tests with ``tidings serve`` processes are in test_cluster.py;
+these drive the cases that need a hand on Redis itself: a node's pub/sub
+connection cut under traffic, events that reach the stream but never the
+node, a stream that no longer reaches back, Redis absent at start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+
+from tidings import Config, Server, open_server
+from tidings.backplane.redis import PREFIX, topic_id
+from tidings.broker.broker import BrokerError
+from tidings.protocol.codes import CloseCode
+
+from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
+from .redis_fixture import RedisServer, redis_binary
+
+pytestmark = pytest.mark.slow
+
+
+@asynccontextmanager
+async def node(url: str, name: str, **overrides: Any) -> AsyncIterator[Server]:
+    settings: dict[str, Any] = {
+        "port": 0,
+        "log_level": "warning",
+        "backplane": url,
+        "node_id": name,
+        "backplane_timeout": 1.0,
+    }
+    settings.update(overrides)
+    async with open_server(Config(**settings)) as server:
+        yield server
+
+
+async def connected(server: Server) -> None:
+    """Wait until the node has (re)connected to Redis, at most 5 s."""
+    assert server.backplane is not None
+    with trio.fail_after(5):
+        await server.backplane.wait_connected()
+
+
+async def events_of(ws: Any, count: int) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    while len(events) < count:
+        frame = await receive(ws)
+        if frame["type"] == "event":
+            events.append(frame)
+    return events
+
+
+async def test_an_event_published_on_one_node_reaches_subscribers_of_both_in_order(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+            async with ws_client(a) as on_a, ws_client(b) as on_b:
+                first = await subscribe(on_a, "orders")
+                second = await subscribe(on_b, "orders")
+                # One stream: both nodes report the same epoch before any event.
+                assert first["payload"]["epoch"] == second["payload"]["epoch"]
+                for i in range(20):
+                    await (a if i % 2 else b).publish("orders", {"n": i})
+                got_a, got_b = await events_of(on_a, 20), await events_of(on_b, 20)
+            assert [e["seq"] for e in got_a] == list(range(1, 21))
+            assert [(e["seq"], e["epoch"], e["payload"]) for e in got_a] == [
+                (e["seq"], e["epoch"], e["payload"]) for e in got_b
+            ]
+            assert [e["payload"]["n"] for e in got_a] == list(range(20))
+
+
+async def test_a_client_resumes_on_the_other_node_with_what_it_missed(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+            async with ws_client(a) as ws:
+                await subscribe(ws, "log")
+                await a.publish("log", "one")
+                (seen,) = await events_of(ws, 1)
+            for word in ("two", "three"):
+                await a.publish("log", word)
+            async with ws_client(b) as ws:
+                reply = await subscribe(ws, "log", since=seen["seq"], epoch=seen["epoch"])
+                assert reply["payload"]["recovered"] is True
+                replay = await events_of(ws, 2)
+            assert [(e["seq"], e["payload"]) for e in replay] == [(2, "two"), (3, "three")]
+
+
+async def test_a_cut_pubsub_connection_loses_nothing(redis_server: RedisServer) -> None:
+    """Redis pub/sub drops what a disconnected node misses; the stream fills it in."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+            async with ws_client(b) as ws:
+                await subscribe(ws, "ticks")
+                assert b.backplane is not None
+                reconnects = b.backplane.reconnects
+                for i in range(30):
+                    if i == 10:
+                        # Cut every pub/sub connection (node b's among them).
+                        await redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+                    await a.publish("ticks", i)
+                    await trio.sleep(0.01)  # spread over the reconnect, not a sync point
+                got = await events_of(ws, 30)
+            assert [e["payload"] for e in got] == list(range(30))
+            assert [e["seq"] for e in got] == list(range(1, 31))
+            assert b.backplane.reconnects > reconnects
+
+
+async def _append_without_publishing(
+    redis: RedisServer, topic: str, payload: str, tenant: str = "default"
+) -> None:
+    """Write the next event to the topic's stream as the publish script would, minus PUBLISH."""
+    tid = topic_id(tenant, topic)
+    meta, stream = f"{PREFIX}:{tid}:meta", f"{PREFIX}:{tid}:stream"
+    seq = await redis.command("HINCRBY", meta, "s", 1)
+    epoch = (await redis.command("HGET", meta, "e")).decode()
+    message = f'{seq} {epoch} {int(time.time() * 1000)} 2026-01-01T00:00:00.000Z "{payload}"'
+    await redis.command("XADD", stream, f"{seq}-1", "m", message)
+
+
+async def test_events_a_node_never_heard_of_are_fetched_from_the_stream(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a:
+            async with ws_client(a) as ws:
+                await subscribe(ws, "jobs")
+                await a.publish("jobs", "first")
+                await _append_without_publishing(redis_server, "jobs", "missed")
+                await a.publish("jobs", "third")
+                got = await events_of(ws, 3)
+            assert [(e["seq"], e["payload"]) for e in got] == [
+                (1, "first"),
+                (2, "missed"),
+                (3, "third"),
+            ]
+            assert a.backplane is not None and a.backplane.gaps == 1
+
+
+async def test_a_hole_the_stream_no_longer_covers_closes_subscribers_with_4010(
+    redis_server: RedisServer,
+) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a", history_size=2) as a:
+            disconnects = Disconnects(a)
+            async with ws_client(a) as ws:
+                await subscribe(ws, "jobs")
+                await a.publish("jobs", "first")
+                for i in range(4):  # more than the history keeps
+                    await _append_without_publishing(redis_server, "jobs", f"missed-{i}")
+                await a.publish("jobs", "last")
+                (closed,) = await disconnects.wait()
+            assert closed.code == CloseCode.INSUFFICIENT_STATE
+            assert a.backplane is not None and a.backplane.lost == 1
+            # Resuming says plainly that events are gone, and where the stream is.
+            async with ws_client(a) as ws:
+                reply = await subscribe(ws, "jobs", since=1)
+            assert reply["payload"]["recovered"] is False
+            assert reply["payload"]["seq"] == 6
+
+
+async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Any) -> None:
+    redis = RedisServer(redis_binary(), tmp_path)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis.url, "a", backplane_timeout=0.3) as a:
+            assert a.backplane is not None and not a.backplane.connected
+            async with ws_client(a) as ws:
+                await send(ws, {"type": "subscribe", "topic": "t", "requestId": "s"})
+                refused = await receive(ws)
+                assert refused["type"] == "error"
+                assert refused["payload"]["code"] == "unavailable"
+                with pytest.raises(BrokerError) as refusal:
+                    await a.publish("t", 1)
+                assert refusal.value.code == "unavailable"
+                assert a.backplane.dropped == 1
+                await redis.start()
+                try:
+                    await connected(a)
+                    await subscribe(ws, "t")
+                    await a.publish("t", 2)
+                    (event,) = await events_of(ws, 1)
+                    assert event["payload"] == 2
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await redis.stop()
