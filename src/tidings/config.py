@@ -109,6 +109,25 @@ class NamespaceConfig:
     topics: tuple[str, ...] = attrs.field(default=(), converter=tuple)
 
 
+def _namespace_tables(value: Any) -> dict[str, NamespaceConfig]:
+    """``Config(namespaces={"chat": {"history_size": 50}})`` as well as NamespaceConfig values."""
+    if not isinstance(value, Mapping):
+        raise ConfigError("namespaces: expected a table of namespace tables")
+    tables: dict[str, NamespaceConfig] = {}
+    for name, table in value.items():
+        if isinstance(table, NamespaceConfig):
+            tables[str(name)] = table
+        elif isinstance(table, Mapping):
+            try:
+                tables[str(name)] = _converter.structure(dict(table), NamespaceConfig)
+            except Exception as exc:
+                problems = "; ".join(cattrs.transform_error(exc, path=f"namespaces.{name}"))
+                raise ConfigError(problems) from None
+        else:
+            raise ConfigError(f"namespaces.{name}: expected a table")
+    return tables
+
+
 @attrs.frozen(kw_only=True)
 class Config:
     """Everything a tidings node can be told. Defaults follow ``DESIGN.md``."""
@@ -211,6 +230,7 @@ class Config:
     )
     namespaces: dict[str, NamespaceConfig] = attrs.field(
         factory=dict,
+        converter=_namespace_tables,
         metadata=_help("[namespaces.NAME] tables for topics NAME:...; JSON in the environment"),
     )
     allow_unknown_namespaces: bool = attrs.field(

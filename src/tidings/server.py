@@ -508,7 +508,7 @@ class Server:
             if self._draining and not self._connections:
                 self._drained.set()
             closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
-            key = (closed.code, closed.reason)
+            key = _disconnect_key(closed)
             self.counters.disconnects[key] = self.counters.disconnects.get(key, 0) + 1
             duration = time.time() - info.connected_at
             LOGGER.info(
@@ -617,6 +617,21 @@ class Server:
             shutdown_trigger=self._stop_hypercorn.wait,
             task_status=task_status,
         )
+
+
+#: Close codes a client's own close frame is counted under; others become 0.
+_CLIENT_CODES: Final = frozenset({1000, 1001, 1002, 1005, 1006, 1007, 1008, 1009, 1011})
+
+
+def _disconnect_key(closed: CloseInfo) -> tuple[int, str]:
+    """The metric labels of a disconnect: bounded, whatever a client sends.
+
+    A client chooses its close frame's code and reason; counting them as given
+    would let any client create metric series without limit.
+    """
+    if closed.initiated_by == "client":
+        return (closed.code if closed.code in _CLIENT_CODES else 0), "by client"
+    return closed.code, closed.reason[:64]
 
 
 def _host(remote: str) -> str:
