@@ -20,6 +20,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 from tidings import CloseInfo, Config, Server, open_server
 
 from .rawws import RawWebSocket
+from .redis_fixture import redis_server, tidings_nodes  # noqa: F401 - fixtures of test_cluster
 
 #: Generous bound for any single socket test; a hang fails instead of stalling CI.
 TEST_TIMEOUT = 20
