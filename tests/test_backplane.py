@@ -8,9 +8,13 @@ node, a stream that no longer reaches back, Redis absent at start.
 
 from __future__ import annotations
 
+import shutil
+import socket
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +26,7 @@ from tidings.broker.broker import BrokerError
 from tidings.protocol.codes import CloseCode
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
-from .redis_fixture import RedisServer, redis_binary
+from .redis_fixture import RedisServer, free_port, redis_binary
 
 pytestmark = pytest.mark.slow
 
@@ -168,7 +172,7 @@ async def test_a_hole_the_stream_no_longer_covers_closes_subscribers_with_4010(
             assert reply["payload"]["seq"] == 6
 
 
-async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Any) -> None:
+async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Path) -> None:
     redis = RedisServer(redis_binary(), tmp_path)
     with trio.fail_after(TEST_TIMEOUT):
         async with node(redis.url, "a", backplane_timeout=0.3) as a:
@@ -192,3 +196,123 @@ async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Any) -> No
                 finally:
                     with trio.CancelScope(shield=True):
                         await redis.stop()
+
+
+# --- Sentinel and Cluster deployments ------------------------------------------------
+
+
+async def _start(command: list[str], cwd: Path) -> trio.Process:
+    return await trio.lowlevel.open_process(
+        command, cwd=str(cwd), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+
+
+async def _answers_ping(port: int) -> None:
+    """Wait (bounded) until a Redis or Sentinel process on ``port`` answers PING."""
+    with trio.fail_after(10):
+        while True:
+            try:
+                stream = await trio.open_tcp_stream("127.0.0.1", port)
+            except OSError:
+                await trio.sleep(0.02)
+                continue
+            async with stream:
+                await stream.send_all(b"PING\r\n")
+                if (await stream.receive_some(64)).startswith(b"+PONG"):
+                    return
+            await trio.sleep(0.02)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is a free port too."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10000 <= 65535:
+            try:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
+async def _cluster_ready(redis: RedisServer, port: int) -> None:
+    """Poll a cluster node (bounded by the caller) until it says the cluster is ok."""
+    redis.port = port
+    info = b""
+    while b"cluster_state:ok" not in info:
+        await trio.sleep(0.05)
+        info = await redis.command("CLUSTER", "INFO")
+
+
+async def _stop(processes: list[trio.Process]) -> None:
+    with trio.CancelScope(shield=True):
+        for process in processes:
+            process.kill()
+            await process.wait()
+
+
+async def _one_node_round_trip(url: str) -> None:
+    async with node(url, "a") as a:
+        await connected(a)
+        async with ws_client(a) as ws:
+            await subscribe(ws, "deploys")
+            for step in ("build", "push"):
+                await a.publish("deploys", step)
+            got = await events_of(ws, 2)
+        assert [(e["seq"], e["payload"]) for e in got] == [(1, "build"), (2, "push")]
+        events, position = await a.history("deploys")
+        assert [e.payload for e in events] == ["build", "push"] and position is not None
+
+
+async def test_a_sentinel_url_finds_the_primary(tmp_path: Path) -> None:
+    binary = redis_binary()
+    primary, sentinel = free_port(), free_port()
+    (tmp_path / "sentinel.conf").write_text(
+        f"port {sentinel}\nbind 127.0.0.1\nsentinel monitor main 127.0.0.1 {primary} 1\n"
+    )
+    processes = [
+        await _start(
+            [binary, "--port", str(primary), "--bind", "127.0.0.1", "--save", ""], tmp_path
+        ),
+        await _start([binary, str(tmp_path / "sentinel.conf"), "--sentinel"], tmp_path),
+    ]
+    try:
+        with trio.fail_after(TEST_TIMEOUT):
+            await _answers_ping(primary)
+            await _answers_ping(sentinel)
+            await _one_node_round_trip(f"redis+sentinel://127.0.0.1:{sentinel}/main/0")
+    finally:
+        await _stop(processes)
+
+
+async def test_a_cluster_url_spreads_topics_over_the_cluster(tmp_path: Path) -> None:
+    binary, cli = redis_binary(), shutil.which("redis-cli")
+    if cli is None:
+        pytest.skip("redis-cli is not installed (it comes with redis-server's package)")
+    ports = [_cluster_port() for _ in range(3)]
+    processes = []
+    try:
+        for port in ports:
+            directory = tmp_path / str(port)
+            directory.mkdir()
+            processes.append(
+                await _start(
+                    [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                     "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"],
+                    directory,
+                )
+            )  # fmt: skip
+        with trio.fail_after(TEST_TIMEOUT):
+            for port in ports:
+                await _answers_ping(port)
+            await trio.run_process(
+                [cli, "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+                capture_stdout=True,
+            )
+            for port in ports:
+                await _cluster_ready(RedisServer(binary, tmp_path), port)
+            await _one_node_round_trip(f"redis+cluster://127.0.0.1:{ports[0]}")
+    finally:
+        await _stop(processes)

@@ -37,6 +37,7 @@ import attrs
 import coredis
 import orjson
 import trio
+from coredis.connection import TCPLocation
 
 from ..broker.backplane import Publication
 from ..broker.broker import Broker, BrokerError, Delivery
@@ -406,10 +407,16 @@ class RedisBackplane:
             host, port = self._hosts[0]
             client: Any = coredis.RedisCluster(host=host, port=port, **options)
         elif self.kind == "sentinel":
-            sentinel: Any = coredis.Sentinel(
-                self._hosts, sentinel_kwargs={"connect_timeout": self.timeout}
-            )
-            client = sentinel.primary_for(self._service, db=self._db, **options)
+            # Asks the sentinels for the current primary on every (re)connect,
+            # so a failover is followed by the next reconnect.
+            sentinels = [TCPLocation(host, port) for host, port in self._hosts]
+            async with coredis.Sentinel(
+                sentinels, sentinel_kwargs={"connect_timeout": self.timeout}
+            ) as sentinel:
+                client = sentinel.primary_for(self._service, db=self._db, **options)
+                async with client:
+                    yield client
+            return
         else:
             host, port = self._hosts[0]
             client = coredis.Redis(host=host, port=port, db=self._db, **options)
