@@ -403,9 +403,10 @@ class Nodes:
         return node
 
     async def close(self) -> None:
-        for node in self.started:
-            if node.process is not None:
-                await node.stop()
+        async with trio.open_nursery() as nursery:
+            for node in self.started:
+                if node.process is not None:
+                    nursery.start_soon(node.stop)
 
     def report(self) -> str:
         parts = []

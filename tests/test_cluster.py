@@ -144,15 +144,22 @@ class Ledger:
         self._changed.set()
         self._changed = trio.Event()
 
+    def sending(self, key: str) -> None:
+        self.unanswered.add(key)
+        self._notify()
+
     def ack(self, key: str, seq: int, epoch: str) -> None:
+        self.unanswered.discard(key)
         self.acked[key] = {"seq": seq, "epoch": epoch}
         self._notify()
 
     def refuse(self, key: str, code: str) -> None:
+        self.unanswered.discard(key)
         self.refused[key] = code
         self._notify()
 
     def strange(self, key: str, answer: Any) -> None:
+        self.unanswered.discard(key)
         self.other.append((key, answer))
         self._notify()
 
@@ -170,6 +177,7 @@ class Ledger:
 
 async def api_publish(node: Node, ledger: Ledger, topic: str, key: str) -> None:
     """Publish ``{"key": key}`` through the HTTP API of ``node`` and record the outcome."""
+    ledger.sending(key)
     status, body = await node.api("publish", topic=topic, payload={"key": key})
     if status == 200 and "seq" in body:
         ledger.ack(key, body["seq"], body["epoch"])
@@ -181,11 +189,10 @@ async def api_publish(node: Node, ledger: Ledger, topic: str, key: str) -> None:
 
 async def ws_publish(ws: WebSocketConnection, ledger: Ledger, topic: str, key: str) -> None:
     """Publish ``{"key": key}`` as a client and record the outcome."""
-    ledger.unanswered.add(key)
+    ledger.sending(key)
     reply = await call(
         ws, {"type": "publish", "topic": topic, "payload": {"key": key}, "requestId": key}
     )
-    ledger.unanswered.discard(key)
     if reply["type"] == "response":
         ledger.ack(key, reply["payload"]["seq"], reply["payload"]["epoch"])
     elif reply["type"] == "error" and reply["payload"]["code"] == "unavailable":
@@ -291,6 +298,9 @@ async def test_every_subscriber_on_every_node_gets_every_event_in_one_order(
             history = await c.call("history", topic="orders", since=0, limit=1000)
             assert [(e["seq"], e["epoch"], e["payload"]) for e in history["events"]] == reference
             assert history["seq"] == 100
+            for follower in followers:
+                assert follower.ws is not None
+                await follower.ws.aclose()
             nursery.cancel_scope.cancel()
         # A node with a backplane shuts down cleanly on SIGTERM, like one without.
         exits: dict[str, int] = {}
@@ -454,14 +464,19 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
 
     Acknowledged publications reach the subscribers on both nodes once each, in
     order; the others were refused with ``unavailable`` and counted as dropped.
+    Node a waits 1 s for Redis and holds 4 publications; node b waits 4 s, so
+    the publication its client makes last during the outage is held until
+    Redis is back (the nodes reconnect within about a second) and sequenced.
     """
     with trio.fail_after(50):
         timeout, buffer = 1.0, 4
-        a, b = await start_nodes(
-            tidings_nodes,
-            ["a", "b"],
-            "--backplane-timeout", str(timeout), "--backplane-buffer", str(buffer),
-        )  # fmt: skip
+        async with trio.open_nursery() as starting:
+            starting.start_soon(
+                tidings_nodes.start,
+                "a", "--backplane-timeout", str(timeout), "--backplane-buffer", str(buffer),
+            )  # fmt: skip
+            starting.start_soon(tidings_nodes.start, "b", "--backplane-timeout", "4")
+        a, b = sorted(tidings_nodes.started, key=lambda node: node.name)
         ledger = Ledger()
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
@@ -501,12 +516,6 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
                     assert health["backplane"]["kind"] == "redis", health
                     assert health["backplane"]["connected"] is False, health
                     assert await metric(node, "tidings_backplane_connected") == 0
-                await ledger.wait(
-                    lambda led: (
-                        led.count("a-", refused=True) >= 2 and led.count("b-", refused=True) >= 2
-                    )
-                )
-
                 # A burst beyond the buffer is refused at once, not queued.
                 timings: list[float] = []
 
@@ -520,7 +529,15 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
                         bursts.start_soon(burst, i)
                 assert ledger.count("a-burst-", refused=True) == 10, ledger.other
                 assert sum(1 for t in timings if t < timeout / 2) >= 10 - buffer, timings
-
+                # Both steady publishers have been refused (b's after its 4 s wait).
+                await ledger.wait(
+                    lambda led: (
+                        led.count("a-", refused=True) >= 2 and led.count("b-", refused=True) >= 1
+                    )
+                )
+                # b's client has its next publication waiting for Redis now.
+                await ledger.wait(lambda led: any(k.startswith("b-") for k in led.unanswered))
+                waiting = {key for key in ledger.unanswered if key.startswith("b-")}
                 # Redis comes back with its data; the nodes reconnect by themselves.
                 await redis_server.start()
                 for node in (a, b):
@@ -537,6 +554,8 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
             assert not ledger.unanswered, ledger.unanswered
             assert ledger.refused, "no publication was refused while Redis was away"
             assert set(ledger.refused.values()) == {"unavailable"}
+            # What was waiting when Redis came back was sequenced, not refused.
+            assert waiting <= set(ledger.acked), (waiting, ledger.refused)
             for follower in (fa, fb):
                 with trio.fail_after(10):
                     await follower.wait(
@@ -705,10 +724,15 @@ async def test_clients_of_a_killed_node_resume_on_another_and_lose_nothing(
                 await a.kill()
                 for follower in movers:
                     await follower.wait(lambda f: f.closed is not None)
+                # Events go on while the movers are away; they must come from history.
+                killed_at = ledger.count("b-")
+                await ledger.wait(lambda led: led.count("b-") >= killed_at + 5)
+                for follower in movers:
                     seq, epoch = follower.position
                     reply = await follower.follow(nursery, b, since=seq, epoch=epoch)
                     assert reply["recovered"] is True, reply
                     assert reply["epoch"] == epoch, reply
+                    assert reply["replayed"] >= 5, reply
                 resumed_at = ledger.count("b-")
                 await ledger.wait(lambda led: led.count("b-") >= resumed_at + 10)
                 stop.set()
