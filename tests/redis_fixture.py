@@ -391,15 +391,29 @@ class Nodes:
         self.redis = redis
         self.started: list[Node] = []
 
-    async def start(self, name: str | None = None, *args: str, backplane: bool = True) -> Node:
-        """A new node named ``name`` with extra ``args``; with the test's Redis unless told not."""
+    async def start(
+        self,
+        name: str | None = None,
+        *args: str,
+        backplane: bool | str = True,
+        ready: str | None = "ok",
+    ) -> Node:
+        """A new node named ``name`` with extra ``args``.
+
+        ``backplane``: True for the test's Redis, a URL for another, False for
+        none. ``ready``: the ``/health`` status to wait for (``ok`` once the node
+        is connected to Redis), or None to return as soon as it answers.
+        """
         name = name or f"node{len(self.started) + 1}"
         extra = ["--log-level", "info", "--history-size", "10000", *args]
         if backplane:
-            extra = ["--backplane", self.redis.url, *extra]
+            url = self.redis.url if backplane is True else backplane
+            extra = ["--backplane", url, *extra]
         node = Node(name, extra, self.directory / f"{name}.log")
         self.started.append(node)
         await node.start()
+        if ready is not None:
+            await node.wait_health(ready)
         return node
 
     async def close(self) -> None:

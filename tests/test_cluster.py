@@ -415,6 +415,88 @@ async def test_presence_channels_and_info_answer_for_the_whole_cluster(
             nursery.cancel_scope.cancel()
 
 
+def tenant_token(user: str, tenant: str) -> str:
+    claims = {"sub": user, "tenant": tenant, "exp": int(time.time()) + 600}
+    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+
+async def test_tenants_stay_apart_across_nodes(tidings_nodes: Nodes) -> None:
+    """The same topic name in two tenants is two topics, on every node."""
+    with trio.fail_after(30):
+        a, b = await start_nodes(tidings_nodes, ["a", "b"], "--jwt-secret", JWT_SECRET)
+        async with trio.open_nursery() as nursery:
+            followers = {}
+            for tenant, node in (("acme", a), ("acme", b), ("globex", a), ("globex", b)):
+                follower = Follower(f"{tenant}@{node.name}", "news")
+                follower.ws = await connect_websocket_url(
+                    nursery, f"{node.url}?token={tenant_token('u-' + tenant, tenant)}"
+                )
+                reply = await subscribe(follower.ws, "news")
+                follower.replies.append(reply["payload"])
+                nursery.start_soon(follower._read, follower.ws)
+                followers[follower.name] = follower
+            acme = [
+                await a.call("publish", topic="news", payload=i, tenant="acme") for i in range(3)
+            ]
+            globex = await b.call("publish", topic="news", payload="g", tenant="globex")
+            # Each tenant has its own offsets: globex's first event is its seq 1.
+            assert [ack["seq"] for ack in acme] == [1, 2, 3] and globex["seq"] == 1
+            for name, follower in followers.items():
+                expected = [0, 1, 2] if name.startswith("acme") else ["g"]
+                await follower.wait_events(len(expected))
+                await follower.settle()
+                assert [e["payload"] for e in follower.events] == expected, name
+            for node in (a, b):
+                presence = await node.call("presence", topic="news", tenant="acme")
+                assert users(presence) == ["u-acme", "u-acme"], presence
+                channels = await node.call("channels", tenant="globex")
+                assert channels["channels"] == [{"topic": "news", "subscribers": 2}], channels
+                history = await node.call("history", topic="news", tenant="globex")
+                assert [e["payload"] for e in history["events"]] == ["g"], history
+            # Disconnecting a user of one tenant leaves the other's namesake alone.
+            answer = await b.call("disconnect", user="u-acme", tenant="globex")
+            assert answer == {"disconnected": 0}, answer
+            nursery.cancel_scope.cancel()
+
+
+async def redis_subscriptions(redis: RedisServer) -> int:
+    """How many channel and pattern subscriptions Redis holds, over all its clients."""
+    clients = (await redis.command("CLIENT", "LIST")).decode()
+    total = 0
+    for line in clients.splitlines():
+        fields = dict(field.split("=", 1) for field in line.split() if "=" in field)
+        total += int(fields.get("sub", 0)) + int(fields.get("psub", 0))
+    return total
+
+
+async def test_a_node_follows_a_topic_in_redis_once_however_many_clients(
+    tidings_nodes: Nodes, redis_server: RedisServer
+) -> None:
+    """Redis traffic grows with nodes, not clients: one subscription per node and topic."""
+    with trio.fail_after(30):
+        a, b = await start_nodes(tidings_nodes, ["a", "b"])
+        idle = await redis_subscriptions(redis_server)
+        async with trio.open_nursery() as nursery:
+            crowd = [Follower(f"crowd{i}", "wide") for i in range(20)]
+            for follower in crowd:
+                await follower.follow(nursery, a)
+            assert await redis_subscriptions(redis_server) == idle + 1
+            lone = Follower("lone", "wide")
+            await lone.follow(nursery, b)
+            assert await redis_subscriptions(redis_server) == idle + 2
+            assert lone.ws is not None
+            await lone.ws.aclose()
+            # b no longer has subscribers of the topic, so it stops following it.
+            await eventually(
+                lambda: redis_subscriptions(redis_server), lambda count: count == idle + 1
+            )
+            ack = await a.call("publish", topic="wide", payload={"key": "k"})
+            for follower in crowd:
+                await follower.wait_events(1)
+                assert follower.events[0]["seq"] == ack["seq"]
+            nursery.cancel_scope.cancel()
+
+
 async def closed_with(ws: WebSocketConnection) -> tuple[int, str]:
     """Read until the server closes; returns (code, reason)."""
     with pytest.raises(ConnectionClosed) as closed:
@@ -457,10 +539,11 @@ async def metric(node: Node, name: str) -> float:
     return await node.metric(name)
 
 
+@pytest.mark.parametrize("how", ["stopped", "crashed"])
 async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
-    tidings_nodes: Nodes, redis_server: RedisServer
+    tidings_nodes: Nodes, redis_server: RedisServer, how: str
 ) -> None:
-    """Publishers on two nodes go on through a Redis restart.
+    """Publishers on two nodes go on through a Redis restart (SIGTERM, or SIGKILL).
 
     Acknowledged publications reach the subscribers on both nodes once each, in
     order; the others were refused with ``unavailable`` and counted as dropped.
@@ -509,8 +592,8 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
                     assert health["backplane"]["connected"] is True, health
                     assert await metric(node, "tidings_backplane_connected") == 1
 
-                # Redis goes away.
-                await redis_server.stop()
+                # Redis goes away (its append-only file is fsynced on every write).
+                await (redis_server.stop() if how == "stopped" else redis_server.kill())
                 for node in (a, b):
                     health = await node.wait_health("degraded")
                     assert health["backplane"]["kind"] == "redis", health
@@ -637,7 +720,7 @@ async def test_a_node_cut_off_from_redis_catches_up_from_the_stream(
             await nursery.start(proxy.run)
             (a,) = await start_nodes(tidings_nodes, ["a"])
             # b reaches Redis only through the proxy.
-            b = await tidings_nodes.start("b", "--backplane", proxy.url, "--backplane-timeout", "1")
+            b = await tidings_nodes.start("b", "--backplane-timeout", "1", backplane=proxy.url)
             ledger = Ledger()
             stop = trio.Event()
             fa, fb = Follower("sub-a", "news"), Follower("sub-b", "news")
@@ -765,8 +848,8 @@ async def test_a_node_started_while_redis_is_down_serves_and_joins_when_it_is_up
 ) -> None:
     with trio.fail_after(30):
         await redis_server.stop()
-        (a,) = await start_nodes(tidings_nodes, ["a"], "--backplane-timeout", "0.5")
-        health = await a.wait_health("degraded")
+        a = await tidings_nodes.start("a", "--backplane-timeout", "0.5", ready="degraded")
+        health = await a.health()
         assert health["backplane"]["connected"] is False, health
         async with trio.open_nursery() as nursery:
             ws = await connect_websocket_url(nursery, a.url)
