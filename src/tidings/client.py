@@ -196,11 +196,22 @@ class Client:
     async def refresh(self, token: str, *, timeout: float = 10.0) -> float | None:
         """Give the server a new token before the current one expires.
 
-        It is also the token used from the next reconnection on. Returns the
-        new expiry (seconds since the epoch), if the token has one.
+        It is also the token used from the next reconnection on, including one
+        under way: after the server closed the connection because the old token
+        expired (4002), reconnections are refused until the client has a new
+        token, and this is how it gets one. Returns the new expiry (seconds since
+        the epoch), if the token has one.
+
+        Raises:
+            TidingsError: the server refused the token (the old one stays in use).
         """
-        reply = await self._call({"type": "refresh", "payload": {"token": token}}, timeout)
-        self.token = token
+        previous, self.token = self.token, token
+        try:
+            reply = await self._call({"type": "refresh", "payload": {"token": token}}, timeout)
+        except TidingsError:
+            if self.token == token:
+                self.token = previous
+            raise
         expires: float | None = (reply.get("payload") or {}).get("expiresAt")
         return expires
 
