@@ -435,6 +435,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "request_timeout",
         "history_ttl",
         "backplane_timeout",
+        "rate_period",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")

@@ -43,14 +43,17 @@ from .auth import Authenticator, AuthError, Identity, expired, may_publish
 from .broker.broker import DEFAULT_TENANT, Broker, BrokerError, Subscriber
 from .broker.namespaces import Namespaces
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
+from .endpoint import Endpoint, Session, SessionSubscription
 from .protocol.codes import CloseCode, ErrorCode
 from .protocol.dialect import Dialect
 from .protocol.messages import (
     Ack,
     Acked,
     Answer,
+    AppMessage,
     Command,
     Error,
+    Event,
     Ping,
     Pong,
     Position,
@@ -67,6 +70,7 @@ from .protocol.messages import (
     Unsubscribe,
     Unsubscribed,
 )
+from .protocol.topics import topic_problem
 from .ratelimit import TokenBucket
 from .stats import NodeCounters
 from .transport.base import (
@@ -154,19 +158,23 @@ class Connection:
         "_reader_done",
         "_reported_drops",
         "_requests",
+        "_tracked",
         "_violations",
         "acked",
         "authenticator",
         "broker",
         "closed",
         "counters",
+        "delivered",
         "dialect",
+        "endpoint",
         "handlers",
         "identity",
         "info",
         "limits",
         "namespaces",
         "outbox",
+        "session",
         "subscriber",
         "transport",
     )
@@ -185,6 +193,7 @@ class Connection:
         namespaces: Namespaces | None = None,
         authenticator: Authenticator | None = None,
         counters: NodeCounters | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.transport = transport
         self.dialect = dialect
@@ -227,6 +236,12 @@ class Connection:
         )
         self.acked: dict[str, int] = {}
         """Last offset the client acknowledged, per topic."""
+        self.endpoint = endpoint
+        self.session = Session(self)
+        """This connection as the endpoint's application handlers see it."""
+        self.delivered: dict[str, Position] = {}
+        """Per tracked topic, the last event written to the socket."""
+        self._tracked: Subscriber | None = None  # subscriptions an application tracks
         self.closed: CloseInfo | None = None
         self._peer_close: PeerClosed | None = None
         self._close_sent = False  # the close frame is queued for writing
@@ -274,6 +289,8 @@ class Connection:
                 if not self.transport.writes_without_waiting:
                     self._draining = True  # the writer owns writing for the whole connection
                     nursery.start_soon(self._writer)
+                if self.endpoint is not None and self.endpoint.connect_hooks:
+                    await self._connected()
                 await self._reader()
                 await self._finish()
                 nursery.cancel_scope.cancel()  # request handlers still running
@@ -281,10 +298,14 @@ class Connection:
             self._ended = True
             self.outbox.close(CloseCode.ABNORMAL, "connection ended", flush=False)
             self.broker.detach(self.subscriber)
+            if self._tracked is not None:
+                self.broker.detach(self._tracked)
             with trio.CancelScope(shield=True):
                 await self.transport.aclose()
-        if self.closed is None:  # pragma: no cover - every path records how it ended
-            self.closed = CloseInfo(CloseCode.ABNORMAL, "connection ended", "server")
+            if self.closed is None:
+                self.closed = CloseInfo(CloseCode.ABNORMAL, "connection ended", "server")
+            if self.endpoint is not None and self.endpoint.disconnect_hooks:
+                await self._disconnected(self.closed)
         return self.closed
 
     def heartbeat(self, now: float) -> None:
@@ -401,6 +422,8 @@ class Connection:
                 self._reply(PresenceList(command.topic, command.request_id, clients))
         elif kind is Refresh:
             self._refresh(command)
+        elif kind is AppMessage:
+            await self._app_message(command)
 
     def _within_rate(self, item: Command | Error) -> bool:
         """Spend a token on one message; over the limit, answer rate_limited (or close)."""
@@ -585,6 +608,127 @@ class Connection:
     def _reply(self, reply: Reply) -> None:
         self.outbox.put(self._frame(self.dialect.encode_reply(reply)))
 
+    # --- application endpoints ------------------------------------------------
+
+    async def _connected(self) -> None:
+        assert self.endpoint is not None
+        for hook in self.endpoint.connect_hooks:
+            try:
+                with trio.fail_after(self.limits.request_timeout):
+                    await hook(self.session)
+            except Exception:
+                LOGGER.exception("connect hook of %s failed", self.endpoint.path)
+                self.close(CloseCode.INTERNAL_ERROR, "connect hook failed")
+                return
+
+    async def _disconnected(self, closed: CloseInfo) -> None:
+        assert self.endpoint is not None
+        # Shielded: a connection cancelled by shutdown still runs its hooks, briefly.
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + self.limits.request_timeout
+            for hook in self.endpoint.disconnect_hooks:
+                try:
+                    await hook(self.session, closed)
+                except Exception:
+                    LOGGER.exception("disconnect hook of %s failed", self.endpoint.path)
+
+    async def _app_message(self, message: AppMessage) -> None:
+        handler = self.endpoint.handlers.get(message.kind) if self.endpoint else None
+        if handler is None:
+            self._reply(
+                Error(
+                    ErrorCode.UNKNOWN_TYPE,
+                    f"unknown message type {message.kind[:64]!r}",
+                    message.request_id,
+                )
+            )
+            return
+        try:
+            with trio.fail_after(self.limits.request_timeout):
+                await handler(self.session, message)
+        except trio.TooSlowError:
+            self._reply(
+                Error(
+                    ErrorCode.REQUEST_TIMEOUT,
+                    f"no answer within {self.limits.request_timeout:g} s",
+                    message.request_id,
+                )
+            )
+        except RequestError as exc:
+            self._reply(Error(exc.code, exc.message, message.request_id))
+        except BrokerError as exc:
+            self._reply(Error(exc.code, exc.message, message.request_id))
+        except Exception:
+            LOGGER.exception("handler for %r messages failed", message.kind)
+            self._reply(Error(ErrorCode.REQUEST_FAILED, "the handler failed", message.request_id))
+
+    def send_message(self, message: Any, *, reliable: bool) -> bool:
+        """An application's own frame to this client (see :meth:`Session.send`)."""
+        if self.outbox.closing is not None:
+            return False
+        frame = self._frame(self.dialect.encode_message(message))
+        if reliable:
+            self.outbox.put(frame)
+            return True
+        return self.outbox.offer(frame)
+
+    async def subscribe_for_app(
+        self, topic: str, since: int | None, epoch: str | None, *, track: bool
+    ) -> SessionSubscription:
+        problem = topic_problem(topic)
+        if problem is not None:
+            raise BrokerError(ErrorCode.INVALID_TOPIC, problem)
+        if topic in self.app_topics():
+            raise BrokerError(ErrorCode.ALREADY_SUBSCRIBED, f"already subscribed to {topic!r}")
+        subscriber = self._tracking_subscriber() if track else self.subscriber
+        await self.broker.prepare(topic, self.identity.tenant)
+        result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
+        # No await since prepare: the replay goes in before any live event.
+        for event in result.replay:
+            self.outbox.put(subscriber.encode(event))
+        return SessionSubscription(topic, result.position, result.recovered, len(result.replay))
+
+    def unsubscribe_for_app(self, topic: str) -> bool:
+        if self._tracked is not None and self.broker.unsubscribe(self._tracked, topic):
+            return True
+        return self.broker.unsubscribe(self.subscriber, topic)
+
+    def app_topics(self) -> set[str]:
+        tracked = self._tracked.topics if self._tracked is not None else set()
+        return self.subscriber.topics | tracked
+
+    def _tracking_subscriber(self) -> Subscriber:
+        """A second subscriber on the same outbox whose frames carry their position."""
+        if self._tracked is None:
+            shared = self.subscriber.encode
+
+            def encode_marked(event: Event) -> Outgoing:
+                frame: Outgoing = shared(event)
+                marked: _MarkedBytes | _MarkedStr
+                if isinstance(frame, bytes):
+                    marked = _MarkedBytes(frame)
+                elif isinstance(frame, str):
+                    marked = _MarkedStr(frame)
+                else:  # pragma: no cover - framers give bytes or str
+                    return frame
+                marked.topic, marked.position = event.topic, Position(event.seq, event.epoch)
+                return marked
+
+            self._tracked = Subscriber(
+                self.outbox,
+                encode_marked,
+                tenant=self.identity.tenant,
+                max_topics=self.limits.max_subscriptions,
+                label=self.info.id,
+            )
+        return self._tracked
+
+    def _note_written(self, batch: list[Outgoing]) -> None:
+        """Tracked events in ``batch`` reached the socket: remember where each topic stands."""
+        for item in batch:
+            if isinstance(item, _MarkedBytes | _MarkedStr):
+                self.delivered[item.topic] = item.position
+
     # --- writing ------------------------------------------------------------
 
     def _flush(self) -> None:
@@ -599,12 +743,16 @@ class Connection:
         except ConnectionLost:
             self._lose("connection lost", "client")
             return
+        written = batch if self._tracked is not None else None
         if rest is not None:
             self._draining = True
             assert self._nursery is not None
-            self._nursery.start_soon(self._drain, rest, has_close)
-        elif has_close:
-            self._close_written()
+            self._nursery.start_soon(self._drain, rest, has_close, written)
+        else:
+            if written:
+                self._note_written(written)
+            if has_close:
+                self._close_written()
 
     def _next_batch(self) -> tuple[list[Outgoing], bool]:
         """What is queued, with the close frame behind it once the outbox is closing."""
@@ -618,19 +766,26 @@ class Connection:
         batch.append(self.transport.frame_control(CloseFrame(closing.code, closing.reason)))
         return batch, True
 
-    async def _drain(self, rest: object, has_close: bool) -> None:
+    async def _drain(
+        self, rest: object, has_close: bool, written: list[Outgoing] | None = None
+    ) -> None:
         """Write what the socket did not take, then everything queued meanwhile."""
         transport, timeout = self.transport, self.limits.write_timeout
         try:
             while True:
                 await transport.send_rest(rest, write_timeout=timeout)
+                if written:
+                    self._note_written(written)
                 if has_close:
                     self._close_written()
                 batch, has_close = self._next_batch()
                 if not batch:
                     return
+                written = batch if self._tracked is not None else None
                 rest = transport.try_send(batch)
                 if rest is None:
+                    if written:
+                        self._note_written(written)
                     if has_close:
                         self._close_written()
                     return
@@ -656,6 +811,8 @@ class Connection:
                     rest = transport.try_send(batch)
                     if rest is not None:
                         await transport.send_rest(rest, write_timeout=timeout)
+                    if self._tracked is not None:
+                        self._note_written(batch)
                 if has_close:
                     self._close_written()
         except WriteTimeout:
@@ -701,3 +858,17 @@ class Connection:
         self._ended = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+class _MarkedBytes(bytes):
+    """A framed event of a tracked subscription: it knows its topic and position."""
+
+    topic: str
+    position: Position
+
+
+class _MarkedStr(str):
+    """The same, for transports that take text as ``str`` (ASGI)."""
+
+    topic: str
+    position: Position

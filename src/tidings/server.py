@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from fnmatch import fnmatchcase
 from typing import Any, Final, TypeVar, overload
@@ -26,7 +26,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from ._version import __version__
 from .api import Api
 from .app import ClientInfo, CloseInfo, RequestHandler
-from .auth import Authenticator, AuthError, Identity
+from .auth import Authenticator, AuthError
 from .backplane.redis import RedisBackplane
 from .broker.broker import Broker, BrokerStats, Subscriber
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
@@ -34,6 +34,7 @@ from .broker.subscription import Subscription, as_event
 from .config import Config
 from .connection import Connection, ConnectionStats
 from .demo import run_demo
+from .endpoint import Endpoint
 from .metrics import registry_for, render
 from .protocol.codes import CloseCode
 from .protocol.messages import Event, Position
@@ -75,7 +76,7 @@ class ServerStats:
 class Server:
     """A running tidings node. Get one from :func:`open_server`; do not construct it."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, endpoints: Iterable[Endpoint] = ()) -> None:
         self.config = config
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.namespaces = config.build_namespaces()
@@ -107,6 +108,12 @@ class Server:
             issuer=config.jwt_issuer,
         )
         self.dialect = NativeDialect()
+        self.endpoints: dict[str, Endpoint] = {
+            config.ws_path: Endpoint(config.ws_path, self.dialect)
+        }
+        """WebSocket endpoints by path: the native one at ``ws_path``, and the application's."""
+        for endpoint in endpoints:
+            self.add_endpoint(endpoint)
         self.counters = NodeCounters()
         self.flusher = Flusher(delays=self.counters.flush_delay)
         self.addresses: list[tuple[str, int]] = []
@@ -127,11 +134,11 @@ class Server:
         self.metrics_registry = registry_for(self)
         self.http_routes = HttpRoutes(
             self._health,
-            ws_path=config.ws_path,
+            ws_path=self.accepts,
             metrics=(lambda: render(self.metrics_registry)) if config.metrics else None,
             api=self.api,
         )
-        self.asgi_app = AsgiApp(self, self.http_routes, ws_path=config.ws_path)
+        self.asgi_app = AsgiApp(self, self.http_routes)
         """This server's endpoints as an ASGI app, to mount in a larger application."""
 
     # --- addresses ----------------------------------------------------------------
@@ -252,6 +259,16 @@ class Server:
         """Call ``hook(client, close)`` when a client's connection has ended."""
         self._on_disconnect.append(hook)
         return hook
+
+    # --- endpoints ------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        """Serve ``endpoint`` at its path (replacing what was there, the native one included)."""
+        self.endpoints[endpoint.path] = endpoint
+        return endpoint
+
+    def accepts(self, path: str) -> bool:
+        return path in self.endpoints
 
     # --- clients ------------------------------------------------------------------
 
@@ -448,8 +465,12 @@ class Server:
                 extra={"event": "origin_refused", "origin": origin, "remote": request.remote},
             )
             return Rejection(403, "origin not allowed", "forbidden_origin")
+        endpoint = self.endpoints.get(request.path)
+        if endpoint is None:
+            return Rejection(404, f"no WebSocket endpoint at {request.path[:200]}")
         try:
-            identity = self.authenticator.authenticate(request)
+            authenticate = endpoint.authenticate or self.authenticator.authenticate
+            identity = authenticate(request)
         except AuthError as exc:
             self.counters.auth_failures += 1
             LOGGER.warning(
@@ -459,15 +480,28 @@ class Server:
                 extra={"event": "auth_failure", "remote": request.remote, "reason": str(exc)},
             )
             return Rejection(401, str(exc), "unauthorized")
-        return Admission(request, identity)
+        # Reserved now, not when serve() starts: upgrades admitted together
+        # must not all pass the per-address cap.
+        host = _host(request.remote)
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        return Admission(request, (endpoint, identity))
+
+    def release(self, admission: Admission) -> None:
+        self._release_host(_host(admission.request.remote))
+
+    def _release_host(self, host: str) -> None:
+        remaining = self._per_host.pop(host, 1) - 1
+        if remaining > 0:
+            self._per_host[host] = remaining
 
     async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run one accepted WebSocket connection to its end."""
-        identity = admission.context if isinstance(admission.context, Identity) else None
+        endpoint, identity = admission.context
         connection = Connection(
             transport,
             admission.request,
-            dialect=self.dialect,
+            dialect=endpoint.dialect,
+            endpoint=endpoint,
             broker=self.broker,
             limits=self._limits,
             handlers=self._handlers,
@@ -481,7 +515,6 @@ class Server:
         info = connection.info
         host = _host(info.remote)
         self._connections[info.id] = connection
-        self._per_host[host] = self._per_host.get(host, 0) + 1
         LOGGER.info(
             "connect %s from %s user=%s tenant=%s",
             info.id,
@@ -502,9 +535,7 @@ class Server:
             await connection.run()
         finally:
             del self._connections[info.id]
-            remaining = self._per_host.pop(host) - 1
-            if remaining:
-                self._per_host[host] = remaining
+            self._release_host(host)
             if self._draining and not self._connections:
                 self._drained.set()
             closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
@@ -588,7 +619,6 @@ class Server:
         builtin = BuiltinServer(
             self,
             self.http_routes,
-            ws_path=self.config.ws_path,
             max_message_size=self.config.max_message_size,
             handshake_timeout=self.config.handshake_timeout,
             backlog=LISTEN_BACKLOG,
@@ -683,7 +713,7 @@ def _parse_bind(bind: str) -> tuple[str, int]:
 
 @asynccontextmanager
 async def open_server(
-    config: Config | None = None, *, listen: bool = True
+    config: Config | None = None, *, listen: bool = True, endpoints: Iterable[Endpoint] = ()
 ) -> AsyncIterator[Server]:
     """Run a tidings node for the duration of the ``async with`` block.
 
@@ -692,7 +722,7 @@ async def open_server(
     :attr:`Server.asgi_app` in another ASGI server. Leaving the block shuts
     down gracefully: clients are closed with 1001 after their queues drain.
     """
-    server = Server(config or Config())
+    server = Server(config or Config(), endpoints)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.broker.run)
         if server.backplane is not None:

@@ -7,7 +7,7 @@ built-in server and under any ASGI server.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from typing import Any, Final
 
 import orjson
@@ -29,12 +29,13 @@ class HttpRoutes:
         self,
         health: HealthProbe,
         *,
-        ws_path: str = "/ws",
+        ws_path: str | Callable[[str], bool] = "/ws",
         metrics: Callable[[], bytes] | None = None,
         api: Api | None = None,
     ) -> None:
         self.health = health
-        self.ws_path = ws_path
+        # One path, or a test of paths (the server's WebSocket endpoints).
+        self.is_ws_path = ws_path.__eq__ if isinstance(ws_path, str) else ws_path
         self.metrics = metrics
         self.api = api
 
@@ -44,6 +45,10 @@ class HttpRoutes:
         if root and path.startswith(root):
             path = path[len(root) :] or "/"
         method = scope.get("method", "GET")
+        if method == "HEAD":
+            # The headers GET would send, without the body: h11 (the built-in
+            # server) refuses a body on a HEAD response and drops the connection.
+            send = _without_body(send)
         if path == "/health":
             if await _only(method, ("GET", "HEAD"), send):
                 status, body = self.health()
@@ -57,7 +62,7 @@ class HttpRoutes:
         elif path.startswith("/api/") and self.api is not None:
             if await _only(method, ("POST",), send):
                 await self._api(path.removeprefix("/api/"), scope, receive, send)
-        elif path == self.ws_path:
+        elif self.is_ws_path(path):
             await respond(
                 send,
                 426,
@@ -89,6 +94,15 @@ async def _only(method: str, allowed: tuple[str, ...], send: Send) -> bool:
         [(b"allow", ", ".join(allowed).encode())],
     )
     return False
+
+
+def _without_body(send: Send) -> Send:
+    async def send_head(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

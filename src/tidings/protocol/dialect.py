@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from .messages import Command, Error, Event, PresenceChange, Reply
 
@@ -38,4 +38,8 @@ class Dialect(Protocol):
 
     def encode_reply(self, reply: Reply) -> bytes:
         """One reply as a frame."""
+        ...
+
+    def encode_message(self, message: Any) -> bytes:
+        """A frame an application sends to one client (a JSON value, as the dialect frames it)."""
         ...

@@ -127,8 +127,22 @@ class Refresh:
     request_id: RequestId = None
 
 
+@attrs.frozen(slots=True)
+class AppMessage:
+    """A message of an application's own protocol, for its endpoint's handlers.
+
+    Dialects of application protocols (an envelope of their own, commands such
+    as ``query`` or ``heartbeat``) decode what is not a tidings command into
+    this; the connection hands it to the handler registered for ``kind``.
+    """
+
+    kind: str
+    body: dict[str, Any]
+    request_id: RequestId = None
+
+
 Command: TypeAlias = (
-    Subscribe | Unsubscribe | Publish | Request | Ack | Ping | PresenceQuery | Refresh
+    Subscribe | Unsubscribe | Publish | Request | Ack | Ping | PresenceQuery | Refresh | AppMessage
 )
 
 

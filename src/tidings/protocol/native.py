@@ -232,6 +232,10 @@ class NativeDialect:
             }
         )
 
+    def encode_message(self, message: Any) -> bytes:
+        """An application's own frame to one client: the JSON value as it is."""
+        return orjson.dumps(message)
+
     def encode_reply(self, reply: Reply) -> bytes:
         """The frame answering one command."""
         frame: dict[str, Any]

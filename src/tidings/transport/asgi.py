@@ -129,12 +129,10 @@ class AsgiApp:
         handler: ConnectionHandler,
         http_app: ASGIApp,
         *,
-        ws_path: str,
         lifespan: Callable[[], Any] | None = None,
     ) -> None:
         self.handler = handler
         self.http_app = http_app
-        self.ws_path = ws_path
         self.lifespan = lifespan
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -160,13 +158,17 @@ class AsgiApp:
         )
         admission = (
             self.handler.admit(request)
-            if path == self.ws_path
+            if self.handler.accepts(path)
             else Rejection(404, f"no WebSocket endpoint at {path[:200]}")
         )
         if isinstance(admission, Rejection):
             await _refuse(scope, send, admission)
             return
-        await send({"type": "websocket.accept"})
+        try:
+            await send({"type": "websocket.accept"})
+        except BaseException:
+            self.handler.release(admission)  # serve() will not run to give it back
+            raise
         await self.handler.serve(AsgiWebSocket(receive, send, request.remote), admission)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:

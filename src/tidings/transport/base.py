@@ -203,10 +203,18 @@ class Rejection:
 class ConnectionHandler(Protocol):
     """What a transport hands accepted WebSockets to (the server)."""
 
+    def accepts(self, path: str) -> bool:
+        """Whether ``path`` is a WebSocket endpoint (an upgrade elsewhere is plain HTTP)."""
+        ...
+
     def admit(self, request: UpgradeRequest) -> Admission | Rejection:
         """Decide, before the upgrade completes, whether to take this client."""
         ...
 
     async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run the connection until it ends."""
+        ...
+
+    def release(self, admission: Admission) -> None:
+        """An admitted upgrade failed before :meth:`serve`: give back what admit reserved."""
         ...

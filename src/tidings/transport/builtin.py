@@ -285,14 +285,13 @@ def _is_upgrade(request: h11.Request) -> bool:
 
 
 class BuiltinServer:
-    """Accepts TCP connections, upgrades ``ws_path`` to WebSocket, serves HTTP via ASGI."""
+    """Accepts TCP connections, upgrades the handler's endpoints to WebSocket, serves HTTP."""
 
     def __init__(
         self,
         handler: ConnectionHandler,
         http_app: ASGIApp,
         *,
-        ws_path: str,
         max_message_size: int,
         handshake_timeout: float,
         backlog: int = 4096,
@@ -300,7 +299,6 @@ class BuiltinServer:
         self.handler = handler
         self.backlog = backlog
         self.http_app = http_app
-        self.ws_path = ws_path
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
 
@@ -353,7 +351,7 @@ class BuiltinServer:
                 if request is None:  # closed, or idle past the handshake timeout
                     return None
                 path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
-                if path == self.ws_path and _is_upgrade(request):
+                if self.handler.accepts(path) and _is_upgrade(request):
                     with trio.move_on_after(self.handshake_timeout):
                         return await self._upgrade(stream, http, request, remote)
                     return None
@@ -425,7 +423,11 @@ class BuiltinServer:
                 ],
             )
         )
-        await stream.send_all(response)
+        try:
+            await stream.send_all(response)
+        except BaseException:
+            self.handler.release(admission)  # serve() will not run to give it back
+            raise
         trailing, _ = http.trailing_data
         transport = WebSocketStream(
             stream,

@@ -1,0 +1,188 @@
+"""Endpoints: a WebSocket path with its own dialect and its own application handlers.
+
+A server always has the native endpoint (``config.ws_path``, the native
+protocol). An application whose clients speak another protocol adds an
+endpoint for it: a dialect that turns its frames into
+:class:`~tidings.protocol.messages.AppMessage` values and events into its
+frames, and handlers that run when such messages arrive::
+
+    deploys = Endpoint("/ws", JsonDialect("norn"))
+
+    @deploys.on_connect
+    async def everyone_hears_everything(session: Session) -> None:
+        await session.subscribe("events")
+
+    @deploys.on("ping")
+    async def ping(session: Session, message: AppMessage) -> None:
+        session.reply({"type": "pong"})
+
+    async with open_server(config, endpoints=[deploys]) as server: ...
+
+Handlers see a :class:`Session`: the connection as an application uses it.
+They may subscribe it to topics (the broker then fans events out to it with
+the same bounds as any client), send it frames of their own, and keep state
+in :attr:`Session.state`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+
+import attrs
+
+from .app import ClientInfo, CloseInfo
+from .auth import Identity
+from .protocol.dialect import Dialect
+from .protocol.messages import AppMessage, Position
+from .transport.base import UpgradeRequest
+
+if TYPE_CHECKING:
+    from .connection import Connection
+
+MessageHandler: TypeAlias = Callable[["Session", AppMessage], Awaitable[None]]
+"""``async def handler(session, message)``: raise RequestError to answer with an error."""
+ConnectHook: TypeAlias = Callable[["Session"], Awaitable[None]]
+DisconnectHook: TypeAlias = Callable[["Session", CloseInfo], Awaitable[None]]
+Authenticate: TypeAlias = Callable[[UpgradeRequest], Identity]
+"""Checks an upgrade request; raise :class:`~tidings.auth.AuthError` to refuse it (401)."""
+
+H = TypeVar("H", bound=Callable[..., Awaitable[None]])
+
+
+@attrs.frozen(slots=True)
+class SessionSubscription:
+    """What :meth:`Session.subscribe` found: where the topic stands, what was replayed."""
+
+    topic: str
+    position: Position
+    recovered: bool | None
+    replayed: int
+
+
+class Session:
+    """One client connection, as an endpoint's handlers use it.
+
+    Every method is safe to call from any task of the server's Trio run (a
+    workflow running in the background, a periodic broadcaster): none of them
+    waits on the client.
+    """
+
+    __slots__ = ("_connection", "state")
+
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+        self.state: dict[str, Any] = {}
+        """The application's own per-connection state."""
+
+    @property
+    def info(self) -> ClientInfo:
+        return self._connection.info
+
+    @property
+    def id(self) -> str:
+        return self._connection.info.id
+
+    @property
+    def identity(self) -> Identity:
+        """Who the client authenticated as: user, tenant, permissions."""
+        return self._connection.identity
+
+    @property
+    def closed(self) -> bool:
+        """True once the connection is closing or has ended: sends are ignored."""
+        return self._connection.outbox.closing is not None
+
+    def send(self, message: Any) -> bool:
+        """Queue a frame for this client if its outbox has room; False if not queued.
+
+        Bounded like events: a full outbox applies the overflow policy (drop,
+        or close the client with 1008).
+        """
+        return self._connection.send_message(message, reliable=False)
+
+    def reply(self, message: Any) -> None:
+        """Queue a frame that answers the client's own message: never dropped.
+
+        Use it for answers, not streams: the excess over the outbox size is
+        bounded only because each client message yields a bounded answer.
+        """
+        self._connection.send_message(message, reliable=True)
+
+    async def subscribe(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        epoch: str | None = None,
+        track: bool = False,
+    ) -> SessionSubscription:
+        """Subscribe this client to ``topic`` (replaying after ``since``, as for a client).
+
+        With ``track``, the connection remembers the offset of the last event
+        of this topic it wrote to the socket (:meth:`delivered`), so an
+        application can resume another connection of the same session where
+        this one stopped.
+
+        Raises:
+            BrokerError: the topic is refused (namespace, limits, backplane).
+        """
+        return await self._connection.subscribe_for_app(topic, since, epoch, track=track)
+
+    def unsubscribe(self, topic: str) -> bool:
+        return self._connection.unsubscribe_for_app(topic)
+
+    @property
+    def topics(self) -> set[str]:
+        """The topics this client is subscribed to."""
+        return self._connection.app_topics()
+
+    def delivered(self, topic: str) -> Position | None:
+        """The last event of a tracked topic written to this client's socket."""
+        return self._connection.delivered.get(topic)
+
+    def close(self, code: int = 1000, reason: str = "") -> None:
+        """Close the connection (what is queued goes out first)."""
+        self._connection.close(code, reason)
+
+
+class Endpoint:
+    """A WebSocket path, the dialect spoken there, and the handlers of its messages.
+
+    Args:
+        path: the URL path clients upgrade on (``/ws``, ``/api/v1/agents/connect``).
+        dialect: how frames and the model convert (see :mod:`tidings.protocol`).
+        authenticate: replaces the server's client authentication for this
+            path (e.g. a bearer token for agents, none for browsers).
+    """
+
+    def __init__(
+        self, path: str, dialect: Dialect, *, authenticate: Authenticate | None = None
+    ) -> None:
+        if not path.startswith("/"):
+            raise ValueError(f"an endpoint path starts with '/': {path!r}")
+        self.path = path
+        self.dialect = dialect
+        self.authenticate = authenticate
+        self.handlers: dict[str, MessageHandler] = {}
+        self.connect_hooks: list[ConnectHook] = []
+        self.disconnect_hooks: list[DisconnectHook] = []
+
+    def on(self, kind: str) -> Callable[[H], H]:
+        """Register ``async def handler(session, message)`` for messages of ``kind``."""
+
+        def register(handler: H) -> H:
+            self.handlers[kind] = handler
+            return handler
+
+        return register
+
+    def on_connect(self, hook: ConnectHook) -> ConnectHook:
+        """``async def hook(session)``: runs before the client's first message is read."""
+        self.connect_hooks.append(hook)
+        return hook
+
+    def on_disconnect(self, hook: DisconnectHook) -> DisconnectHook:
+        """``async def hook(session, closed)``: runs after the connection ended."""
+        self.disconnect_hooks.append(hook)
+        return hook
