@@ -4,9 +4,10 @@ Each test starts its own redis-server (``tests/redis_fixture.py``) and two or
 three nodes on it, talks to them over real sockets on 127.0.0.1 with
 trio-websocket and the HTTP API, and checks what a user of a cluster relies
 on: one order of events everywhere, resume on another node, cluster-wide
-presence and disconnect, and no acknowledged event lost or duplicated when
-Redis restarts under traffic, when a node is cut off from it, or when a node
-is killed.
+presence and disconnect, tenants kept apart, one Redis subscription per node
+and topic, and no acknowledged event lost or duplicated when Redis stops or
+crashes under traffic, when a node is cut off from it, or when a node is
+killed.
 
 Nothing here sleeps to synchronise: tests wait on frames they receive, on
 answers, or poll ``/health`` with a bound. The only sleeps pace publishers.
@@ -34,8 +35,11 @@ JWT_SECRET = "a cluster secret of at least 32 bytes"
 PACE = 0.01
 
 
-def token(user: str) -> str:
-    claims = {"sub": user, "exp": int(time.time()) + 600}
+def token(user: str, tenant: str | None = None) -> str:
+    """An HS256 JWT for ``user`` (in ``tenant``), valid for ten minutes."""
+    claims: dict[str, Any] = {"sub": user, "exp": int(time.time()) + 600}
+    if tenant is not None:
+        claims["tenant"] = tenant
     return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
 
@@ -80,10 +84,10 @@ class Follower:
         *,
         since: int | None = None,
         epoch: str | None = None,
-        user: str | None = None,
+        bearer: str | None = None,
     ) -> dict[str, Any]:
-        """Connect to ``node`` and subscribe (resuming if told); returns the reply's payload."""
-        url = node.url + (f"?token={token(user)}" if user else "")
+        """Connect (with a token) and subscribe, resuming if told; returns the reply's payload."""
+        url = node.url + (f"?token={bearer}" if bearer else "")
         self.ws = ws = await connect_websocket_url(nursery, url)
         self.closed = None
         resume = {
@@ -415,11 +419,6 @@ async def test_presence_channels_and_info_answer_for_the_whole_cluster(
             nursery.cancel_scope.cancel()
 
 
-def tenant_token(user: str, tenant: str) -> str:
-    claims = {"sub": user, "tenant": tenant, "exp": int(time.time()) + 600}
-    return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
-
-
 async def test_tenants_stay_apart_across_nodes(tidings_nodes: Nodes) -> None:
     """The same topic name in two tenants is two topics, on every node."""
     with trio.fail_after(30):
@@ -428,12 +427,7 @@ async def test_tenants_stay_apart_across_nodes(tidings_nodes: Nodes) -> None:
             followers = {}
             for tenant, node in (("acme", a), ("acme", b), ("globex", a), ("globex", b)):
                 follower = Follower(f"{tenant}@{node.name}", "news")
-                follower.ws = await connect_websocket_url(
-                    nursery, f"{node.url}?token={tenant_token('u-' + tenant, tenant)}"
-                )
-                reply = await subscribe(follower.ws, "news")
-                follower.replies.append(reply["payload"])
-                nursery.start_soon(follower._read, follower.ws)
+                await follower.follow(nursery, node, bearer=token(f"u-{tenant}", tenant))
                 followers[follower.name] = follower
             acme = [
                 await a.call("publish", topic="news", payload=i, tenant="acme") for i in range(3)
@@ -659,12 +653,21 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
 
 
 class Proxy:
-    """A TCP relay to Redis that the test can cut, as a network partition of one node."""
+    """A TCP relay between one node and Redis, for network faults.
+
+    ``cut()`` drops every connection and refuses new ones (a partition) until
+    ``restore()``. ``lose_answers_after(command)`` forwards the node's next
+    ``command`` to Redis, then drops whatever Redis sends back: Redis runs it,
+    the node never hears how it went.
+    """
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = free_port()
         self.open = True
+        self.losing = False
+        self.lost = trio.Event()
+        self._trap: bytes | None = None
         self._scopes: set[trio.CancelScope] = set()
 
     @property
@@ -683,26 +686,41 @@ class Proxy:
                 try:
                     upstream = await trio.open_tcp_stream("127.0.0.1", self.target_port)
                     async with upstream, trio.open_nursery() as nursery:
-                        nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope)
-                        nursery.start_soon(self._pump, upstream, client, nursery.cancel_scope)
+                        nursery.start_soon(self._pump, client, upstream, nursery.cancel_scope, True)
+                        nursery.start_soon(
+                            self._pump, upstream, client, nursery.cancel_scope, False
+                        )
                 except OSError:
                     pass
                 finally:
                     self._scopes.discard(scope)
 
-    @staticmethod
     async def _pump(
-        source: trio.SocketStream, sink: trio.SocketStream, scope: trio.CancelScope
+        self,
+        source: trio.SocketStream,
+        sink: trio.SocketStream,
+        scope: trio.CancelScope,
+        to_redis: bool,
     ) -> None:
         try:
             while data := await source.receive_some(65536):
-                await sink.send_all(data)
+                if to_redis or not self.losing:
+                    await sink.send_all(data)
+                if to_redis and self._trap is not None and self._trap in data.upper():
+                    self._trap = None
+                    self.losing = True
+                    self.lost.set()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         scope.cancel()
 
+    def lose_answers_after(self, command: bytes) -> None:
+        self._trap = command.upper()
+        self.lost = trio.Event()
+
     def cut(self) -> None:
         self.open = False
+        self.losing = False
         for scope in list(self._scopes):
             scope.cancel()
 
@@ -763,6 +781,58 @@ async def test_a_node_cut_off_from_redis_catches_up_from_the_stream(
                 check_delivery(follower, ledger)
                 assert follower.closed is None, follower.closed
             assert await metric(b, "tidings_backplane_dropped_total") == 1
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_publication_whose_answer_is_lost_is_sequenced_once(
+    tidings_nodes: Nodes, redis_server: RedisServer
+) -> None:
+    """Redis runs node b's publish script, the answer is lost, the connection drops.
+
+    b reconnects within its backplane timeout and retries; the retry must find
+    the publication already done: one event, the publisher told its seq.
+    """
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            proxy = Proxy(redis_server.port)
+            await nursery.start(proxy.run)
+            (a,) = await start_nodes(tidings_nodes, ["a"])
+            b = await tidings_nodes.start("b", "--backplane-timeout", "4", backplane=proxy.url)
+            remote, local = Follower("on-a", "t"), Follower("on-b", "t")
+            await remote.follow(nursery, a)
+            await local.follow(nursery, b)
+            first = await b.call("publish", topic="t", payload="first")
+            await remote.wait_events(1)
+
+            # The publish script goes out as EVAL or EVALSHA.
+            proxy.lose_answers_after(b"EVAL")
+            answered = trio.Event()
+            answer: list[tuple[int, dict[str, Any]]] = []
+
+            async def publish() -> None:
+                answer.append(await b.api("publish", topic="t", payload="second"))
+                answered.set()
+
+            nursery.start_soon(publish)
+            await proxy.lost.wait()
+            await remote.wait_events(2)  # Redis did run it
+            proxy.cut()  # b's connections drop...
+            proxy.restore()  # ...and it may reconnect at once
+            await answered.wait()
+            third = await b.call("publish", topic="t", payload="third")
+
+            ((status, body),) = answer
+            assert status == 200, body
+            assert [first["seq"], body["seq"], third["seq"]] == [1, 2, 3]
+            for follower in (remote, local):
+                await follower.wait_events(3)
+                await follower.settle()
+                assert [(e["seq"], e["payload"]) for e in follower.events] == [
+                    (1, "first"),
+                    (2, "second"),
+                    (3, "third"),
+                ], follower.name
+            assert await metric(b, "tidings_backplane_dropped_total") == 0
             nursery.cancel_scope.cancel()
 
 
