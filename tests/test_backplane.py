@@ -172,6 +172,31 @@ async def test_a_hole_the_stream_no_longer_covers_closes_subscribers_with_4010(
             assert reply["payload"]["seq"] == 6
 
 
+async def test_offsets_redis_hands_out_again_retire_the_epoch(
+    redis_server: RedisServer,
+) -> None:
+    """Redis went back in time (lost writes): the same offsets must not mean two events."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a:
+            disconnects = Disconnects(a)
+            async with ws_client(a) as ws:
+                await subscribe(ws, "jobs")
+                for word in ("one", "two", "three"):
+                    await a.publish("jobs", word)
+                seen = await events_of(ws, 3)
+                # Redis loses the last two writes, as after a failover to a lagging replica.
+                tid = topic_id("default", "jobs")
+                await redis_server.command("HSET", f"{PREFIX}:{tid}:meta", "s", 1)
+                await redis_server.command("DEL", f"{PREFIX}:{tid}:stream")
+                await a.publish("jobs", "other two")  # offset 2 again, another event
+                (closed,) = await disconnects.wait()
+            assert closed.code == CloseCode.INSUFFICIENT_STATE
+            async with ws_client(a) as ws:
+                reply = await subscribe(ws, "jobs", since=3, epoch=seen[-1]["epoch"])
+            assert reply["payload"]["recovered"] is False
+            assert reply["payload"]["epoch"] != seen[-1]["epoch"]
+
+
 async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Path) -> None:
     redis = RedisServer(redis_binary(), tmp_path)
     with trio.fail_after(TEST_TIMEOUT):

@@ -25,6 +25,9 @@ OUTER_LAYERS = {
     "tidings.cli",
     "tidings.client",
     "tidings.demo",
+    "tidings.endpoint",
+    # Backplane implementations plug into the broker through broker/backplane.py.
+    "tidings.backplane",
 }
 
 

@@ -123,6 +123,7 @@ class Server:
         self._handlers: dict[str, RequestHandler] = {}
         self._connections: dict[str, Connection] = {}
         self._per_host: dict[str, int] = {}
+        self._admitted = 0  # upgrades admitted and not yet serving: they hold a slot too
         self._on_connect: list[Callable[[ClientInfo], None]] = []
         self._on_disconnect: list[Callable[[ClientInfo, CloseInfo], None]] = []
         self._started = time.monotonic()
@@ -420,7 +421,9 @@ class Server:
             connections=len(self._connections),
             topics=broker.topics,
             subscriptions=broker.subscriptions,
-            published=broker.published,
+            # With a backplane the broker sees every event of the topics followed
+            # here; the events published through this node are what Redis sequenced.
+            published=broker.published if self.backplane is None else self.backplane.sequenced,
             delivered=broker.delivered,
             dropped=broker.dropped,
             inbox_depth=broker.inbox_depth,
@@ -451,7 +454,7 @@ class Server:
         """Decide on an upgrade: capacity, origin, then the client's token."""
         if self._draining:
             return Rejection(503, SHUTDOWN_REASON, "shutting_down")
-        if len(self._connections) >= self.config.max_connections:
+        if len(self._connections) + self._admitted >= self.config.max_connections:
             return Rejection(503, "too many connections", "too_many_connections")
         cap = self.config.max_connections_per_ip
         if cap and self._per_host.get(_host(request.remote), 0) >= cap:
@@ -484,9 +487,11 @@ class Server:
         # must not all pass the per-address cap.
         host = _host(request.remote)
         self._per_host[host] = self._per_host.get(host, 0) + 1
+        self._admitted += 1
         return Admission(request, (endpoint, identity))
 
     def release(self, admission: Admission) -> None:
+        self._admitted -= 1
         self._release_host(_host(admission.request.remote))
 
     def _release_host(self, host: str) -> None:
@@ -515,6 +520,7 @@ class Server:
         info = connection.info
         host = _host(info.remote)
         self._connections[info.id] = connection
+        self._admitted -= 1  # counted in _connections from now on
         LOGGER.info(
             "connect %s from %s user=%s tenant=%s",
             info.id,

@@ -118,6 +118,16 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {redis.call('HGET', KEYS[1], 's'), epoch}
 """
 
+# KEYS: meta hash, stream. ARGV: the epoch to retire, its successor, meta ttl (ms).
+NEW_EPOCH_SCRIPT: Final = """
+if redis.call('HGET', KEYS[1], 'e') == ARGV[1] then
+  redis.call('HSET', KEYS[1], 'e', ARGV[2], 's', 0)
+  redis.call('DEL', KEYS[2])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {redis.call('HGET', KEYS[1], 's'), redis.call('HGET', KEYS[1], 'e')}
+"""
+
 Answerer = Callable[[str, dict[str, Any]], Any]
 """Answers a cluster-wide question (``presence``, ``channels``, ``disconnect``) for this node."""
 
@@ -149,6 +159,8 @@ class _Tracked:
     syncing: bool = False
     buffer: list[Event] = attrs.Factory(list)
     overflowed: bool = False
+    retire: bool = False
+    """Redis reissued an offset: retire the epoch at the next sync."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -157,6 +169,8 @@ class _Pending:
     deadline: float
     number: int
     """This node's publication number: stable across retries of the same one."""
+    attempted: bool = False
+    """Sent to Redis at least once: if refused now, it may have been applied."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -195,13 +209,17 @@ class RedisBackplane:
         self.timeout = timeout
         self.buffer = buffer
         self._answer = answer or (lambda _op, _body: None)
-        logging.getLogger("coredis").setLevel(logging.WARNING)  # its retries are ours to report
+        # coredis logs each failed attempt (with tracebacks); the backplane reports
+        # the outage itself, once, and /health and metrics show it.
+        logging.getLogger("coredis").setLevel(logging.CRITICAL)
         self._node_stats = node_stats or dict
         self.connected = False
         """True while the node holds a working connection to Redis."""
         self.dropped = 0
         """Publications refused because Redis was away too long or the buffer was full."""
         self.reconnects = 0
+        self.sequenced = 0
+        """Publications of this node that Redis sequenced (each event counted once, on its node)."""
         self.gaps = 0
         """Times a topic's events arrived with a hole that had to be filled from history."""
         self.lost = 0
@@ -379,15 +397,20 @@ class RedisBackplane:
                 try:
                     await self._connect_and_listen()
                 except Exception as exc:
-                    if self.connected or delay == BACKOFF_FIRST:
+                    if self.connected:
+                        LOGGER.warning(
+                            "lost the connection to the backplane (%s); reconnecting",
+                            _cause(exc),
+                        )
+                    elif delay == BACKOFF_FIRST:  # once per outage, not once per attempt
                         LOGGER.warning(
                             "backplane %s unreachable: %s", redacted(self.url), _cause(exc)
                         )
                 finally:
+                    # Also on cancellation (shutdown), which is not worth a warning.
                     if self.connected:
                         self.connected = False
                         self._connected = trio.Event()
-                        LOGGER.warning("lost the connection to the backplane; reconnecting")
                     self._client = self._pubsub = None
                 if trio.current_time() - started > 10 * BACKOFF_MAX:
                     delay = BACKOFF_FIRST  # it had been up a while: retry quickly
@@ -404,8 +427,9 @@ class RedisBackplane:
             "password": self._password,
         }
         if self.kind == "cluster":
-            host, port = self._hosts[0]
-            client: Any = coredis.RedisCluster(host=host, port=port, **options)
+            # Every listed node is a way in: the first that answers tells the layout.
+            nodes = [TCPLocation(host, port) for host, port in self._hosts]
+            client: Any = coredis.RedisCluster(startup_nodes=nodes, **options)
         elif self.kind == "sentinel":
             # Asks the sentinels for the current primary on every (re)connect,
             # so a failover is followed by the next reconnect.
@@ -489,10 +513,27 @@ class RedisBackplane:
             else:
                 tracked.overflowed = True
             return
-        if self.broker.deliver(tracked.tenant, event) is Delivery.GAP:
+        delivery = self.broker.deliver(tracked.tenant, event)
+        if delivery is Delivery.GAP:
             self.gaps += 1
             tracked.buffer.append(event)
             self._start_sync(tracked, resume=True)
+        elif delivery is Delivery.DUPLICATE and self._reissued(tracked, event):
+            tracked.retire = True
+            self._start_sync(tracked, resume=True)
+
+    def _reissued(self, tracked: _Tracked, event: Event) -> bool:
+        """Whether an offset this node already delivered came back with another event.
+
+        A duplicate is normal just after a sync (the pub/sub copy of an event
+        the sync fetched arrives late); the same offset with other content
+        means Redis went back in time and is handing offsets out again.
+        """
+        events, _ = self.broker.history(event.topic, event.seq - 1, 1, tracked.tenant)
+        if not events or events[0].seq != event.seq:
+            return False  # not retained here: nothing to compare with
+        known = events[0]
+        return (known.timestamp, known.payload_json) != (event.timestamp, event.payload_json)
 
     def _start_sync(self, tracked: _Tracked, *, resume: bool) -> None:
         if tracked.syncing or self._nursery is None:
@@ -555,9 +596,16 @@ class RedisBackplane:
         if known is None:
             self.broker.load(tenant, topic, position, events)
             return
-        if position == known:
+        if position == known and not tracked.retire:
             return
-        if position.epoch == known.epoch:
+        retire, tracked.retire = tracked.retire, False
+        if position.epoch == known.epoch and (retire or position.seq < known.seq):
+            # Redis lost writes this node saw (a failover to a lagging replica, a
+            # crash with fsync every second). Its offsets would be handed out a
+            # second time, to other events: retire the epoch instead.
+            position = await self._new_epoch(tenant, topic, known.epoch)
+            events = []
+        elif position.epoch == known.epoch:
             if events and events[0].seq == known.seq + 1 and events[-1].seq == position.seq:
                 for event in events:
                     self.broker.deliver(tenant, event)
@@ -590,6 +638,17 @@ class RedisBackplane:
             tenant, topic, after=None, count=size, ttl=namespace.history_ttl
         )
         self.broker.load(tenant, topic, position, tail)
+
+    async def _new_epoch(self, tenant: str, topic: str, retired: str) -> Position:
+        """Replace a topic's epoch (if it is still ``retired``) and start its offsets over."""
+        tid = topic_id(tenant, topic)
+        seq, epoch = await self._client.eval(
+            NEW_EPOCH_SCRIPT,
+            keys=[f"{PREFIX}:{tid}:meta", f"{PREFIX}:{tid}:stream"],
+            args=[retired, secrets.token_hex(4), int(META_TTL * 1000)],
+        )
+        LOGGER.warning("%r: Redis is behind this node; epoch %s retired", topic, retired)
+        return Position(int(seq), _text(epoch))
 
     async def _fetch(
         self,
@@ -653,6 +712,8 @@ class RedisBackplane:
                         await self._connected.wait()
                 continue
             batch = [self._pending.popleft() for _ in range(min(PUBLISH_BATCH, len(self._pending)))]
+            for item in batch:
+                item.attempted = True
             try:
                 results = await self._publish_batch(batch)
             except Exception as exc:
@@ -663,6 +724,7 @@ class RedisBackplane:
                 with trio.move_on_after(BACKOFF_FIRST * 4):
                     await trio.sleep_forever()
                 continue
+            self.sequenced += len(batch)
             for item, result in zip(batch, results, strict=True):
                 on_done = item.publication.on_done
                 if on_done is not None:
@@ -708,12 +770,20 @@ class RedisBackplane:
     def _expire_pending(self) -> None:
         now = trio.current_time()
         while self._pending and self._pending[0].deadline <= now:
-            self._refuse(self._pending.popleft().publication, "the backplane (Redis) is away")
+            item = self._pending.popleft()
+            if item.attempted:
+                # Sent, but Redis never confirmed: it may or may not be published.
+                self._refuse(
+                    item.publication, "Redis did not confirm the event in time", unsure=True
+                )
+            else:
+                self._refuse(item.publication, "the backplane (Redis) is away")
 
-    def _refuse(self, publication: Publication, why: str) -> None:
+    def _refuse(self, publication: Publication, why: str, *, unsure: bool = False) -> None:
         self.dropped += 1
         if publication.on_done is not None:
-            publication.on_done(_unavailable(f"{why}; the event was not published"))
+            outcome = "it may have been published" if unsure else "the event was not published"
+            publication.on_done(_unavailable(f"{why}; {outcome}"))
 
     async def _unsubscriber(self) -> None:
         while True:

@@ -18,11 +18,12 @@ def parse_url(url: str) -> tuple[str, list[tuple[str, int]], int, str, str | Non
     kind = kinds[parts.scheme]
     netloc = parts.netloc.rpartition("@")[2]
     hosts: list[tuple[str, int]] = []
+    default_port = 26379 if kind == "sentinel" else 6379
     for item in netloc.split(","):
-        host, _, port = item.rpartition(":") if ":" in item else (item, "", "6379")
+        host, _, port = item.rpartition(":") if ":" in item else (item, "", "")
         host = host.strip("[]") or "127.0.0.1"
         try:
-            hosts.append((host, int(port or 6379)))
+            hosts.append((host, int(port or default_port)))
         except ValueError:
             raise ValueError(f"bad port in backplane URL {url!r}") from None
     path = [part for part in parts.path.split("/") if part]
