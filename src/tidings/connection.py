@@ -331,12 +331,17 @@ class Connection:
             LOGGER.info("closing %s: its token expired", self.info.id)
             self.close(CloseCode.TOKEN_EXPIRED, "token expired", flush=False)
             return
+        app_ping = self.endpoint.app_ping if self.endpoint is not None else None
+        if app_ping is not None and now >= self._next_ping:
+            # The protocol's own ping (a data frame, so it works under ASGI too).
+            self.outbox.put(self._frame(app_ping))
+            self._next_ping = now + self.limits.ping_interval
         if not transport.supports_ping:
             return  # under ASGI the server keeps the connection alive
         if now - transport.last_received >= self.limits.read_timeout:
             LOGGER.info("closing %s: silent for %.1f s", self.info.id, self.limits.read_timeout)
             self.close(CloseCode.INTERNAL_ERROR, "read timeout", flush=False)
-        elif now >= self._next_ping:
+        elif now >= self._next_ping and app_ping is None:
             self.outbox.put(self.transport.frame_control(PingFrame()))
             self._next_ping = now + self.limits.ping_interval
 
@@ -673,7 +678,13 @@ class Connection:
         return self.outbox.offer(frame)
 
     async def subscribe_for_app(
-        self, topic: str, since: int | None, epoch: str | None, *, track: bool
+        self,
+        topic: str,
+        since: int | None,
+        epoch: str | None,
+        *,
+        track: bool,
+        return_replay: bool = False,
     ) -> SessionSubscription:
         problem = topic_problem(topic)
         if problem is not None:
@@ -683,10 +694,31 @@ class Connection:
         subscriber = self._tracking_subscriber() if track else self.subscriber
         await self.broker.prepare(topic, self.identity.tenant)
         result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
+        if return_replay:
+            return SessionSubscription(
+                topic, result.position, result.recovered, len(result.replay), result.replay
+            )
         # No await since prepare: the replay goes in before any live event.
         for event in result.replay:
             self.outbox.put(subscriber.encode(event))
         return SessionSubscription(topic, result.position, result.recovered, len(result.replay))
+
+    def permission_problem(self, action: str, topic: str) -> tuple[str, str] | None:
+        problem = topic_problem(topic)
+        if problem is not None:
+            return ErrorCode.INVALID_TOPIC, problem
+        return self._permission_problem(action, topic)
+
+    def adopt(self, identity: Identity) -> None:
+        """Take on the identity a protocol established after the upgrade."""
+        if self.app_topics():
+            raise RuntimeError("a session with subscriptions cannot change identity")
+        self.identity = identity
+        self.info = attrs.evolve(self.info, user=identity.user, tenant=identity.tenant)
+        self.subscriber.tenant = identity.tenant
+        self.subscriber.presence = self.info
+        if self._tracked is not None:
+            self._tracked.tenant = identity.tenant
 
     def unsubscribe_for_app(self, topic: str) -> bool:
         if self._tracked is not None and self.broker.unsubscribe(self._tracked, topic):

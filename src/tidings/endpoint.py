@@ -34,7 +34,7 @@ import attrs
 from .app import ClientInfo, CloseInfo
 from .auth import Identity
 from .protocol.dialect import Dialect
-from .protocol.messages import AppMessage, Position
+from .protocol.messages import AppMessage, Event, Position
 from .transport.base import UpgradeRequest
 
 if TYPE_CHECKING:
@@ -58,6 +58,8 @@ class SessionSubscription:
     position: Position
     recovered: bool | None
     replayed: int
+    events: list[Event] = attrs.Factory(list)
+    """The replay, when :meth:`Session.subscribe` was asked to return it (not queue it)."""
 
 
 class Session:
@@ -116,8 +118,14 @@ class Session:
         since: int | None = None,
         epoch: str | None = None,
         track: bool = False,
+        return_replay: bool = False,
     ) -> SessionSubscription:
         """Subscribe this client to ``topic`` (replaying after ``since``, as for a client).
+
+        The replay is queued to the client as events, ahead of any live one;
+        with ``return_replay`` it is returned instead (in ``events``), for a
+        protocol that carries it inside its subscribe reply: queue that reply
+        before awaiting anything, and nothing live can overtake it.
 
         With ``track``, the connection remembers the offset of the last event
         of this topic it wrote to the socket (:meth:`delivered`), so an
@@ -127,7 +135,37 @@ class Session:
         Raises:
             BrokerError: the topic is refused (namespace, limits, backplane).
         """
-        return await self._connection.subscribe_for_app(topic, since, epoch, track=track)
+        return await self._connection.subscribe_for_app(
+            topic, since, epoch, track=track, return_replay=return_replay
+        )
+
+    async def publish(self, topic: str, payload: Any) -> Position:
+        """Publish to ``topic`` in this client's tenant; returns the event's position.
+
+        Raises:
+            BrokerError: refused by the broker or the backplane.
+        """
+        return await self._connection.broker.publish(
+            topic, payload, tenant=self._connection.identity.tenant
+        )
+
+    def permission_problem(self, action: str, topic: str) -> tuple[str, str] | None:
+        """Why this client may not ``action`` (subscribe, publish, presence, request)
+        ``topic`` under its token and the namespaces: ``(code, message)``, or None.
+
+        Handlers of protocols that subscribe or publish for the client check
+        this, so every dialect obeys the same permissions as the native one.
+        """
+        return self._connection.permission_problem(action, topic)
+
+    def authenticate(self, identity: Identity) -> None:
+        """Adopt ``identity`` (for protocols that authenticate after the upgrade).
+
+        Raises:
+            RuntimeError: the session already holds subscriptions (they belong
+                to the tenant it had).
+        """
+        self._connection.adopt(identity)
 
     def unsubscribe(self, topic: str) -> bool:
         return self._connection.unsubscribe_for_app(topic)
@@ -154,16 +192,25 @@ class Endpoint:
         dialect: how frames and the model convert (see :mod:`tidings.protocol`).
         authenticate: replaces the server's client authentication for this
             path (e.g. a bearer token for agents, none for browsers).
+        app_ping: a frame sent every ``ping_interval`` instead of a WebSocket
+            ping, for protocols whose clients expect pings of their own (and
+            answer them: any message counts against the read timeout).
     """
 
     def __init__(
-        self, path: str, dialect: Dialect, *, authenticate: Authenticate | None = None
+        self,
+        path: str,
+        dialect: Dialect,
+        *,
+        authenticate: Authenticate | None = None,
+        app_ping: bytes | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"an endpoint path starts with '/': {path!r}")
         self.path = path
         self.dialect = dialect
         self.authenticate = authenticate
+        self.app_ping = app_ping
         self.handlers: dict[str, MessageHandler] = {}
         self.connect_hooks: list[ConnectHook] = []
         self.disconnect_hooks: list[DisconnectHook] = []
