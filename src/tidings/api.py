@@ -4,6 +4,7 @@ Every call carries ``Authorization: apikey KEY`` and a JSON object whose names
 are the native protocol's (``topic``, ``topics``, ``payload``, ``since``,
 ``limit``, ``tenant``, ``client``, ``user``). Answers are JSON; errors are
 ``{"error": {"code", "message"}}`` with the WebSocket protocol's stable codes.
+An optional field that is ``null`` counts as left out, as over the WebSocket.
 Without a configured key the API is refused, not open. ``docs/api.md`` is the
 reference, and ``/api/openapi.json`` describes the same in OpenAPI 3
 (``openapi.py``; a test checks the server against it with schemathesis).
@@ -155,7 +156,9 @@ class Api:
         code = _integer(body, "code", default=1000, minimum=1000, maximum=4999)
         if not (code == 1000 or 3000 <= code <= 4999):
             raise _invalid("code", "must be 1000 or between 3000 and 4999")
-        reason = body.get("reason", "")
+        reason = body.get("reason")
+        if reason is None:
+            reason = ""
         if not isinstance(reason, str) or len(reason.encode()) > 123:
             raise _invalid("reason", "must be a string of at most 123 bytes")
         tenant = self._tenant(body)
@@ -252,7 +255,9 @@ def _topic(body: dict[str, Any]) -> str:
 def _integer(
     body: dict[str, Any], name: str, *, default: int, minimum: int, maximum: int | None = None
 ) -> int:
-    value = body.get(name, default)
+    value = body.get(name)
+    if value is None:  # null is the same as leaving the field out, as over the WebSocket
+        return default
     if type(value) is not int or value < minimum or (maximum is not None and value > maximum):
         bounds = f"at least {minimum}" + (f" and at most {maximum}" if maximum else "")
         raise _invalid(name, f"must be an integer {bounds}")

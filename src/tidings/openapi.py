@@ -8,18 +8,32 @@ from __future__ import annotations
 
 from typing import Any
 
+#: No control characters. The server's rule is Python's ``str.isprintable()``,
+#: which also refuses format, separator (except the space), private-use and
+#: unassigned characters; JSON Schema can only say the common part.
+PRINTABLE = r"^[^\u0000-\u001f\u007f-\u009f]*$"
+PRINTABLE_RULE = (
+    "printable characters: no control characters, and, as Python's `str.isprintable()`"
+    " has it, no format, private-use, unassigned or separator characters except the space"
+)
 TOPIC = {
     "type": "string",
     "minLength": 1,
     "maxLength": 256,
-    "description": "A topic: 1 to 256 printable characters. `ns:rest` is in namespace `ns`.",
+    "pattern": PRINTABLE,
+    "description": f"A topic: 1 to 256 {PRINTABLE_RULE} (`invalid_topic` otherwise)."
+    " `ns:rest` is in namespace `ns`.",
 }
 TENANT = {
     "type": "string",
     "minLength": 1,
     "maxLength": 128,
-    "description": "The tenant whose topics are meant; the node's default tenant if omitted.",
+    "pattern": PRINTABLE,
+    "description": "The tenant whose topics are meant; the node's default tenant if omitted."
+    f" 1 to 128 {PRINTABLE_RULE} (`invalid_field` otherwise).",
 }
+#: Integers are JSON integers, as over the WebSocket: ``3.0`` is refused.
+INTEGER_RULE = "A JSON integer without a fraction or exponent (`3.0` is `invalid_field`)."
 SEQ = {"type": "integer", "minimum": 0, "description": "The topic's offset."}
 EPOCH = {"type": "string", "description": "Identifies the topic's stream; offsets restart with it."}
 ANY_JSON: dict[str, Any] = {"description": "Any JSON value."}
@@ -72,15 +86,38 @@ def _obj(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
     return {"type": "object", "required": required, "properties": properties}
 
 
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema``, or null: the server takes an optional field that is null as left out."""
+    kind = schema.get("type")
+    if kind is None:
+        return schema
+    kinds = kind if isinstance(kind, list) else [kind]
+    return {**schema, "type": [*kinds, "null"]}
+
+
+def _request(required: list[str], properties: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """A request body: its optional fields may be null."""
+    return {
+        **_obj(
+            required,
+            {
+                name: schema if name in required else _nullable(schema)
+                for name, schema in properties.items()
+            },
+        ),
+        **extra,
+    }
+
+
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "publish": (
         "Publish one event to one topic; answers with its position.",
-        _obj(["topic", "payload"], {"topic": TOPIC, "payload": ANY_JSON, "tenant": TENANT}),
+        _request(["topic", "payload"], {"topic": TOPIC, "payload": ANY_JSON, "tenant": TENANT}),
         POSITION,
     ),
     "broadcast": (
         "Publish one payload to many topics; one result per topic, in order.",
-        _obj(
+        _request(
             ["topics", "payload"],
             {
                 "topics": {"type": "array", "items": TOPIC, "minItems": 1, "maxItems": 1000},
@@ -111,12 +148,23 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "history": (
         "A topic's retained events after offset `since` (oldest first), at most `limit`.",
-        _obj(
+        _request(
             ["topic"],
             {
                 "topic": TOPIC,
-                "since": {"type": "integer", "minimum": 0, "default": 0},
-                "limit": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100},
+                "since": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "default": 0,
+                    "description": f"Events after this offset. {INTEGER_RULE}",
+                },
+                "limit": {
+                    "type": "integer",
+                    "minimum": 1,
+                    "maximum": 1000,
+                    "default": 100,
+                    "description": f"At most this many events. {INTEGER_RULE}",
+                },
                 "tenant": TENANT,
             },
         ),
@@ -132,7 +180,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "presence": (
         "Who on this node is subscribed to a topic.",
-        _obj(["topic"], {"topic": TOPIC, "tenant": TENANT}),
+        _request(["topic"], {"topic": TOPIC, "tenant": TENANT}),
         _obj(
             ["topic", "clients"],
             {"topic": {"type": "string"}, "clients": {"type": "array", "items": CLIENT}},
@@ -140,7 +188,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "presence_stats": (
         "How many clients (and distinct users) are subscribed to a topic.",
-        _obj(["topic"], {"topic": TOPIC, "tenant": TENANT}),
+        _request(["topic"], {"topic": TOPIC, "tenant": TENANT}),
         _obj(
             ["topic", "clients", "users"],
             {
@@ -152,7 +200,7 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "channels": (
         "Topics with subscribers, with their counts; `pattern` is shell-style (`chat:*`).",
-        _obj([], {"tenant": TENANT, "pattern": {"type": "string"}}),
+        _request([], {"tenant": TENANT, "pattern": {"type": "string"}}),
         _obj(
             ["channels"],
             {
@@ -168,23 +216,30 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     ),
     "disconnect": (
         "Close one client's connection, or every connection of a user, with a code and reason.",
-        {
-            "type": "object",
-            "properties": {
-                "client": {"type": "string"},
-                "user": {"type": "string"},
+        _request(
+            [],
+            {
+                "client": {"type": "string", "description": "A client id, as presence lists it."},
+                "user": {"type": "string", "description": "Every connection of this user."},
                 "tenant": TENANT,
                 "code": {
                     "type": "integer",
-                    "minimum": 1000,
-                    "maximum": 4999,
+                    "anyOf": [{"const": 1000}, {"minimum": 3000, "maximum": 4999}],
                     "default": 1000,
-                    "description": "1000, or 3000 to 4999.",
+                    "description": f"The close code: 1000, or 3000 to 4999. {INTEGER_RULE}",
                 },
-                "reason": {"type": "string", "maxLength": 123},
+                "reason": {
+                    "type": "string",
+                    "maxLength": 123,
+                    "description": "The close reason: at most 123 bytes in UTF-8.",
+                },
             },
-            "description": "Exactly one of `client` and `user`.",
-        },
+            oneOf=[
+                {"required": ["client"], "properties": {"client": {"type": "string"}}},
+                {"required": ["user"], "properties": {"user": {"type": "string"}}},
+            ],
+            description="Exactly one of `client` and `user` (`missing_field` otherwise).",
+        ),
         _obj(["disconnected"], {"disconnected": {"type": "integer", "minimum": 0}}),
     ),
     "info": (
@@ -212,6 +267,16 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                 "published": {"type": "integer"},
                 "delivered": {"type": "integer"},
                 "dropped": {"type": "integer"},
+                "nodes": {
+                    "type": "array",
+                    "description": "With a backplane: every live node's counters.",
+                    "items": _obj(["node"], {"node": {"type": "string"}}),
+                },
+                "cluster": {
+                    "type": "object",
+                    "description": "With a backplane: the counters summed over the nodes.",
+                    "additionalProperties": {"type": "integer"},
+                },
             },
         ),
     ),
@@ -222,7 +287,9 @@ ERRORS = {
     "`invalid_json`, `unknown_namespace`, ...).",
     "401": "No `Authorization: apikey KEY`, or the wrong key (`unauthorized`).",
     "403": "The API is off: no key is configured (`api_disabled`).",
-    "503": "The node holds its limit of topics (`too_many_topics`).",
+    "413": "The body is larger than 1 MiB.",
+    "503": "The node holds its limit of topics (`too_many_topics`), or its cluster backplane"
+    " cannot be reached (`unavailable`): nothing was done, retry later.",
 }
 
 
@@ -239,7 +306,8 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "summary": summary,
                 "security": [{"apikey": []}],
                 "requestBody": {
-                    "required": True,
+                    # An empty body is taken as {}: optional where nothing is required.
+                    "required": bool(request.get("required") or request.get("oneOf")),
                     "content": {"application/json": {"schema": request}},
                 },
                 "responses": {
@@ -262,7 +330,8 @@ def openapi_document(version: str) -> dict[str, Any]:
             "description": (
                 "Publish, read history and presence, list channels and disconnect clients of a "
                 "tidings node. Every call is POST with a JSON object; errors carry the stable "
-                "codes of the WebSocket protocol."
+                "codes of the WebSocket protocol. An optional field that is null counts as left "
+                "out."
             ),
         },
         "paths": paths,
