@@ -456,6 +456,12 @@ class Connection:
             identity = self.authenticator.verify(command.token)
         except AuthError as exc:
             self.counters.auth_failures += 1
+            LOGGER.warning(
+                "refresh refused for %s: %s",
+                self.info.id,
+                exc,
+                extra={"event": "auth_failure", "client": self.info.id, "reason": str(exc)},
+            )
             self._reply(Error(ErrorCode.UNAUTHORIZED, str(exc), command.request_id))
             return
         if (identity.user, identity.tenant) != (self.identity.user, self.identity.tenant):

@@ -475,7 +475,9 @@ class BuiltinServer:
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_REQUEST_BODY:
-                    await self._respond(stream, http, Rejection(413, "request body too large"))
+                    await self._respond(
+                        stream, http, Rejection(413, "request body too large", "too_large")
+                    )
                     return
             elif isinstance(event, h11.EndOfMessage):
                 break
