@@ -1,0 +1,1 @@
+"""The Aurora chatbot service on tidings (see README.md)."""
