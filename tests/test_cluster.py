@@ -141,6 +141,7 @@ class Ledger:
         self.acked: dict[str, dict[str, Any]] = {}
         self.refused: dict[str, str] = {}
         self.unanswered: set[str] = set()
+        self.unsure: set[str] = set()
         self.other: list[tuple[str, Any]] = []
         self._changed = trio.Event()
 
@@ -157,9 +158,12 @@ class Ledger:
         self.acked[key] = {"seq": seq, "epoch": epoch}
         self._notify()
 
-    def refuse(self, key: str, code: str) -> None:
+    def refuse(self, key: str, code: str, message: str) -> None:
         self.unanswered.discard(key)
         self.refused[key] = code
+        if "may have been published" in message:
+            # Sent, never confirmed: maybe published (docs/deployment.md, "Redis answers late").
+            self.unsure.add(key)
         self._notify()
 
     def strange(self, key: str, answer: Any) -> None:
@@ -186,7 +190,7 @@ async def api_publish(node: Node, ledger: Ledger, topic: str, key: str) -> None:
     if status == 200 and "seq" in body:
         ledger.ack(key, body["seq"], body["epoch"])
     elif status == 503 and body.get("error", {}).get("code") == "unavailable":
-        ledger.refuse(key, "unavailable")
+        ledger.refuse(key, "unavailable", body["error"]["message"])
     else:
         ledger.strange(key, (status, body))
 
@@ -200,7 +204,7 @@ async def ws_publish(ws: WebSocketConnection, ledger: Ledger, topic: str, key: s
     if reply["type"] == "response":
         ledger.ack(key, reply["payload"]["seq"], reply["payload"]["epoch"])
     elif reply["type"] == "error" and reply["payload"]["code"] == "unavailable":
-        ledger.refuse(key, "unavailable")
+        ledger.refuse(key, "unavailable", reply["payload"]["message"])
     else:
         ledger.strange(key, reply)
 
@@ -210,15 +214,18 @@ def check_delivery(
 ) -> None:
     """The follower got every acknowledged event once, in seq order, with the acked seq.
 
-    ``may_also``: publications that got no answer (their publisher died), which
-    may or may not have been sequenced.
+    Publications refused as "not published" never arrive. Those the node sent
+    but Redis never confirmed ("may have been published"), and ``may_also``
+    (no answer at all: their publisher died), may arrive, once.
     """
     seqs = follower.seqs()
     assert seqs == sorted(set(seqs)), f"{follower.name}: out of order or duplicated: {seqs}"
+    keys = [event["payload"]["key"] for event in follower.events]
+    assert len(keys) == len(set(keys)), f"{follower.name}: a publication arrived twice: {keys}"
     delivered = {event["payload"]["key"]: event for event in follower.events}
     missing = sorted(set(ledger.acked) - set(delivered), key=lambda k: ledger.acked[k]["seq"])
     assert not missing, f"{follower.name} never got acknowledged {missing}"
-    unexpected = set(delivered) - set(ledger.acked) - may_also
+    unexpected = set(delivered) - set(ledger.acked) - ledger.unsure - may_also
     assert not unexpected, (
         f"{follower.name} got {sorted(unexpected)}, which were not acknowledged "
         f"(refused: {sorted(unexpected & set(ledger.refused))})"
