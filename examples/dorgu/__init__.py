@@ -1,0 +1,1 @@
+"""dorgu: the operator's WebSocket server (topics, requests, live events) on tidings."""
