@@ -228,7 +228,11 @@ METHODS: Final[dict[str, Method]] = {
 
 
 def _broker_error(exc: BrokerError) -> ApiError:
-    unavailable = exc.code in (ErrorCode.TOO_MANY_TOPICS, ErrorCode.UNAVAILABLE)
+    unavailable = exc.code in (
+        ErrorCode.TOO_MANY_TOPICS,
+        ErrorCode.UNAVAILABLE,
+        ErrorCode.UNCONFIRMED,
+    )
     return ApiError(503 if unavailable else 400, exc.code, exc.message)
 
 

@@ -80,6 +80,11 @@ class NodeCollector(Collector):
                 value=backplane.dropped,
             )
             yield CounterMetricFamily(
+                "tidings_backplane_unconfirmed",
+                "Publications Redis did not confirm in time (answered unconfirmed)",
+                value=backplane.unconfirmed,
+            )
+            yield CounterMetricFamily(
                 "tidings_backplane_reconnects",
                 "Connections made to Redis (the first one included)",
                 value=backplane.reconnects,

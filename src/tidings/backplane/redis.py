@@ -217,6 +217,8 @@ class RedisBackplane:
         """True while the node holds a working connection to Redis."""
         self.dropped = 0
         """Publications refused because Redis was away too long or the buffer was full."""
+        self.unconfirmed = 0
+        """Publications sent to Redis that it never confirmed (answered ``unconfirmed``)."""
         self.reconnects = 0
         self.sequenced = 0
         """Publications of this node that Redis sequenced (each event counted once, on its node)."""
@@ -374,6 +376,7 @@ class RedisBackplane:
             "connected": self.connected,
             "pending": len(self._pending),
             "dropped": self.dropped,
+            "unconfirmed": self.unconfirmed,
             "reconnects": self.reconnects,
             "gaps": self.gaps,
             "lost": self.lost,
@@ -780,10 +783,14 @@ class RedisBackplane:
                 self._refuse(item.publication, "the backplane (Redis) is away")
 
     def _refuse(self, publication: Publication, why: str, *, unsure: bool = False) -> None:
-        self.dropped += 1
+        if unsure:
+            self.unconfirmed += 1
+            refusal = BrokerError(ErrorCode.UNCONFIRMED, f"{why}; it may have been published")
+        else:
+            self.dropped += 1
+            refusal = _unavailable(f"{why}; the event was not published")
         if publication.on_done is not None:
-            outcome = "it may have been published" if unsure else "the event was not published"
-            publication.on_done(_unavailable(f"{why}; {outcome}"))
+            publication.on_done(refusal)
 
     async def _unsubscriber(self) -> None:
         while True:

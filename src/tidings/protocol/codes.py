@@ -52,6 +52,8 @@ class ErrorCode(StrEnum):
     """The request handler did not answer within ``request_timeout``."""
     UNAVAILABLE = "unavailable"
     """The backplane (Redis) cannot be reached: nothing was done; retry later."""
+    UNCONFIRMED = "unconfirmed"
+    """A publication reached Redis but was not confirmed in time: it may have been published."""
 
 
 class CloseCode(IntEnum):
