@@ -123,6 +123,8 @@ class ClientSubscription:
 
     def _accepts(self, event: Event) -> bool:
         """False for an event this subscription already delivered."""
+        if not event.epoch:
+            return True  # no position: nothing to compare or to remember
         if event.epoch == self.epoch and self.last_seq is not None and event.seq <= self.last_seq:
             return False
         self.epoch = event.epoch
@@ -386,10 +388,15 @@ class Client:
                 subscription = self._subscriptions.get(message.get("topic"))
                 if subscription is None:
                     continue
+                seq, epoch = message.get("seq"), message.get("epoch")
+                if not isinstance(seq, int) or not isinstance(epoch, str):
+                    # A server whose events carry no position (a dialect without
+                    # resume): deliver them, with nothing to resume from.
+                    seq, epoch = 0, ""
                 event = Event(
-                    message["topic"],
-                    message["seq"],
-                    message["epoch"],
+                    str(message["topic"]),
+                    seq,
+                    epoch,
                     message.get("payload"),
                     message.get("timestamp", ""),
                 )
