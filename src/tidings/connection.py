@@ -224,6 +224,8 @@ class Connection:
         else:
             # Every write waits (ASGI): a writer task of its own drains the outbox.
             self.outbox = Outbox(limits.outbox_size, limits.overflow_policy)
+        if endpoint is not None and endpoint.lossless:
+            self.outbox.lossless = True
         self._frame = transport.framer(dialect.text)
         self.subscriber = Subscriber(
             self.outbox,
@@ -370,6 +372,8 @@ class Connection:
                         self._reply(item)
                     else:
                         await self._dispatch(item)
+                if self.endpoint is not None and self.endpoint.frame_hooks:
+                    self._frame_handled()
                 if len(outbox) >= outbox.capacity:
                     # Replies queue past the capacity; take no more commands until
                     # the writer has caught up, so a client that sends but never
@@ -632,6 +636,15 @@ class Connection:
                 self.close(CloseCode.INTERNAL_ERROR, "connect hook failed")
                 return
 
+    def _frame_handled(self) -> None:
+        assert self.endpoint is not None
+        for hook in self.endpoint.frame_hooks:
+            try:
+                hook(self.session)
+            except Exception:
+                LOGGER.exception("frame hook of %s failed", self.endpoint.path)
+                self.close(CloseCode.INTERNAL_ERROR, "frame hook failed")
+
     async def _disconnected(self, closed: CloseInfo) -> None:
         assert self.endpoint is not None
         # Shielded: a connection cancelled by shutdown still runs its hooks, briefly.
@@ -716,9 +729,12 @@ class Connection:
         return self._permission_problem(action, topic)
 
     def adopt(self, identity: Identity) -> None:
-        """Take on the identity a protocol established after the upgrade."""
-        if self.app_topics():
-            raise RuntimeError("a session with subscriptions cannot change identity")
+        """Take on the identity a protocol established after the upgrade.
+
+        With subscriptions, only an identity of the same tenant (a refreshed token).
+        """
+        if self.app_topics() and identity.tenant != self.identity.tenant:
+            raise RuntimeError("a session with subscriptions cannot change tenant")
         self.identity = identity
         self.info = attrs.evolve(self.info, user=identity.user, tenant=identity.tenant)
         self.subscriber.tenant = identity.tenant

@@ -44,6 +44,8 @@ MessageHandler: TypeAlias = Callable[["Session", AppMessage], Awaitable[None]]
 """``async def handler(session, message)``: raise RequestError to answer with an error."""
 ConnectHook: TypeAlias = Callable[["Session"], Awaitable[None]]
 DisconnectHook: TypeAlias = Callable[["Session", CloseInfo], Awaitable[None]]
+FrameHook: TypeAlias = Callable[["Session"], None]
+"""``hook(session)``: the commands of one incoming message were handled."""
 Authenticate: TypeAlias = Callable[[UpgradeRequest], Identity]
 """Checks an upgrade request; raise :class:`~tidings.auth.AuthError` to refuse it (401)."""
 
@@ -159,11 +161,12 @@ class Session:
         return self._connection.permission_problem(action, topic)
 
     def authenticate(self, identity: Identity) -> None:
-        """Adopt ``identity`` (for protocols that authenticate after the upgrade).
+        """Adopt ``identity`` (for protocols that authenticate after the upgrade,
+        or refresh a token: a session with subscriptions keeps its tenant).
 
         Raises:
-            RuntimeError: the session already holds subscriptions (they belong
-                to the tenant it had).
+            RuntimeError: the session holds subscriptions and ``identity`` is of
+                another tenant (they belong to the tenant it had).
         """
         self._connection.adopt(identity)
 
@@ -195,6 +198,9 @@ class Endpoint:
         app_ping: a frame sent every ``ping_interval`` instead of a WebSocket
             ping, for protocols whose clients expect pings of their own (and
             answer them: any message counts against the read timeout).
+        lossless: for protocols whose clients cannot tell that an event was
+            dropped: a full outbox closes the connection (1008, so the client
+            resumes) whatever the topic's overflow policy says.
     """
 
     def __init__(
@@ -204,6 +210,7 @@ class Endpoint:
         *,
         authenticate: Authenticate | None = None,
         app_ping: bytes | None = None,
+        lossless: bool = False,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"an endpoint path starts with '/': {path!r}")
@@ -211,9 +218,11 @@ class Endpoint:
         self.dialect = dialect
         self.authenticate = authenticate
         self.app_ping = app_ping
+        self.lossless = lossless
         self.handlers: dict[str, MessageHandler] = {}
         self.connect_hooks: list[ConnectHook] = []
         self.disconnect_hooks: list[DisconnectHook] = []
+        self.frame_hooks: list[FrameHook] = []
 
     def on(self, kind: str) -> Callable[[H], H]:
         """Register ``async def handler(session, message)`` for messages of ``kind``."""
@@ -227,6 +236,16 @@ class Endpoint:
     def on_connect(self, hook: ConnectHook) -> ConnectHook:
         """``async def hook(session)``: runs before the client's first message is read."""
         self.connect_hooks.append(hook)
+        return hook
+
+    def after_frame(self, hook: FrameHook) -> FrameHook:
+        """``hook(session)``: runs after the commands of each incoming message were handled.
+
+        Also when the rate limit stopped them part way. For protocols that
+        answer the commands of one message in one frame: the handlers collect
+        the answers, the hook sends them. It must not block (it is not awaited).
+        """
+        self.frame_hooks.append(hook)
         return hook
 
     def on_disconnect(self, hook: DisconnectHook) -> DisconnectHook:

@@ -130,6 +130,7 @@ class Outbox(Generic[T]):
         "capacity",
         "closing",
         "dropped",
+        "lossless",
         "peak",
         "policy",
         "sink",
@@ -151,6 +152,9 @@ class Outbox(Generic[T]):
         self.policy = policy
         self.dropped = 0
         """Events refused because the outbox was full."""
+        self.lossless = False
+        """Whether overflow always closes the outbox (1008), whatever the policy says:
+        for consumers that cannot tell that an event was dropped."""
         self.peak = 0
         """The most items ever queued at once (as seen by the consumer)."""
         self.closing: Closing | None = None
@@ -182,7 +186,7 @@ class Outbox(Generic[T]):
         if len(items) - self._put_queued >= (capacity or self.capacity) or self.closing is not None:
             if self.closing is None:
                 self.dropped += 1
-                if (policy or self.policy) is OverflowPolicy.DISCONNECT:
+                if self.lossless or (policy or self.policy) is OverflowPolicy.DISCONNECT:
                     self.close(OVERFLOW_CLOSE_CODE, "outbox overflow", flush=False)
             return False
         items.append(item)
