@@ -135,6 +135,10 @@ class Config:
     host: str = attrs.field(default="127.0.0.1", metadata=_help("address to listen on"))
     port: int = attrs.field(default=8800, metadata=_help("TCP port; 0 picks a free one"))
     ws_path: str = attrs.field(default="/ws", metadata=_help("path of the WebSocket endpoint"))
+    centrifugo_path: str = attrs.field(
+        default="/connection/websocket",
+        metadata=_help("path where Centrifugo's client SDKs connect; empty: not served"),
+    )
     transport: TransportName = attrs.field(
         default="builtin",
         metadata=_help("server for the port: builtin (h11 + wsproto) or hypercorn (ASGI)"),
@@ -411,6 +415,10 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append(f"port must be between 0 and 65535, not {config.port}")
     if not config.ws_path.startswith("/"):
         problems.append("ws_path must start with '/'")
+    if config.centrifugo_path and not config.centrifugo_path.startswith("/"):
+        problems.append("centrifugo_path must start with '/' (or be empty: not served)")
+    if config.centrifugo_path == config.ws_path:
+        problems.append("centrifugo_path must differ from ws_path")
     for name in (
         "max_message_size",
         "outbox_size",

@@ -31,6 +31,7 @@ from .backplane.redis import RedisBackplane
 from .broker.broker import Broker, BrokerStats, Subscriber
 from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .broker.subscription import Subscription, as_event
+from .centrifugo import centrifugo_endpoint
 from .config import Config
 from .connection import Connection, ConnectionStats
 from .demo import run_demo
@@ -111,7 +112,10 @@ class Server:
         self.endpoints: dict[str, Endpoint] = {
             config.ws_path: Endpoint(config.ws_path, self.dialect)
         }
-        """WebSocket endpoints by path: the native one at ``ws_path``, and the application's."""
+        """WebSocket endpoints by path: the native one at ``ws_path``, Centrifugo's
+        protocol at ``centrifugo_path``, and the application's."""
+        if config.centrifugo_path:
+            self.add_endpoint(centrifugo_endpoint(self, config.centrifugo_path))
         for endpoint in endpoints:
             self.add_endpoint(endpoint)
         self.counters = NodeCounters()

@@ -1,0 +1,489 @@
+"""Centrifugo's client protocol as a tidings endpoint: its SDKs connect unmodified.
+
+A server serves it at ``centrifugo_path`` (``/connection/websocket``, the
+path the SDKs use) beside the native ``/ws``, on the same broker, history,
+presence, authentication and namespaces::
+
+    const centrifuge = new Centrifuge("ws://localhost:8800/connection/websocket", {token});
+    centrifuge.newSubscription("news").subscribe();
+
+Channels are topics; the connection token is checked at ``connect`` (the
+upgrade itself needs none on this path) and its claims apply as for the
+native protocol; ``rpc`` calls the handlers of :meth:`Server.on_request`;
+``send`` goes to an optional hook. The frames, what is not supported and how
+error and close codes map are in ``docs/centrifugo.md``; the frames
+themselves are built in :mod:`tidings.protocol.centrifugo`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Final, TypeAlias
+
+import attrs
+import orjson
+
+from ._version import __version__
+from .app import RequestContext, RequestError
+from .auth import AuthError, Identity
+from .broker.broker import BrokerError
+from .broker.namespaces import Namespace
+from .endpoint import Endpoint, Session
+from .protocol import centrifugo as wire
+from .protocol.codes import ErrorCode
+from .protocol.messages import AppMessage
+from .transport.base import UpgradeRequest
+
+if TYPE_CHECKING:
+    from .server import Server
+
+__all__ = ["DEFAULT_PATH", "SendHandler", "centrifugo_endpoint", "unsubscribe_client"]
+
+LOGGER = logging.getLogger("tidings.centrifugo")
+
+DEFAULT_PATH: Final = "/connection/websocket"
+
+SendHandler: TypeAlias = Callable[[Session, Any], Awaitable[None]]
+"""``async def on_send(session, data)``: a client's ``send`` (no answer goes back)."""
+
+#: ``subscribe.flag`` bit: answer error 112 rather than ``recovered: false``.
+REJECT_UNRECOVERED: Final = 2
+#: Methods whose handler may wait: a subscribe answer collected before them goes out
+#: first, so no live publication can overtake it.
+_MAY_WAIT: Final = frozenset({"publish", "presence", "presence_stats", "history", "rpc", "send"})
+_STATE: Final = "centrifugo"
+
+
+@attrs.define(slots=True)
+class CentrifugoState:
+    """What the endpoint keeps per connection, in ``session.state["centrifugo"]``."""
+
+    connected: bool = False
+    pending: list[bytes] = attrs.Factory(list)
+    """Answers to the commands of the frame being handled, sent as one frame."""
+    urgent: bool = False
+    """``pending`` holds a subscribe answer: send it before anything awaits."""
+
+
+class _Disconnect(Exception):
+    """Raised by a handler: close the connection with ``code``."""
+
+    def __init__(self, code: int, reason: str, detail: str = "") -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+        self.detail = detail or reason
+
+
+Method: TypeAlias = Callable[
+    [Session, CentrifugoState, dict[str, Any]], Awaitable[dict[str, Any] | None]
+]
+
+
+class _Centrifugo:
+    """The endpoint's handlers, over one server."""
+
+    def __init__(self, server: Server, path: str, on_send: SendHandler | None) -> None:
+        self.server = server
+        self.on_send = on_send
+        self.endpoint = Endpoint(
+            path,
+            wire.CentrifugoDialect(),
+            authenticate=self._admit,
+            app_ping=wire.PING,
+            # The SDKs trust offsets: an event dropped for a slow client would be
+            # a gap they never see, so a full outbox closes it and it recovers.
+            lossless=True,
+        )
+        self.methods: dict[str, Method] = {
+            "connect": self._connect,
+            "subscribe": self._subscribe,
+            "unsubscribe": self._unsubscribe,
+            "publish": self._publish,
+            "presence": self._presence,
+            "presence_stats": self._presence_stats,
+            "history": self._history,
+            "rpc": self._rpc,
+            "refresh": self._refresh,
+            "send": self._send,
+            "sub_refresh": self._sub_refresh,
+            "ping": self._ping,
+        }
+        for kind in (*self.methods, wire.PONG, wire.BAD_REQUEST):
+            self.endpoint.on(kind)(self._dispatch)
+        self.endpoint.after_frame(self._flush)
+
+    def _admit(self, request: UpgradeRequest) -> Identity:
+        # Anyone may open the socket: the token comes in the connect command,
+        # and nothing but connect is served before it.
+        return Identity(self.server.config.default_tenant)
+
+    # --- dispatch ---------------------------------------------------------------------
+
+    async def _dispatch(self, session: Session, message: AppMessage) -> None:
+        state = _state(session)
+        kind = message.kind
+        if session.closed or kind == wire.PONG:
+            return  # pongs count against the read timeout; nothing else to do
+        try:
+            if kind == wire.BAD_REQUEST:
+                raise _Disconnect(
+                    wire.DisconnectCode.BAD_REQUEST, "bad request", str(message.body["reason"])
+                )
+            if not state.connected and kind != "connect":
+                raise _Disconnect(
+                    wire.DisconnectCode.BAD_REQUEST, "bad request", f"{kind} before connect"
+                )
+            if state.connected and kind == "connect":
+                raise _Disconnect(wire.DisconnectCode.BAD_REQUEST, "bad request", "connect twice")
+        except _Disconnect as exc:
+            self._close(session, state, exc)
+            return
+        if state.urgent and (
+            kind in _MAY_WAIT or (kind == "subscribe" and self.server.backplane is not None)
+        ):
+            self._flush(session)
+        command_id = message.request_id if isinstance(message.request_id, int) else 0
+        reply: bytes | None = None
+        try:
+            result = await self.methods[kind](session, state, message.body)
+            if result is not None and command_id:
+                reply = wire.encode_result(command_id, kind, result)
+                if kind == "subscribe":
+                    state.urgent = True
+        except _Disconnect as exc:
+            self._close(session, state, exc)
+            return
+        except (RequestError, BrokerError) as exc:
+            reply = wire.encode_tidings_error(command_id, exc.code, exc.message)
+        except Exception:
+            LOGGER.exception("centrifugo %s of %s failed", kind, session.id)
+            reply = wire.encode_tidings_error(
+                command_id, ErrorCode.REQUEST_FAILED, f"{kind} failed"
+            )
+        if reply is not None and command_id:
+            state.pending.append(reply)
+
+    def _flush(self, session: Session) -> None:
+        """Send the answers collected so far, as one frame."""
+        state = session.state.get(_STATE)
+        if state is None or not state.pending:
+            return
+        frame = wire.join_frames(state.pending)
+        state.pending.clear()
+        state.urgent = False
+        session.reply(frame)
+
+    def _close(self, session: Session, state: CentrifugoState, exc: _Disconnect) -> None:
+        LOGGER.info(
+            "closing %s: %s (%s)",
+            session.id,
+            exc.reason,
+            exc.detail,
+            extra={"event": "centrifugo_close", "client": session.id, "code": exc.code},
+        )
+        self._flush(session)
+        session.close(exc.code, exc.reason)
+
+    # --- connection -------------------------------------------------------------------
+
+    async def _connect(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        identity = self._verify(body.get("token"))
+        session.authenticate(identity)
+        state.connected = True
+        ping = max(1, math.ceil(self.server.config.ping_interval))
+        return {
+            "client": session.id,
+            "version": __version__,
+            "ping": ping,
+            "pong": True,
+            **_expiry(identity),
+        }
+
+    async def _refresh(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        identity = self._verify(body.get("token"))
+        if (identity.user, identity.tenant) != (session.identity.user, session.identity.tenant):
+            self.server.counters.auth_failures += 1
+            raise _Disconnect(
+                wire.DisconnectCode.INVALID_TOKEN, "invalid token", "refresh for another user"
+            )
+        session.authenticate(identity)
+        return {"client": session.id, "version": __version__, **_expiry(identity)}
+
+    def _verify(self, token: Any) -> Identity:
+        authenticator = self.server.authenticator
+        if authenticator.mode == "none":
+            return Identity(self.server.config.default_tenant)
+        if not isinstance(token, str) or not token:
+            self.server.counters.auth_failures += 1
+            raise _Disconnect(wire.DisconnectCode.INVALID_TOKEN, "invalid token", "no token")
+        try:
+            return authenticator.verify(token)
+        except AuthError as exc:
+            self.server.counters.auth_failures += 1
+            if str(exc) == TOKEN_EXPIRED:
+                # The SDKs get a new token (get_token / getToken) and try again.
+                raise RequestError(wire.CentrifugoError.TOKEN_EXPIRED, "token expired") from None
+            raise _Disconnect(
+                wire.DisconnectCode.INVALID_TOKEN, "invalid token", str(exc)
+            ) from None
+
+    # --- subscriptions ----------------------------------------------------------------
+
+    async def _subscribe(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        channel = _channel(body)
+        namespace = self._allowed(session, "subscribe", channel)
+        recoverable = namespace.history_size > 0
+        recover = recoverable and body.get("recover") is True
+        since: int | None = None
+        epoch: str | None = None
+        if recover:
+            since = _offset(body.get("offset"), "offset")
+            epoch = _epoch(body.get("epoch"), "epoch") or None
+        joined = await session.subscribe(channel, since=since, epoch=epoch, return_replay=True)
+        # No await from here until the answer is queued (see _dispatch).
+        result: dict[str, Any] = {}
+        if recoverable:
+            result["recoverable"] = True
+            result["positioned"] = True
+            result["epoch"] = joined.position.epoch
+            result["offset"] = joined.position.seq
+        if recover:
+            result["was_recovering"] = True
+            if joined.recovered:
+                result["recovered"] = True
+                # The client's own offset: each publication below moves it on to the top.
+                result["offset"] = since
+                if joined.events:
+                    result["publications"] = [wire.publication(event) for event in joined.events]
+            elif _int(body.get("flag"), "flag") & REJECT_UNRECOVERED:
+                session.unsubscribe(channel)
+                raise RequestError(
+                    wire.CentrifugoError.UNRECOVERABLE_POSITION,
+                    f"cannot recover {channel!r} from offset {since}",
+                )
+        return result
+
+    async def _unsubscribe(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        session.unsubscribe(_channel(body))
+        return {}
+
+    async def _sub_refresh(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        # Subscription tokens are not used (the connection token's claims decide),
+        # so a subscription never expires.
+        return {}
+
+    # --- publishing and reading ---------------------------------------------------------
+
+    async def _publish(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        channel = _channel(body)
+        if "data" not in body:
+            raise RequestError(ErrorCode.MISSING_FIELD, "publish needs data")
+        self._allowed(session, "publish", channel)
+        await session.publish(channel, body["data"])
+        return {}
+
+    async def _presence(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        clients = await self._who(session, _channel(body))
+        info = {client.id: wire.client_info(client.id, client.user) for client in clients}
+        return {"presence": info}
+
+    async def _presence_stats(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        clients = await self._who(session, _channel(body))
+        # Anonymous clients count as one user (""), as in Centrifugo.
+        users = {client.user or "" for client in clients}
+        return {"num_clients": len(clients), "num_users": len(users)}
+
+    async def _who(self, session: Session, channel: str) -> list[Any]:
+        namespace = self._allowed(session, "subscribe", channel)
+        if not namespace.presence:
+            raise RequestError(
+                wire.CentrifugoError.NOT_AVAILABLE, f"presence is off for {channel!r}"
+            )
+        return await self.server.presence_everywhere(channel, tenant=session.identity.tenant)
+
+    async def _history(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        channel = _channel(body)
+        namespace = self._allowed(session, "subscribe", channel)
+        if namespace.history_size == 0:
+            raise RequestError(wire.CentrifugoError.NOT_AVAILABLE, f"no history for {channel!r}")
+        limit = _int(body.get("limit"), "limit")
+        reverse = body.get("reverse") is True
+        since = body.get("since")
+        if since is not None and not isinstance(since, dict):
+            raise RequestError(ErrorCode.INVALID_FIELD, "since is {offset, epoch}")
+        since_offset = _offset(since.get("offset"), "since.offset") if since else 0
+        since_epoch = _epoch(since.get("epoch"), "since.epoch") if since else ""
+        tenant = session.identity.tenant
+        if limit == 0:  # the position alone
+            events, position = await self.server.history(channel, 0, 1, tenant=tenant)
+            events = []
+        elif not reverse:
+            wanted = limit if limit > 0 else None
+            events, position = await self.server.history(
+                channel, since_offset, wanted, tenant=tenant
+            )
+        else:
+            events, position = await self.server.history(channel, 0, None, tenant=tenant)
+            if since is not None:
+                events = [event for event in events if event.seq < since_offset]
+            events.reverse()
+            if limit > 0:
+                events = events[:limit]
+        top, epoch = (position.seq, position.epoch) if position is not None else (0, "")
+        if since_epoch and since_epoch != epoch:
+            raise RequestError(
+                wire.CentrifugoError.UNRECOVERABLE_POSITION,
+                f"epoch {since_epoch!r} is not the stream's ({epoch!r})",
+            )
+        result: dict[str, Any] = {"offset": top}
+        if epoch:
+            result["epoch"] = epoch
+        if events:
+            result["publications"] = [wire.publication(event) for event in events]
+        return result
+
+    # --- the application's handlers -----------------------------------------------------
+
+    async def _rpc(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        method = body.get("method", "")
+        if not isinstance(method, str):
+            raise RequestError(ErrorCode.INVALID_FIELD, "method is a string")
+        handler = self.server._handlers.get(method)
+        if handler is None:
+            raise RequestError(ErrorCode.NOT_FOUND, f"no rpc method {method[:64]!r}")
+        problem = session.permission_problem("request", method)
+        if problem is not None:
+            raise RequestError(*problem)
+        answer = await handler(RequestContext(method, body.get("data"), session.info))
+        try:
+            data = orjson.Fragment(orjson.dumps(answer))
+        except TypeError:
+            LOGGER.exception("rpc handler for %r answered what JSON cannot carry", method)
+            raise RequestError(ErrorCode.REQUEST_FAILED, "the rpc handler failed") from None
+        return {"data": data}
+
+    async def _send(self, session: Session, state: CentrifugoState, body: dict[str, Any]) -> None:
+        if self.on_send is not None:
+            await self.on_send(session, body.get("data"))
+
+    async def _ping(
+        self, session: Session, state: CentrifugoState, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        return {}  # protocol v1's ping command
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _allowed(self, session: Session, action: str, channel: str) -> Namespace:
+        """The channel's namespace, if the client may ``action`` it (else RequestError)."""
+        problem = session.permission_problem(action, channel)
+        if problem is not None:
+            raise RequestError(*problem)
+        namespace = self.server.namespaces.resolve(channel)
+        assert namespace is not None  # permission_problem checked it
+        return namespace
+
+
+#: The message of :class:`AuthError` for an expired token (answered with 109, not 3500).
+TOKEN_EXPIRED: Final = "token expired"
+
+
+def centrifugo_endpoint(
+    server: Server, path: str = DEFAULT_PATH, *, on_send: SendHandler | None = None
+) -> Endpoint:
+    """An endpoint that speaks Centrifugo's bidirectional JSON protocol at ``path``.
+
+    The server adds one at ``config.centrifugo_path`` itself; build one by hand
+    for another path or to receive the clients' ``send`` messages
+    (``server.add_endpoint(centrifugo_endpoint(server, on_send=...))``).
+    """
+    return _Centrifugo(server, path, on_send).endpoint
+
+
+def unsubscribe_client(
+    session: Session, channel: str, code: int = 2000, reason: str = "server unsubscribe"
+) -> bool:
+    """End a client's subscription from the server and tell its SDK.
+
+    Below 2500 the subscription stays ended; from 2500 on the SDK subscribes
+    again (and recovers). Returns False if the client was not subscribed.
+    """
+    if not session.unsubscribe(channel):
+        return False
+    session.reply(wire.encode_unsubscribe_push(channel, code, reason))
+    return True
+
+
+def _state(session: Session) -> CentrifugoState:
+    state = session.state.get(_STATE)
+    if state is None:
+        state = session.state[_STATE] = CentrifugoState()
+    return state
+
+
+def _expiry(identity: Identity) -> dict[str, Any]:
+    """``expires``/``ttl`` for a token that expires: the SDK refreshes after ``ttl``.
+
+    A little before the expiry (a tenth, 1 to 30 s), so the refresh arrives
+    before the server closes the connection (4002) at the expiry itself.
+    """
+    if identity.expires_at is None:
+        return {}
+    remaining = identity.expires_at - time.time()
+    margin = min(max(remaining / 10, 1.0), 30.0)
+    return {"expires": True, "ttl": max(1, int(remaining - margin))}
+
+
+def _channel(body: dict[str, Any]) -> str:
+    channel = body.get("channel")
+    if not isinstance(channel, str) or not channel:
+        raise RequestError(ErrorCode.MISSING_FIELD, "channel is a non-empty string")
+    return channel
+
+
+def _int(value: Any, name: str) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)  # protobuf's JSON writes 64-bit integers as strings
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise RequestError(ErrorCode.INVALID_FIELD, f"{name} is an integer")
+    return value
+
+
+def _offset(value: Any, name: str) -> int:
+    offset = _int(value, name)
+    if offset < 0:
+        raise RequestError(ErrorCode.INVALID_FIELD, f"{name} is not negative")
+    return offset
+
+
+def _epoch(value: Any, name: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise RequestError(ErrorCode.INVALID_FIELD, f"{name} is a string")
+    return value
