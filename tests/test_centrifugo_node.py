@@ -9,6 +9,7 @@ CI sets, makes that a failure).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import AsyncIterator
@@ -117,10 +118,8 @@ async def node_client(url: str, token: str = "") -> AsyncIterator[NodeClient]:
     finally:
         with trio.CancelScope(shield=True):
             with trio.move_on_after(5):
-                try:
+                with contextlib.suppress(Exception):  # the driver may be gone already
                     await client.call("exit")
-                except Exception:  # noqa: S110 - the driver may be gone already
-                    pass
                 await process.wait()
             if process.returncode is None:
                 process.kill()

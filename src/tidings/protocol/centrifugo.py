@@ -104,6 +104,8 @@ ERROR_CODES: Final[Mapping[str, tuple[int, bool]]] = {
     ErrorCode.REQUEST_FAILED: (100, True),
     ErrorCode.REQUEST_TIMEOUT: (100, True),
     ErrorCode.UNAVAILABLE: (100, True),
+    # It may have been published: not 'temporary', so nothing retries it blindly.
+    ErrorCode.UNCONFIRMED: (100, False),
     CentrifugoError.NOT_AVAILABLE: (108, False),
     CentrifugoError.TOKEN_EXPIRED: (109, False),
     CentrifugoError.UNRECOVERABLE_POSITION: (112, False),
