@@ -24,7 +24,9 @@ from trio_websocket import (
 
 from tidings import Config, ErrorCode, Server, open_server
 from tidings.broker.outbox import Outbox, OverflowPolicy
+from tidings.centrifugo import centrifugo_endpoint, send_message, unsubscribe_client
 from tidings.config import ConfigError
+from tidings.endpoint import Session
 from tidings.protocol import centrifugo as wire
 from tidings.protocol.messages import AppMessage, ClientInfo, Error, Event, PresenceChange
 
@@ -438,3 +440,48 @@ async def test_the_path_is_configurable_and_can_be_turned_off() -> None:
         Config(centrifugo_path="/ws")
     with pytest.raises(ConfigError, match="start with"):
         Config(centrifugo_path="connection")
+
+
+async def test_send_reaches_the_application_which_can_push_and_unsubscribe() -> None:
+    received: list[Any] = []
+
+    async def on_send(session: Session, data: Any) -> None:
+        received.append((session.identity.user, data))
+        send_message(session, {"echo": data})
+        assert unsubscribe_client(session, "news", 2500, "insufficient state")
+        assert not unsubscribe_client(session, "elsewhere")
+
+    async with serving() as server:
+        server.add_endpoint(centrifugo_endpoint(server, "/cf", on_send=on_send))
+        async with open_websocket_url(f"ws://127.0.0.1:{server.port}/cf") as ws:
+            await ws.send_message(CONNECT + '\n{"id":2,"subscribe":{"channel":"news"}}')
+            await frame(ws)
+            await ws.send_message('{"send":{"data":{"hello":1}}}')
+            assert await frame(ws) == [{"push": {"message": {"data": {"echo": {"hello": 1}}}}}]
+            assert await frame(ws) == [
+                {
+                    "push": {
+                        "channel": "news",
+                        "unsubscribe": {"code": 2500, "reason": "insufficient state"},
+                    }
+                }
+            ]
+            assert received == [(None, {"hello": 1})]
+            # Unsubscribed: a publication no longer comes; a send to the default
+            # endpoint (no hook) is accepted and ignored.
+            await server.publish("news", 1)
+            await ws.send_message('{"id":3,"ping":{}}')
+            assert await frame(ws) == [{"id": 3, "ping": {}}]
+        async with centrifugo(server) as ws:
+            await ws.send_message(CONNECT + '\n{"send":{"data":1}}\n{"id":2,"ping":{}}')
+            assert [answer["id"] for answer in await frame(ws)] == [1, 2]
+
+
+async def test_filters_and_map_subscriptions_are_refused_not_ignored() -> None:
+    async with serving() as server, centrifugo(server) as ws:
+        await ws.send_message(
+            CONNECT + '\n{"id":2,"subscribe":{"channel":"a","tf":{"op":"eq"}}}\n'
+            '{"id":3,"subscribe":{"channel":"b","type":1}}'
+        )
+        (_, filtered, mapped) = await frame(ws)
+        assert filtered["error"]["code"] == mapped["error"]["code"] == 108

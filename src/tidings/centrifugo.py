@@ -40,7 +40,13 @@ from .transport.base import UpgradeRequest
 if TYPE_CHECKING:
     from .server import Server
 
-__all__ = ["DEFAULT_PATH", "SendHandler", "centrifugo_endpoint", "unsubscribe_client"]
+__all__ = [
+    "DEFAULT_PATH",
+    "SendHandler",
+    "centrifugo_endpoint",
+    "send_message",
+    "unsubscribe_client",
+]
 
 LOGGER = logging.getLogger("tidings.centrifugo")
 
@@ -241,6 +247,12 @@ class _Centrifugo:
         self, session: Session, state: CentrifugoState, body: dict[str, Any]
     ) -> dict[str, Any]:
         channel = _channel(body)
+        if body.get("tf") is not None or body.get("type"):
+            # Refused rather than ignored: the client would get what it filtered out.
+            raise RequestError(
+                wire.CentrifugoError.NOT_AVAILABLE,
+                "tags filters and map or shared-poll subscriptions are not supported",
+            )
         namespace = self._allowed(session, "subscribe", channel)
         recoverable = namespace.history_size > 0
         recover = recoverable and body.get("recover") is True
@@ -435,6 +447,15 @@ def unsubscribe_client(
         return False
     session.reply(wire.encode_unsubscribe_push(channel, code, reason))
     return True
+
+
+def send_message(session: Session, data: Any) -> bool:
+    """A ``message`` push (Centrifugo's asynchronous message) to one client.
+
+    centrifuge-js emits it as a ``message`` event; centrifuge-python 0.7.0
+    ignores it. Bounded like events: False if the outbox had no room.
+    """
+    return session.send(wire.encode_message_push(data))
 
 
 def _state(session: Session) -> CentrifugoState:

@@ -272,6 +272,11 @@ def encode_unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
     )
 
 
+def encode_message_push(data: Any) -> bytes:
+    """``{"push":{"message":{"data":...}}}``: an asynchronous message to one client."""
+    return orjson.dumps({"push": {"message": {"data": data}}})
+
+
 def encode_disconnect_push(code: int, reason: str, reconnect: bool) -> bytes:
     """A disconnect push (the SDKs decide by ``code``; on WebSocket the close frame
     carries the same, and is what tidings sends)."""
