@@ -351,10 +351,11 @@ async def test_auth_failures_are_counted_and_logged_with_the_reason(logs: LogWat
                 assert (await call(ws, {"type": "ping", "requestId": "p"}))["type"] == "pong"
 
             failures = [as_json(record) for record in logs.events("auth_failure")]
-            assert len(failures) == 2
-            assert [f["level"] for f in failures] == ["warning", "warning"]
+            assert len(failures) == 3  # two upgrades and the refresh
+            assert [f["level"] for f in failures] == ["warning", "warning", "warning"]
             assert "token is required" in failures[0]["reason"]
             assert failures[1]["reason"] == "invalid token"
+            assert failures[2]["reason"] == "invalid token" and failures[2]["client"]
             for entry in failures:
                 assert entry["remote"].startswith("127.0.0.1:")
                 assert entry["reason"] in entry["message"]

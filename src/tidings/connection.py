@@ -464,7 +464,12 @@ class Connection:
                 "refresh refused for %s: %s",
                 self.info.id,
                 exc,
-                extra={"event": "auth_failure", "client": self.info.id, "reason": str(exc)},
+                extra={
+                    "event": "auth_failure",
+                    "client": self.info.id,
+                    "remote": self.info.remote,
+                    "reason": str(exc),
+                },
             )
             self._reply(Error(ErrorCode.UNAUTHORIZED, str(exc), command.request_id))
             return
