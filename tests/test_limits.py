@@ -247,11 +247,6 @@ def test_a_hundred_per_second_is_expressible() -> None:
     assert sum(bucket.take(0.05) for _ in range(150)) == 5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config.py _semantic_problems does not check rate_period > 0: rate_period=0 is "
-    "accepted and Config.connection_limits (used by Server.__init__) divides by zero",
-)
 def test_a_rate_period_of_zero_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="rate_period"):
         Config(rate_limit=5, rate_period=0).connection_limits  # noqa: B018
@@ -411,11 +406,6 @@ async def test_the_connection_cap_is_per_address() -> None:
                 await answer.ws.aclose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server.py admit() checks _per_host, which serve() increments only after the "
-    "101 is sent: upgrades admitted concurrently all pass the per-IP cap",
-)
 async def test_concurrent_upgrades_cannot_pass_the_per_ip_cap_together() -> None:
     """Driven through the ASGI app so the window between admit and serve is certain.
 
