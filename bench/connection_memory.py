@@ -30,14 +30,16 @@ CLIENT = textwrap.dedent(
     for i in range(count):
         s = socket.create_connection(("127.0.0.1", port))
         key = base64.b64encode(os.urandom(16)).decode()
-        s.sendall((f"GET /ws HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\nConnection: Upgrade\\r\\n"  # noqa: E501
-                   f"Sec-WebSocket-Key: {key}\\r\\nSec-WebSocket-Version: 13\\r\\n\\r\\n").encode())
+        s.sendall((f"GET /ws HTTP/1.1\\r\\nHost: x\\r\\nUpgrade: websocket\\r\\n"
+                   f"Connection: Upgrade\\r\\nSec-WebSocket-Key: {key}\\r\\n"
+                   f"Sec-WebSocket-Version: 13\\r\\n\\r\\n").encode())
         head = b""
         while b"\\r\\n\\r\\n" not in head:
             head += s.recv(4096)
         msg = ('{"type":"subscribe","topic":"t%d","requestId":1}' % (i % 100)).encode()
         mask = os.urandom(4)
-        s.sendall(bytes([0x81, 0x80 | len(msg)]) + mask + bytes(b ^ mask[j % 4] for j, b in enumerate(msg)))  # noqa: E501
+        masked = bytes(b ^ mask[j % 4] for j, b in enumerate(msg))
+        s.sendall(bytes([0x81, 0x80 | len(msg)]) + mask + masked)
         socks.append(s)
     print("ready", flush=True)
     sys.stdin.readline()
