@@ -32,6 +32,16 @@ def test_ruff_is_clean_on_src() -> None:
     assert formatted.returncode == 0, formatted.stdout + formatted.stderr
 
 
+@pytest.mark.skipif(
+    shutil.which("ruff") is None and not (Path(sys.prefix) / "bin/ruff").exists(),
+    reason="ruff is not installed",
+)
+def test_ruff_lint_is_clean_on_tests_examples_and_bench() -> None:
+    ruff = shutil.which("ruff") or str(Path(sys.prefix) / "bin/ruff")
+    result = run(ruff, "check", "tests", "examples", "bench")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_mypy_strict_is_clean_on_src() -> None:
     pytest.importorskip("mypy")
     result = run(sys.executable, "-m", "mypy")  # files and strictness from pyproject.toml
