@@ -485,3 +485,20 @@ async def test_filters_and_map_subscriptions_are_refused_not_ignored() -> None:
         )
         (_, filtered, mapped) = await frame(ws)
         assert filtered["error"]["code"] == mapped["error"]["code"] == 108
+
+
+@pytest.mark.parametrize("transport", ["builtin", "hypercorn"])
+async def test_both_transports_serve_the_protocol(transport: str) -> None:
+    async with (
+        serving(transport=transport, ping_interval=0.5, read_timeout=2) as server,
+        centrifugo(server) as ws,
+    ):
+        await ws.send_message(CONNECT + '\n{"id":2,"subscribe":{"channel":"news"}}')
+        (connected, subscribed) = await frame(ws)
+        assert connected["connect"]["ping"] == 1 and subscribed["subscribe"]["offset"] == 0
+        await server.publish("news", {"n": 1})
+        items = await frame(ws)
+        while items == [{}]:  # a ping may come first
+            items = await frame(ws)
+        assert items == [{"push": {"channel": "news", "pub": {"data": {"n": 1}, "offset": 1}}}]
+        assert await frame(ws) == [{}]
