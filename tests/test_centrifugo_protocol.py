@@ -31,6 +31,7 @@ from tidings.protocol import centrifugo as wire
 from tidings.protocol.messages import AppMessage, ClientInfo, Error, Event, PresenceChange
 
 from .conftest import TEST_TIMEOUT
+from .redis_fixture import RedisServer
 
 SECRET = "centrifugo-protocol-secret-32-bytes"
 
@@ -502,3 +503,47 @@ async def test_both_transports_serve_the_protocol(transport: str) -> None:
             items = await frame(ws)
         assert items == [{"push": {"channel": "news", "pub": {"data": {"n": 1}, "offset": 1}}}]
         assert await frame(ws) == [{}]
+
+
+async def test_two_nodes_on_redis_share_channels_history_presence_and_recovery(
+    redis_server: RedisServer,
+) -> None:
+    """The same protocol over the Redis backplane: subscribe waits for the node to
+    follow the channel, and its answer still comes before any live publication."""
+    settings: dict[str, Any] = {"backplane": redis_server.url, "presence": True}
+    async with (
+        serving(node_id="a", **settings) as a,
+        serving(node_id="b", **settings) as b,
+        centrifugo(a) as on_a,
+        centrifugo(b) as on_b,
+    ):
+        for ws in (on_a, on_b):
+            await ws.send_message(CONNECT + '\n{"id":2,"subscribe":{"channel":"news"}}')
+            (connected, subscribed) = await frame(ws)
+            assert subscribed["subscribe"]["offset"] == 0
+        epoch = subscribed["subscribe"]["epoch"]
+        client_a = connected["connect"]["client"]
+        await a.publish("news", 1)
+        await b.publish("news", 2)
+        for ws in (on_a, on_b):
+            pushes = (await frame(ws)) + (await frame(ws))
+            assert [push["push"]["pub"]["offset"] for push in pushes] == [1, 2]
+        await on_b.send_message(
+            '{"id":3,"presence_stats":{"channel":"news"}}\n'
+            '{"id":4,"history":{"channel":"news","limit":-1}}'
+        )
+        answers: list[dict[str, Any]] = []
+        while len(answers) < 2:
+            answers += await frame(on_b)
+        assert answers[0]["presence_stats"] == {"num_clients": 2, "num_users": 1}
+        assert answers[1]["history"]["epoch"] == epoch
+        assert [pub["data"] for pub in answers[1]["history"]["publications"]] == [1, 2]
+        await on_a.send_message('{"id":5,"unsubscribe":{"channel":"news"}}')
+        await frame(on_a)
+        await b.publish("news", 3)
+        request = {"channel": "news", "recover": True, "offset": 2, "epoch": epoch}
+        await on_a.send_message(orjson.dumps({"id": 6, "subscribe": request}).decode())
+        (recovered,) = await frame(on_a)
+        assert recovered["subscribe"]["recovered"] is True
+        assert recovered["subscribe"]["publications"] == [{"data": 3, "offset": 3}]
+        assert client_a in {client.id for client in await a.presence_everywhere("news")}
