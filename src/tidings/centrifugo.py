@@ -134,19 +134,11 @@ class _Centrifugo:
         kind = message.kind
         if session.closed or kind == wire.PONG:
             return  # pongs count against the read timeout; nothing else to do
-        try:
-            if kind == wire.BAD_REQUEST:
-                raise _Disconnect(
-                    wire.DisconnectCode.BAD_REQUEST, "bad request", str(message.body["reason"])
-                )
-            if not state.connected and kind != "connect":
-                raise _Disconnect(
-                    wire.DisconnectCode.BAD_REQUEST, "bad request", f"{kind} before connect"
-                )
-            if state.connected and kind == "connect":
-                raise _Disconnect(wire.DisconnectCode.BAD_REQUEST, "bad request", "connect twice")
-        except _Disconnect as exc:
-            self._close(session, state, exc)
+        problem = _out_of_turn(state, message)
+        if problem is not None:
+            self._close(
+                session, state, _Disconnect(wire.DisconnectCode.BAD_REQUEST, "bad request", problem)
+            )
             return
         if state.urgent and (
             kind in _MAY_WAIT or (kind == "subscribe" and self.server.backplane is not None)
@@ -456,6 +448,17 @@ def send_message(session: Session, data: Any) -> bool:
     ignores it. Bounded like events: False if the outbox had no room.
     """
     return session.send(wire.encode_message_push(data))
+
+
+def _out_of_turn(state: CentrifugoState, message: AppMessage) -> str | None:
+    """Why a message breaks the protocol here (Centrifugo closes with 3501), or None."""
+    if message.kind == wire.BAD_REQUEST:
+        return str(message.body["reason"])
+    if not state.connected and message.kind != "connect":
+        return f"{message.kind} before connect"
+    if state.connected and message.kind == "connect":
+        return "connect twice"
+    return None
 
 
 def _state(session: Session) -> CentrifugoState:

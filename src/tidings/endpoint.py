@@ -1,10 +1,11 @@
 """Endpoints: a WebSocket path with its own dialect and its own application handlers.
 
 A server always has the native endpoint (``config.ws_path``, the native
-protocol). An application whose clients speak another protocol adds an
-endpoint for it: a dialect that turns its frames into
-:class:`~tidings.protocol.messages.AppMessage` values and events into its
-frames, and handlers that run when such messages arrive::
+protocol), and by default Centrifugo's (``config.centrifugo_path``, see
+:mod:`tidings.centrifugo`, itself an endpoint like these). An application
+whose clients speak another protocol adds an endpoint for it: a dialect that
+turns its frames into :class:`~tidings.protocol.messages.AppMessage` values
+and events into its frames, and handlers that run when such messages arrive::
 
     deploys = Endpoint("/ws", JsonDialect("norn"))
 
