@@ -131,3 +131,47 @@ async def test_a_session_can_be_closed_by_the_application() -> None:
                     await ws.get_message()
             assert closed.value.reason.code == 4000
             assert closed.value.reason.reason == "bye"
+
+
+async def test_endpoint_factories_limits_and_query_parameters() -> None:
+    """A factory gets the server; an endpoint's limits replace the server's; hooks see ?params."""
+
+    def make(server: Any) -> Endpoint:
+        relay = Endpoint("/relay", JsonDialect("relay"), limits={"rate_limit": 0})
+
+        @relay.on_connect
+        async def hello(session: Session) -> None:
+            session.reply({"type": "hello", "room": session.query.get("room")})
+
+        @relay.on("shout")
+        async def shout(session: Session, message: AppMessage) -> None:
+            # The handler holds the server: it publishes through it.
+            await server.publish("shouts", {"type": "shout", "text": message.body["text"]})
+
+        @relay.on("listen")
+        async def listen(session: Session, message: AppMessage) -> None:
+            await session.subscribe("shouts")
+            session.reply({"type": "listening"})
+
+        return relay
+
+    config = Config(port=0, log_level="warning", rate_limit=1, rate_period=60)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with open_server(config, endpoints=[make]) as server:
+            url = f"ws://127.0.0.1:{server.port}/relay?room=lobby&x="
+            async with open_websocket_url(url) as ws:
+                assert await frames(ws, 1) == [{"type": "hello", "room": "lobby"}]
+                await ws.send_message('{"type": "listen"}')
+                assert await frames(ws, 1) == [{"type": "listening"}]
+                # Three messages under a server limit of one a minute: this path has none.
+                for text in ("a", "b", "c"):
+                    await ws.send_message(orjson.dumps({"type": "shout", "text": text}).decode())
+                got = await frames(ws, 3)
+            assert [frame["text"] for frame in got] == ["a", "b", "c"]
+            # The native endpoint keeps the server's limit.
+            async with ws_client(server) as native:
+                await native.send_message('{"type": "ping", "requestId": 1}')
+                await native.send_message('{"type": "ping", "requestId": 2}')
+                replies = await frames(native, 2)
+            assert replies[1]["type"] == "error"
+            assert replies[1]["payload"]["code"] == "rate_limited"

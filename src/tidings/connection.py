@@ -174,6 +174,7 @@ class Connection:
         "limits",
         "namespaces",
         "outbox",
+        "query",
         "session",
         "subscriber",
         "transport",
@@ -239,6 +240,12 @@ class Connection:
         self.acked: dict[str, int] = {}
         """Last offset the client acknowledged, per topic."""
         self.endpoint = endpoint
+        # Kept only for application endpoints, whose hooks read parameters from
+        # it (usually empty: the same interned string for every connection).
+        applied = endpoint is not None and bool(
+            endpoint.handlers or endpoint.connect_hooks or endpoint.disconnect_hooks
+        )
+        self.query = request.query if applied else ""
         self.session = Session(self)
         """This connection as the endpoint's application handlers see it."""
         self.delivered: dict[str, Position] = {}

@@ -27,8 +27,9 @@ in :attr:`Session.state`.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from urllib.parse import parse_qs
 
 import attrs
 
@@ -87,6 +88,14 @@ class Session:
     @property
     def id(self) -> str:
         return self._connection.info.id
+
+    @property
+    def query(self) -> dict[str, str]:
+        """The upgrade URL's query parameters (``?user_id=...``), first value of each."""
+        return {
+            name: values[0]
+            for name, values in parse_qs(self._connection.query, keep_blank_values=True).items()
+        }
 
     @property
     def identity(self) -> Identity:
@@ -199,6 +208,11 @@ class Endpoint:
         app_ping: a frame sent every ``ping_interval`` instead of a WebSocket
             ping, for protocols whose clients expect pings of their own (and
             answer them: any message counts against the read timeout).
+        limits: connection limits of this path that differ from the server's
+            (names of :class:`~tidings.connection.ConnectionLimits`:
+            ``rate_limit`` in messages per second with ``rate_burst``,
+            ``outbox_size``, ``overflow_policy``, ``ping_interval``, ...), e.g.
+            ``{"rate_limit": 0}`` for agents exempt from a chat's rate limit.
         lossless: for protocols whose clients cannot tell that an event was
             dropped: a full outbox closes the connection (1008, so the client
             resumes) whatever the topic's overflow policy says.
@@ -212,6 +226,7 @@ class Endpoint:
         authenticate: Authenticate | None = None,
         app_ping: bytes | None = None,
         lossless: bool = False,
+        limits: Mapping[str, Any] | None = None,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"an endpoint path starts with '/': {path!r}")
@@ -220,6 +235,7 @@ class Endpoint:
         self.authenticate = authenticate
         self.app_ping = app_ping
         self.lossless = lossless
+        self.limits: dict[str, Any] = dict(limits or {})
         self.handlers: dict[str, MessageHandler] = {}
         self.connect_hooks: list[ConnectHook] = []
         self.disconnect_hooks: list[DisconnectHook] = []

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from fnmatch import fnmatchcase
-from typing import Any, Final, TypeVar, overload
+from typing import Any, Final, TypeAlias, TypeVar, overload
 from urllib.parse import urlsplit
 
 import attrs
@@ -33,7 +33,7 @@ from .broker.outbox import Flusher, Outbox, OverflowPolicy
 from .broker.subscription import Subscription, as_event
 from .centrifugo import centrifugo_endpoint
 from .config import Config
-from .connection import Connection, ConnectionStats
+from .connection import Connection, ConnectionLimits, ConnectionStats
 from .demo import run_demo
 from .endpoint import Endpoint
 from .metrics import registry_for, render
@@ -50,6 +50,10 @@ from .web import HttpRoutes
 LOGGER = logging.getLogger("tidings.server")
 
 H = TypeVar("H", bound=RequestHandler)
+
+EndpointSource: TypeAlias = "Endpoint | Callable[[Server], Endpoint]"
+"""An endpoint, or a function of the server that makes one (its handlers then
+hold the server, to publish or ask the cluster)."""
 
 SHUTDOWN_REASON: Final = "server shutting down"
 #: Pending connections the kernel queues per listener. hypercorn's default of 100
@@ -77,7 +81,7 @@ class ServerStats:
 class Server:
     """A running tidings node. Get one from :func:`open_server`; do not construct it."""
 
-    def __init__(self, config: Config, endpoints: Iterable[Endpoint] = ()) -> None:
+    def __init__(self, config: Config, endpoints: Iterable[EndpointSource] = ()) -> None:
         self.config = config
         self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.namespaces = config.build_namespaces()
@@ -108,6 +112,8 @@ class Server:
             audience=config.jwt_audience,
             issuer=config.jwt_issuer,
         )
+        self._limits = config.connection_limits
+        self._limits_by_path: dict[str, ConnectionLimits] = {}
         self.dialect = NativeDialect()
         self.endpoints: dict[str, Endpoint] = {
             config.ws_path: Endpoint(config.ws_path, self.dialect)
@@ -117,12 +123,12 @@ class Server:
         if config.centrifugo_path:
             self.add_endpoint(centrifugo_endpoint(self, config.centrifugo_path))
         for endpoint in endpoints:
-            self.add_endpoint(endpoint)
+            # A factory gets the server, so its handlers can publish through it.
+            self.add_endpoint(endpoint if isinstance(endpoint, Endpoint) else endpoint(self))
         self.counters = NodeCounters()
         self.flusher = Flusher(delays=self.counters.flush_delay)
         self.addresses: list[tuple[str, int]] = []
         """Where the server listens, once it does: ``[(host, port), ...]``."""
-        self._limits = config.connection_limits
         self._origins = OriginPolicy(config.allowed_origins)
         self._handlers: dict[str, RequestHandler] = {}
         self._connections: dict[str, Connection] = {}
@@ -268,12 +274,24 @@ class Server:
     # --- endpoints ------------------------------------------------------------------
 
     def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
-        """Serve ``endpoint`` at its path (replacing what was there, the native one included)."""
+        """Serve ``endpoint`` at its path (replacing what was there, the native one included).
+
+        Raises:
+            TypeError: ``endpoint.limits`` names no connection limit.
+        """
+        if endpoint.limits:
+            self._limits_by_path[endpoint.path] = attrs.evolve(self._limits, **endpoint.limits)
+        else:
+            self._limits_by_path.pop(endpoint.path, None)
         self.endpoints[endpoint.path] = endpoint
         return endpoint
 
     def accepts(self, path: str) -> bool:
         return path in self.endpoints
+
+    def _endpoint_limits(self, endpoint: Endpoint) -> ConnectionLimits:
+        """The server's connection limits, with the endpoint's own in their place."""
+        return self._limits_by_path.get(endpoint.path, self._limits)
 
     # --- clients ------------------------------------------------------------------
 
@@ -512,7 +530,7 @@ class Server:
             dialect=endpoint.dialect,
             endpoint=endpoint,
             broker=self.broker,
-            limits=self._limits,
+            limits=self._endpoint_limits(endpoint),
             handlers=self._handlers,
             flusher=self.flusher,
             identity=identity,
@@ -723,7 +741,10 @@ def _parse_bind(bind: str) -> tuple[str, int]:
 
 @asynccontextmanager
 async def open_server(
-    config: Config | None = None, *, listen: bool = True, endpoints: Iterable[Endpoint] = ()
+    config: Config | None = None,
+    *,
+    listen: bool = True,
+    endpoints: Iterable[EndpointSource] = (),
 ) -> AsyncIterator[Server]:
     """Run a tidings node for the duration of the ``async with`` block.
 
