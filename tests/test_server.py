@@ -428,3 +428,28 @@ async def test_a_client_that_pauses_reading_catches_up_in_order_without_loss() -
             assert stats is not None
             assert (stats.dropped, stats.queued) == (0, 0)
             await slow.aclose()
+
+
+async def test_a_keep_alive_client_is_told_before_the_connection_closes(server: Server) -> None:
+    """The last request a connection may carry is answered with Connection: close."""
+    import http.client
+
+    def hundred_and_one_requests() -> list[str | None]:
+        seen: list[str | None] = []
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        for _ in range(101):
+            connection.request("GET", "/health")
+            response = connection.getresponse()
+            response.read()
+            assert response.status == 200
+            seen.append(response.getheader("connection"))
+            if response.getheader("connection") == "close":
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        connection.close()
+        return seen
+
+    with trio.fail_after(TEST_TIMEOUT):
+        seen = await trio.to_thread.run_sync(hundred_and_one_requests)
+    assert seen.index("close") == 99  # the 100th; the 101st went over a new connection
+    assert seen.count("close") == 1

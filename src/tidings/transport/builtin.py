@@ -344,7 +344,7 @@ class BuiltinServer:
         """Answer HTTP requests until one upgrades to WebSocket (returned) or the end."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
-            for _ in range(MAX_REQUESTS_PER_CONNECTION):
+            for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
                 request: h11.Request | None = None
                 with trio.move_on_after(self.handshake_timeout):
                     request = await self._read_request(stream, http)
@@ -356,7 +356,9 @@ class BuiltinServer:
                         return await self._upgrade(stream, http, request, remote)
                     return None
                 with trio.move_on_after(self.handshake_timeout):
-                    await self._serve_http(stream, http, request, remote)
+                    await self._serve_http(
+                        stream, http, request, remote, last=served == MAX_REQUESTS_PER_CONNECTION
+                    )
                 if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
                     return None
                 http.start_next_cycle()
@@ -464,6 +466,8 @@ class BuiltinServer:
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
+        *,
+        last: bool = False,
     ) -> None:
         if http.client_is_waiting_for_100_continue:
             await stream.send_all(http.send(h11.InformationalResponse(status_code=100, headers=[])))
@@ -513,12 +517,13 @@ class BuiltinServer:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
+                headers = list(message.get("headers", []))
+                if last:
+                    # The connection's last request: say so, or a keep-alive
+                    # client would send the next one into a closed socket.
+                    headers.append((b"connection", b"close"))
                 out = http.send(
-                    h11.Response(
-                        status_code=status,
-                        headers=message.get("headers", []),
-                        reason=_phrase(status),
-                    )
+                    h11.Response(status_code=status, headers=headers, reason=_phrase(status))
                 )
             elif kind == "http.response.body":
                 out = http.send(h11.Data(data=message.get("body", b"")))
