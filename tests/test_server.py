@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import http.client
+
 import orjson
 import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-from tidings import ErrorCode, OverflowPolicy, RequestContext, RequestError
+from tidings import ErrorCode, OverflowPolicy, RequestContext, RequestError, Server
 
 from .conftest import (
     TEST_TIMEOUT,
@@ -432,7 +434,6 @@ async def test_a_client_that_pauses_reading_catches_up_in_order_without_loss() -
 
 async def test_a_keep_alive_client_is_told_before_the_connection_closes(server: Server) -> None:
     """The last request a connection may carry is answered with Connection: close."""
-    import http.client
 
     def hundred_and_one_requests() -> list[str | None]:
         seen: list[str | None] = []
