@@ -223,6 +223,21 @@ async def test_the_sixth_message_within_a_minute_is_refused_with_the_seed_text()
         assert await receive(ws) == refused  # and the socket stays open
 
 
+async def test_agents_are_not_held_to_the_chats_rate_limit() -> None:
+    """The limit is the chat's: an agent sends 20 messages at once, the chat still gets 5."""
+    async with aurora(agent_token="s3cret") as app, chat(app) as ws:  # init was the first
+        url = f"ws://127.0.0.1:{app.server.port}/kubectl-agent"
+        headers = [(b"Authorization", b"Bearer s3cret")]
+        async with open_websocket_url(url, extra_headers=headers) as agent:
+            for n in range(20):
+                await send(agent, {"type": "hello", "cluster_id": f"prod-{n}"})
+            for n in range(20):
+                assert await receive(agent) == {"type": "welcome", "cluster_id": f"prod-{n}"}
+        for _ in range(5):
+            await send(ws, {"type": "init", "user_id": "user_abc123"})
+        assert await receive(ws) == {"type": "error", "data": {"text": RATE_LIMIT_TEXT}}
+
+
 async def test_a_workflow_outlives_its_socket_and_resumes_on_the_next() -> None:
     """Chunks from both sockets make the whole stream once: no gap, no repeat."""
     async with aurora(chunk_delay=0.05) as app:

@@ -95,7 +95,9 @@ class Aurora:
         self.chat.on_disconnect(self.gone)
         self.chat.handlers.update(init=self.init, query=self.query, control=self.control,
                                   confirmation_response=self.confirm)  # fmt: skip
-        self.agent = Endpoint("/kubectl-agent", JsonDialect("agent"), authenticate=self.bearer)
+        # Agents are machines, not the chat: the 5-per-minute limit is not theirs.
+        self.agent = Endpoint("/kubectl-agent", JsonDialect("agent"), authenticate=self.bearer,
+                              limits={"rate_limit": 0})  # fmt: skip
         self.agent.on("hello")(self.agent_hello)
 
     # --- the chat endpoint ----------------------------------------------------------
