@@ -51,8 +51,10 @@ def envelope_error(error: Error) -> dict[str, Any]:
 class Norn:
     """The pipeline and the handlers whose events the hub broadcasts."""
 
-    def __init__(self, server: Server, nursery: trio.Nursery, step_delay: float) -> None:
-        self.server, self.nursery, self.step_delay = server, nursery, step_delay
+    server: Server  # set by hub(), which open_server calls
+
+    def __init__(self, nursery: trio.Nursery, step_delay: float) -> None:
+        self.nursery, self.step_delay = nursery, step_delay
 
     async def emit(self, kind: str, app_id: str, **payload: Any) -> None:
         """Hub.Broadcast: one envelope to every connected client."""
@@ -97,22 +99,23 @@ class Norn:
             await self.scale(app, "web", 2 + n % 3)
             await self.invoke(app, "send-digest", "success" if n % 2 else "failed")
 
+    def hub(self, server: Server) -> Endpoint:
+        """The hub at /ws, made by ``open_server`` (it calls this) before any client connects."""
+        self.server = server
+        ws = Endpoint("/ws", JsonDialect("norn", encode_error=envelope_error))
 
-def hub(norn: Norn) -> Endpoint:
-    ws = Endpoint("/ws", JsonDialect("norn", encode_error=envelope_error))
+        @ws.on_connect
+        async def everyone_hears_everything(session: Session) -> None:
+            await session.subscribe(TOPIC)
 
-    @ws.on_connect
-    async def everyone_hears_everything(session: Session) -> None:
-        await session.subscribe(TOPIC)
+        # Norn starts a deploy over its HTTP API; here a client may ask over the socket.
+        @ws.on("deploy")
+        async def deploy(session: Session, message: AppMessage) -> None:
+            app, saga = _app_id(message), secrets.token_hex(8)
+            session.reply({"type": "deploy.accepted", "appId": app, "payload": {"sagaId": saga}})
+            self.nursery.start_soon(self.deploy, app, saga, message.body.get("failAt"))
 
-    # Norn starts a deploy over its HTTP API; here a client may ask over the socket.
-    @ws.on("deploy")
-    async def deploy(session: Session, message: AppMessage) -> None:
-        app, saga = _app_id(message), secrets.token_hex(8)
-        session.reply({"type": "deploy.accepted", "appId": app, "payload": {"sagaId": saga}})
-        norn.nursery.start_soon(norn.deploy, app, saga, message.body.get("failAt"))
-
-    return ws
+        return ws
 
 
 def _app_id(message: AppMessage) -> str:
@@ -126,13 +129,13 @@ def _app_id(message: AppMessage) -> str:
 async def running(
     config: Config, *, step_delay: float = 0.3, demo: bool = False
 ) -> AsyncIterator[tuple[Server, Norn, Endpoint]]:
-    async with trio.open_nursery() as nursery, open_server(config) as server:
-        norn = Norn(server, nursery, step_delay)
-        endpoint = server.add_endpoint(hub(norn))  # /ws: this hub instead of the native protocol
-        if demo:
-            nursery.start_soon(norn.demo)
-        yield server, norn, endpoint
-        nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery:
+        norn = Norn(nursery, step_delay)
+        async with open_server(config, endpoints=[norn.hub]) as server:
+            if demo:
+                nursery.start_soon(norn.demo)
+            yield server, norn, server.endpoints["/ws"]
+            nursery.cancel_scope.cancel()
 
 
 # --- the command line ---------------------------------------------------------------
