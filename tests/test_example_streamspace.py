@@ -161,6 +161,11 @@ async def test_events_are_routed_by_user_and_by_session_once_each() -> None:
                     "both": [("s1", "u1"), ("s2", "u2"), ("s2", "u1")],  # never twice
                 }
                 assert without_stamp(await frame(other)) == event("session.error", "s9", "u9", mark)
+            # Ids that make no topic (over 256 characters): closed, 1008.
+            async with ws_open(url(app, path, org_id="acme", user_id="u" * 300)) as too_long:
+                with pytest.raises(ConnectionClosed) as closed:
+                    await too_long.get_message()
+                assert closed.value.reason.code == 1008
 
 
 # --- the hubs ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """StreamSpace (seed 002) on tidings: ``python -m examples.streamspace --port PORT``."""
 
-from .app import AGENTS, FIELDS, AgentNotConnected, Client, Settings, StreamSpace
+from .app import AGENTS, FIELDS, AgentNotConnected, Settings, StreamSpace
 
-__all__ = ["AGENTS", "FIELDS", "AgentNotConnected", "Client", "Settings", "StreamSpace"]
+__all__ = ["AGENTS", "FIELDS", "AgentNotConnected", "Settings", "StreamSpace"]

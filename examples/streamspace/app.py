@@ -70,15 +70,6 @@ class AgentNotConnected(Exception):
     """SendCommandToAgent's error: the agent is connected to no node."""
 
 
-@attrs.frozen(slots=True)
-class Client(Identity):
-    """Who connected (org = tenant) and what the query asked to watch."""
-
-    watch_user: str = ""
-    watch_session: str = ""
-    platform: str = ""
-
-
 @attrs.define
 class Settings:
     sessions_interval: float = 3.0
@@ -135,10 +126,13 @@ class StreamSpace:
 
         @endpoint.on_connect
         async def joined(session: Session) -> None:
+            user, watched = session.query.get("user_id", ""), session.query.get("session_id", "")
+            if topic_problem(watch := watch_topic(user, watched)):
+                session.close(CloseCode.POLICY_VIOLATION, "invalid user_id or session_id")
+                return
             await session.subscribe(self.hub_topic(hub))
-            client = cast(Client, session.identity)
-            if hub == "sessions" and (client.watch_user or client.watch_session):
-                await session.subscribe(watch_topic(client.watch_user, client.watch_session))
+            if hub == "sessions" and (user or watched):
+                await session.subscribe(watch)
 
         @endpoint.on("message")
         async def ignored(session: Session, message: AppMessage) -> None:
@@ -146,18 +140,16 @@ class StreamSpace:
 
         return endpoint
 
-    def _browser(self, request: UpgradeRequest) -> Client:
-        query = {name: values[0] for name, values in parse_qs(request.query).items()}
-        user, session = query.get("user_id", ""), query.get("session_id", "")
+    def _browser(self, request: UpgradeRequest) -> Identity:
+        """The org, decided before the upgrade; what the browser watches is the hook's."""
         if self._jwt is not None:  # the org is the token's, whatever the query says
             identity = self._jwt.authenticate(request)
-            org, who, expires = identity.tenant, identity.user, identity.expires_at
         else:
-            org = query.get("org_id") or self.settings.default_org
-            who, expires = user or None, None
-        if org.startswith("_") or topic_problem(watch_topic(user, session)):
-            raise AuthError("invalid org_id, user_id or session_id")
-        return Client(org, who, expires, watch_user=user, watch_session=session)
+            org = parse_qs(request.query).get("org_id", [""])[0]
+            identity = Identity(org or self.settings.default_org)
+        if identity.tenant.startswith("_"):
+            raise AuthError("invalid org_id")
+        return identity
 
     async def _broadcast(self, hub: str, interval: float, frame: Callable[[str], Any]) -> None:
         topic = self.hub_topic(hub)
@@ -257,7 +249,8 @@ class StreamSpace:
             await session.subscribe(f"agent:{agent}")
             session.state["last_ping"] = trio.current_time()
             self.agents[agent] = session
-            LOGGER.info("agent %s connected (%s)", agent, cast(Client, session.identity).platform)
+            platform = session.query.get("platform", "kubernetes")
+            LOGGER.info("agent %s connected (%s)", agent, platform)
 
         @endpoint.on_disconnect
         async def unregister(session: Session, closed: CloseInfo) -> None:
@@ -321,9 +314,8 @@ class StreamSpace:
         return targets
 
 
-def _agent(request: UpgradeRequest) -> Client:
-    query = {name: values[0] for name, values in parse_qs(request.query).items()}
-    agent = query.get("agent_id", "")
+def _agent(request: UpgradeRequest) -> Identity:
+    agent = parse_qs(request.query).get("agent_id", [""])[0]
     if not agent or topic_problem(f"agent:{agent}"):
         raise AuthError("agent_id cannot be empty")
-    return Client(AGENTS, agent, platform=query.get("platform", "kubernetes"))
+    return Identity(AGENTS, agent)
