@@ -24,6 +24,7 @@ from tidings import OverflowPolicy
 
 from .conftest import TEST_TIMEOUT, Disconnects, http_request
 from .rawws import RawWebSocket, close_code
+from .redis_fixture import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -259,6 +260,38 @@ async def test_started_as_the_readme_says_it_serves_and_watch_filters_by_namespa
             events = await cli("watch", "events", "-n", "staging", "--url", url[0], "--count", "1")
             assert events.returncode == 0 and " staging/orders " in events.stdout.decode()
             assert "severity=warning" in events.stdout.decode()
+
+
+async def subscribed(server: Any, topic: str) -> None:
+    """Until a client subscribes to ``topic``: a bounded poll (the test's fail_after)."""
+    while not getattr(server.broker.topic_stats(topic), "subscribers", 0):  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+async def test_watch_waits_for_the_operator_and_resubscribes_when_it_comes_back() -> None:
+    """``watch`` keeps its own loop: tidings' client would not resubscribe a topic whose
+    subscribe answer has no position (dorgu's), and it starts slower."""
+    with trio.fail_after(TEST_TIMEOUT):
+        port = free_port()
+        command = [sys.executable, "-m", "examples.dorgu", "watch", "cluster", "--count", "2",
+                   "--url", f"ws://127.0.0.1:{port}/ws"]  # fmt: skip
+        watcher = await trio.lowlevel.open_process(
+            command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        try:
+            assert watcher.stdout is not None
+            for _ in range(2):  # an operator that starts after the watch, then another one
+                async with running(make_config(port=port), interval=0) as (server, store, _):
+                    await subscribed(server, "cluster")
+                    for topic, payload in store.cluster("nodeAdded", nodeCount=4):
+                        await server.publish(topic, payload)
+                    line = b""
+                    while not line.endswith(b"\n"):
+                        line += await watcher.stdout.receive_some(1)
+                    assert " cluster  nodeAdded " in line.decode(), line
+            assert await watcher.wait() == 0
+        finally:
+            watcher.kill()
 
 
 async def test_the_operators_websocket_flags() -> None:

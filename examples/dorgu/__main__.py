@@ -28,7 +28,11 @@ def watch(argv: list[str]) -> int:
 
 
 async def _watch(args: argparse.Namespace) -> int:
-    """Subscribe and print each event; reconnect (and resubscribe) while the operator is away."""
+    """Subscribe and print each event; reconnect (and resubscribe) while the operator is away.
+
+    Not ``tidings.client``: it resubscribes only topics whose subscribe answer
+    gave a position, and dorgu's gives none.
+    """
     printed, backoff = 0, 0.2
     while True:
         try:
