@@ -8,7 +8,7 @@ through configuration, never through sleeps; every socket test bounded by
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -27,11 +27,13 @@ TEST_TIMEOUT = 20
 
 
 @asynccontextmanager
-async def running_server(*, listen: bool = True, **overrides: Any) -> AsyncIterator[Server]:
+async def running_server(
+    *, listen: bool = True, endpoints: Iterable[Any] = (), **overrides: Any
+) -> AsyncIterator[Server]:
     """A server on a free port with the defaults of the suite, overridable per test."""
     settings: dict[str, Any] = {"port": 0, "log_level": "warning"}
     settings.update(overrides)
-    async with open_server(Config(**settings), listen=listen) as server:
+    async with open_server(Config(**settings), listen=listen, endpoints=endpoints) as server:
         yield server
 
 

@@ -7,6 +7,9 @@ import trio
 
 from tidings import CloseCode, RequestContext
 from tidings.client import TidingsError, connect
+from tidings.endpoint import Endpoint, Session
+from tidings.protocol.json_dialect import JsonDialect
+from tidings.protocol.messages import AppMessage
 
 from .conftest import TEST_TIMEOUT, Disconnects, running_server
 
@@ -107,3 +110,30 @@ async def test_connecting_to_nothing_fails_at_once() -> None:
     with trio.fail_after(TEST_TIMEOUT), pytest.raises(ConnectionError, match="cannot connect"):
         async with connect("ws://127.0.0.1:9/ws"):
             pass
+
+
+async def test_subscriptions_without_positions_are_renewed_after_a_reconnect() -> None:
+    """A server whose replies and events carry no seq/epoch (a trimmed dialect)."""
+    trimmed = Endpoint("/plain", JsonDialect("plain"))
+    subscribed: list[trio.Event] = [trio.Event(), trio.Event()]
+
+    @trimmed.on("subscribe")
+    async def subscribe(session: Session, message: AppMessage) -> None:
+        topic = str(message.body["topic"])
+        await session.subscribe(topic)
+        session.reply(
+            {"type": "response", "requestId": message.request_id, "payload": {"topic": topic}}
+        )
+        next(event for event in subscribed if not event.is_set()).set()
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(endpoints=[trimmed]) as server:
+            url = f"ws://127.0.0.1:{server.port}/plain"
+            async with connect(url, min_backoff=0.01) as client, client.subscribe("t") as events:
+                await server.publish("t", {"type": "event", "topic": "t", "payload": 1})
+                assert (await events.__anext__()).payload == 1
+                (info,) = server.clients()
+                server.disconnect(info.id, CloseCode.SERVICE_RESTART)
+                await subscribed[1].wait()  # the client came back and subscribed again
+                await server.publish("t", {"type": "event", "topic": "t", "payload": 2})
+                assert (await events.__anext__()).payload == 2

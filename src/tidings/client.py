@@ -98,6 +98,8 @@ class ClientSubscription:
         self.gaps = 0
         """Resumes that could not recover every missed event."""
         self.resumes = 0
+        self.confirmed = False
+        """The server answered a subscribe for it (on some connection)."""
         self._send, self._receive = trio.open_memory_channel[Event](buffer)
 
     def __aiter__(self) -> Self:
@@ -110,6 +112,7 @@ class ClientSubscription:
             raise StopAsyncIteration from None
 
     def _on_subscribe_reply(self, reply: dict[str, Any]) -> None:
+        self.confirmed = True
         payload = reply.get("payload") or {}
         epoch = payload.get("epoch")
         recovered = payload.get("recovered")
@@ -365,7 +368,7 @@ class Client:
         """A subscribe for every subscription, resuming from its last offset."""
         messages = []
         for subscription in self._subscriptions.values():
-            if subscription.epoch is None and subscription.last_seq is None:
+            if not subscription.confirmed:
                 continue  # its first subscribe is still in flight
             message = self._subscribe_message(subscription)
             request_id = f"c{next(self._ids)}"
