@@ -36,6 +36,7 @@ type sub struct {
 	tp      [2]topicRecv
 	closed  bool
 	seen    int64 // events seen, for --sample-every
+	group   int   // index into -sub-urls (0 without it)
 }
 
 type topicPub struct {
@@ -140,7 +141,10 @@ type loop struct {
 	sampleEvery int64
 
 	hist        *hist
-	total       int64 // events received while a phase ran (and before)
+	groups      int     // -sub-urls given: subscribers per URL are also counted apart
+	groupHist   []*hist // latency per -sub-urls entry
+	groupTotal  []int64 // events received per -sub-urls entry
+	total       int64   // events received while a phase ran (and before)
 	totalAtomic int64
 	firstRecvNs int64
 	lastRecvNs  int64
@@ -460,6 +464,9 @@ func (l *loop) onText(s *sub, p []byte, now int64) {
 	}
 	t.count++
 	l.total++
+	if l.groupTotal != nil {
+		l.groupTotal[s.group]++
+	}
 	if l.firstRecvNs == 0 {
 		l.firstRecvNs = now
 	}
@@ -468,6 +475,9 @@ func (l *loop) onText(s *sub, p []byte, now int64) {
 	if l.sampleEvery <= 1 || (s.seen+int64(s.idx))%l.sampleEvery == 0 {
 		if stamp, ok := eventStamp(p); ok {
 			l.hist.add(now - stamp)
+			if l.groupHist != nil {
+				l.groupHist[s.group].add(now - stamp)
+			}
 		}
 	}
 }
@@ -694,6 +704,13 @@ func (l *loop) begin(p *plan) {
 	l.reads, l.epollWaits, l.pauses = 0, 0, 0
 	l.winStart, l.winEvents, l.hot = now, 0, false
 	l.hist = newHist()
+	if l.groups > 1 {
+		l.groupHist = make([]*hist, l.groups)
+		for g := range l.groupHist {
+			l.groupHist[g] = newHist()
+		}
+		l.groupTotal = make([]int64, l.groups)
+	}
 	for _, s := range l.subs {
 		s.tp = [2]topicRecv{}
 		s.seen = 0
@@ -883,6 +900,24 @@ func (l *loop) finish(now int64) {
 		"cpu_total":                cpuBetween(l.snapStart, end),
 		"server_rss_peak_bytes":    l.rssPeak,
 		"server_rss_end_bytes":     rssBytes(l.serverPid),
+	}
+	if l.groupHist != nil {
+		// per -sub-urls entry: its subscribers' deliveries and latency
+		byURL := make([]map[string]any, l.groups)
+		for g := range byURL {
+			n := 0
+			for _, s := range l.subs {
+				if s.group == g {
+					n++
+				}
+			}
+			entry := map[string]any{"subscribers": n, "deliveries": l.groupTotal[g], "latency": l.groupHist[g].summary()}
+			if window > 0 {
+				entry["deliveries_per_second"] = round(float64(l.groupTotal[g])/window, 1)
+			}
+			byURL[g] = entry
+		}
+		res["by_sub_url"] = byURL
 	}
 	res["loadgen_reads"] = l.reads
 	res["loadgen_epoll_waits"] = l.epollWaits

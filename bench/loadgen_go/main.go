@@ -23,6 +23,7 @@ import (
 	"os"
 	"runtime"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -51,6 +52,8 @@ type options struct {
 	topic        string
 	batchWait    time.Duration
 	hotEvents    int64
+	subURLs      string
+	watchPids    string
 }
 
 func main() {
@@ -75,6 +78,8 @@ func main() {
 	flag.StringVar(&o.topic, "topic", "bench", "fan-out topic")
 	flag.DurationVar(&o.batchWait, "batch-wait", 100*time.Microsecond, "pause between epoll rounds while the loop is hot (0: never)")
 	flag.Int64Var(&o.hotEvents, "hot-events", 400, "events per 20 ms that make the loop hot (400 = 20,000 events/s)")
+	flag.StringVar(&o.subURLs, "sub-urls", "", "comma-separated WebSocket URLs: subscriber i connects to the (i mod n)-th, the publisher still to -url (default: all to -url)")
+	flag.StringVar(&o.watchPids, "watch-pids", "", "comma-separated PIDs of other processes (more nodes, a backplane) whose CPU each phase reports in watched_cpu_percent")
 	flag.IntVar(&dumpFrames, "dump-frames", 0, "print the first N text frames subscribers get to stderr (debugging)")
 	flag.Parse()
 
@@ -149,6 +154,28 @@ func run(o options) (map[string]any, error) {
 		return nil, err
 	}
 	addr, path := u.Host, u.RequestURI()
+	// where the subscribers go: -url, or the -sub-urls round-robin
+	subAddrs, subPaths := []string{addr}, []string{path}
+	if strings.TrimSpace(o.subURLs) != "" {
+		subAddrs, subPaths = nil, nil
+		for _, raw := range strings.Split(o.subURLs, ",") {
+			su, err := url.Parse(strings.TrimSpace(raw))
+			if err != nil || su.Host == "" {
+				return nil, fmt.Errorf("bad -sub-urls entry %q", raw)
+			}
+			subAddrs = append(subAddrs, su.Host)
+			subPaths = append(subPaths, su.RequestURI())
+		}
+	}
+	for _, raw := range strings.Split(o.watchPids, ",") {
+		if raw = strings.TrimSpace(raw); raw != "" {
+			pid, err := strconv.Atoi(raw)
+			if err != nil || pid <= 0 {
+				return nil, fmt.Errorf("bad -watch-pids entry %q", raw)
+			}
+			watchedPids = append(watchedPids, pid)
+		}
+	}
 
 	nofile := raiseNofile(uint64(2*o.subscribers + 1000))
 	res := map[string]any{
@@ -157,6 +184,7 @@ func run(o options) (map[string]any, error) {
 			"rate": o.rate, "inflight": o.inflight, "topic_rate": o.topicRate, "shared_rate": o.sharedRate,
 			"payload_bytes": o.payloadBytes, "sample_every": o.sampleEvery, "concurrency": o.concurrency,
 			"batch_wait_us": o.batchWait.Microseconds(), "hot_events_per_20ms": o.hotEvents,
+			"sub_urls": o.subURLs, "watch_pids": o.watchPids,
 		},
 		"loadgen": map[string]any{
 			"gomaxprocs": runtime.GOMAXPROCS(0), "nofile": nofile, "go": runtime.Version(),
@@ -185,13 +213,16 @@ func run(o options) (map[string]any, error) {
 		l.topicIndex(o.topic)
 	}
 	l.batchWait, l.hotEvents = int64(o.batchWait), o.hotEvents
+	if len(subAddrs) > 1 {
+		l.groups = len(subAddrs)
+	}
 	go l.run()
 	defer l.shutdown()
 
 	rssFresh := rssBytes(o.serverPid)
 	res["server_rss_fresh_bytes"] = rssFresh
 	before := takeSnapshot(o.serverPid)
-	conn := connectAll(l, addr, path, o, topicsOf)
+	conn := connectAll(l, subAddrs, subPaths, o, topicsOf)
 	res["connect"] = conn
 	connSnap := takeSnapshot(o.serverPid)
 	res["connect"].(map[string]any)["cpu"] = cpuBetween(before, connSnap)
@@ -279,7 +310,7 @@ func run(o options) (map[string]any, error) {
 // connectAll opens o.subscribers connections, at most o.concurrency
 // handshakes at a time, subscribes each to topicsOf(i) and hands the socket
 // to the loop. A failed attempt is retried twice.
-func connectAll(l *loop, addr, path string, o options, topicsOf func(int) []string) map[string]any {
+func connectAll(l *loop, addrs, paths []string, o options, topicsOf func(int) []string) map[string]any {
 	t0 := time.Now()
 	var mu sync.Mutex
 	failures := map[string]int{}
@@ -310,8 +341,10 @@ func connectAll(l *loop, addr, path string, o options, topicsOf func(int) []stri
 					continue
 				}
 				for attempt := 0; attempt < 3; attempt++ {
-					s, err := subscribeOne(l, addr, path, o.connTimeout, topicsOf(i))
+					g := i % len(addrs)
+					s, err := subscribeOne(l, addrs[g], paths[g], o.connTimeout, topicsOf(i))
 					if err == nil {
+						s.group = g
 						atomic.AddInt64(&connected, 1)
 						l.newSubs <- s
 						break

@@ -233,14 +233,22 @@ func readCores() coreTimes {
 
 // snapshot of everything measured at a phase boundary.
 type snapshot struct {
-	at     time.Time
-	self   cpuTimes
-	server cpuTimes
-	cores  coreTimes
+	at      time.Time
+	self    cpuTimes
+	server  cpuTimes
+	cores   coreTimes
+	watched []cpuTimes // of watchedPids, in order
 }
 
+// watchedPids are the -watch-pids: other processes whose CPU each phase reports.
+var watchedPids []int
+
 func takeSnapshot(serverPid int) snapshot {
-	return snapshot{at: time.Now(), self: selfCPU(), server: procCPU(serverPid), cores: readCores()}
+	s := snapshot{at: time.Now(), self: selfCPU(), server: procCPU(serverPid), cores: readCores()}
+	for _, pid := range watchedPids {
+		s.watched = append(s.watched, procCPU(pid))
+	}
+	return s
 }
 
 func round(v float64, digits int) float64 {
@@ -270,6 +278,18 @@ func cpuBetween(a, b snapshot) map[string]any {
 		out["server_cpu_system_percent"] = pct(s)
 		out["server_cpu_seconds"] = round(u+s, 3)
 	}
+	var watchedSum float64
+	if len(a.watched) > 0 && len(a.watched) == len(b.watched) {
+		w := map[string]any{}
+		for i, pid := range watchedPids {
+			if a.watched[i].ok && b.watched[i].ok {
+				d := b.watched[i].User - a.watched[i].User + b.watched[i].Sys - a.watched[i].Sys
+				w[strconv.Itoa(pid)] = pct(d)
+				watchedSum += pct(d)
+			}
+		}
+		out["watched_cpu_percent"] = w
+	}
 	if len(a.cores.busy) == len(b.cores.busy) && len(a.cores.busy) > 0 {
 		busy := make([]float64, len(a.cores.busy))
 		for i := range busy {
@@ -291,6 +311,7 @@ func cpuBetween(a, b snapshot) map[string]any {
 		if v, ok := out["loadgen_cpu_percent"].(float64); ok {
 			others -= v
 		}
+		others -= watchedSum
 		if others < 0 {
 			others = 0
 		}
