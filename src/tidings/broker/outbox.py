@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 
 import attrs
 import trio
@@ -58,6 +58,13 @@ class Closing:
 OVERFLOW_CLOSE_CODE = 1008
 
 
+#: With at least this many connections waiting to be written, the flusher waits
+#: up to COALESCE_PASSES scheduler passes (COALESCE_MAX_DELAY at most) for more.
+COALESCE_OUTBOXES: Final = 64
+COALESCE_PASSES: Final = 16
+COALESCE_MAX_DELAY: Final = 0.002
+
+
 class Flusher:
     """Calls the sink of every outbox that has something to write, in one task.
 
@@ -67,13 +74,16 @@ class Flusher:
     connections cost one task switch rather than a thousand.
     """
 
-    __slots__ = ("_pending", "_since", "_task", "delays")
+    __slots__ = ("_pending", "_since", "_task", "coalesce", "delays")
 
-    def __init__(self, delays: Histogram | None = None) -> None:
+    def __init__(self, delays: Histogram | None = None, *, coalesce: bool = False) -> None:
         self._pending: list[Outbox[object]] = []
         self._task: trio.lowlevel.Task | None = None
         self._since = 0.0
         self.delays = delays
+        self.coalesce = coalesce
+        """Wait briefly for more before writing many connections (see :meth:`_coalesce`).
+        Off for the broker's own batches, which need none; on under a backplane."""
         """When set: per pass, seconds from the first thing queued to its write."""
 
     def schedule(self, outbox: Outbox[object]) -> None:
@@ -97,8 +107,24 @@ class Flusher:
                     return trio.lowlevel.Abort.SUCCEEDED
 
                 await trio.lowlevel.wait_task_rescheduled(abort)
+            if self.coalesce and len(self._pending) >= COALESCE_OUTBOXES:
+                await self._coalesce()
             self.flush_now()
             await trio.lowlevel.checkpoint()
+
+    async def _coalesce(self) -> None:
+        """Let events that arrive one task switch apart join this write.
+
+        The broker hands over events in batches, but a backplane delivers them
+        one pub/sub message at a time, each after a few task switches: writing
+        after every one cost a write(2) per event per connection. A few
+        scheduler passes, bounded in time, gather them first.
+        """
+        deadline = trio.current_time() + COALESCE_MAX_DELAY
+        for _ in range(COALESCE_PASSES):
+            await trio.lowlevel.checkpoint()
+            if not self._pending or trio.current_time() >= deadline:
+                return
 
     def flush_now(self) -> None:
         """Flush every waiting outbox in the caller's task.
