@@ -197,6 +197,36 @@ async def test_offsets_redis_hands_out_again_retire_the_epoch(
             assert reply["payload"]["epoch"] != seen[-1]["epoch"]
 
 
+async def test_a_node_far_behind_redis_skips_then_refills_from_history(
+    redis_server: RedisServer,
+) -> None:
+    """Publishers outrunning a node's fan-out: it skips, catches up, refills, loses nothing."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a", backplane_max_lag=5) as a:
+            async with ws_client(a) as ws:
+                await subscribe(ws, "jobs")
+                await a.publish("jobs", "first")
+                # An event that reaches the node a minute after Redis sequenced it.
+                tid = topic_id("default", "jobs")
+                await _append_without_publishing(redis_server, "jobs", "late")
+                meta = f"{PREFIX}:{tid}:meta"
+                epoch = (await redis_server.command("HGET", meta, "e")).decode()
+                stale_ms = int((time.time() - 60) * 1000)
+                await redis_server.command(
+                    "PUBLISH",
+                    f"{PREFIX}:topic:{tid}",
+                    f'2 {epoch} {stale_ms} 2026-01-01T00:00:00.000Z "late"',
+                )
+                await a.publish("jobs", "fresh")  # caught up: the skipped topic is refilled
+                got = await events_of(ws, 3)
+            assert [(e["seq"], e["payload"]) for e in got] == [
+                (1, "first"),
+                (2, "late"),
+                (3, "fresh"),
+            ]
+            assert a.backplane is not None and a.backplane.shed == 1
+
+
 async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Path) -> None:
     redis = RedisServer(redis_binary(), tmp_path)
     with trio.fail_after(TEST_TIMEOUT):

@@ -305,6 +305,14 @@ class Config:
         converter=parse_duration,
         metadata=_help("how long a publication or cluster-wide query waits for Redis"),
     )
+    backplane_max_lag: Seconds = attrs.field(
+        default=Seconds(10.0),
+        converter=parse_duration,
+        metadata=_help(
+            "a node whose fan-out falls this far behind Redis skips events, then refills"
+            " from history"
+        ),
+    )
     backplane_buffer: int = attrs.field(
         default=10_000,
         metadata=_help("publications held while Redis is away; beyond it they are refused"),
@@ -443,6 +451,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "request_timeout",
         "history_ttl",
         "backplane_timeout",
+        "backplane_max_lag",
         "rate_period",
     ):
         if not getattr(config, name) > 0:

@@ -85,6 +85,11 @@ class NodeCollector(Collector):
                 value=backplane.unconfirmed,
             )
             yield CounterMetricFamily(
+                "tidings_backplane_shed",
+                "Events skipped while the node's fan-out was more than backplane_max_lag behind",
+                value=backplane.shed,
+            )
+            yield CounterMetricFamily(
                 "tidings_backplane_reconnects",
                 "Connections made to Redis (the first one included)",
                 value=backplane.reconnects,

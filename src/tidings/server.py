@@ -99,6 +99,7 @@ class Server:
                 node_id=self.node_id,
                 timeout=config.backplane_timeout,
                 buffer=config.backplane_buffer,
+                max_lag=config.backplane_max_lag,
                 answer=self._answer,
                 node_stats=self._node_stats,
             )

@@ -161,6 +161,8 @@ class _Tracked:
     overflowed: bool = False
     retire: bool = False
     """Redis reissued an offset: retire the epoch at the next sync."""
+    stale: bool = False
+    """Events were skipped while the node was behind: refill from the stream."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -197,6 +199,7 @@ class RedisBackplane:
         node_id: str,
         timeout: float = 2.0,
         buffer: int = 10_000,
+        max_lag: float = 10.0,
         answer: Answerer | None = None,
         node_stats: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
@@ -208,6 +211,11 @@ class RedisBackplane:
         self.node_id = node_id
         self.timeout = timeout
         self.buffer = buffer
+        self.max_lag = max_lag
+        self._shedding = False
+        self._shed_before = 0
+        self.shed = 0
+        """Events skipped because the node's fan-out fell more than ``max_lag`` behind."""
         self._answer = answer or (lambda _op, _body: None)
         # coredis logs each failed attempt (with tracebacks); the backplane reports
         # the outage itself, once, and /health and metrics show it.
@@ -380,6 +388,7 @@ class RedisBackplane:
             "reconnects": self.reconnects,
             "gaps": self.gaps,
             "lost": self.lost,
+            "shed": self.shed,
             "topics": len(self._tracked),
         }
 
@@ -509,6 +518,14 @@ class RedisBackplane:
         tracked = self._tracked.get(channel)
         if tracked is None:
             return  # unsubscribing from it
+        if self._behind(data):
+            # The node's fan-out is more than max_lag behind Redis: its publishers
+            # outrun it, and coredis queues without bound. Skipping the fan-out is
+            # cheap, so the queue drains; once caught up, the skipped topics are
+            # filled in from their streams, as after a reconnect.
+            self.shed += 1
+            tracked.stale = True
+            return
         event = _decode(tracked.topic, data)
         if tracked.syncing:
             if len(tracked.buffer) < SYNC_BUFFER:
@@ -524,6 +541,34 @@ class RedisBackplane:
         elif delivery is Delivery.DUPLICATE and self._reissued(tracked, event):
             tracked.retire = True
             self._start_sync(tracked, resume=True)
+
+    def _behind(self, data: bytes) -> bool:
+        """Whether this event waited longer than ``max_lag`` (hysteresis: half to recover)."""
+        age = time.time() - int(data.split(b" ", 3)[2]) / 1000
+        if self._shedding:
+            if age > self.max_lag / 2:
+                return True
+            self._shedding = False
+            stale = [tracked for tracked in self._tracked.values() if tracked.stale]
+            LOGGER.warning(
+                "caught up with Redis after skipping %d events; refilling %d topics from history",
+                self.shed - self._shed_before,
+                len(stale),
+            )
+            for tracked in stale:
+                tracked.stale = False
+                self._start_sync(tracked, resume=True)
+            return False
+        if age > self.max_lag:
+            self._shedding = True
+            self._shed_before = self.shed
+            LOGGER.warning(
+                "fan-out is %.1f s behind Redis (max_lag %.1f s): skipping events until caught up",
+                age,
+                self.max_lag,
+            )
+            return True
+        return False
 
     def _reissued(self, tracked: _Tracked, event: Event) -> bool:
         """Whether an offset this node already delivered came back with another event.
