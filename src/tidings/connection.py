@@ -158,6 +158,7 @@ class Connection:
         "_reader_done",
         "_reported_drops",
         "_requests",
+        "_session",
         "_tracked",
         "_violations",
         "acked",
@@ -175,7 +176,6 @@ class Connection:
         "namespaces",
         "outbox",
         "query",
-        "session",
         "subscriber",
         "transport",
     )
@@ -246,9 +246,8 @@ class Connection:
             endpoint.handlers or endpoint.connect_hooks or endpoint.disconnect_hooks
         )
         self.query = request.query if applied else ""
-        self.session = Session(self)
-        """This connection as the endpoint's application handlers see it."""
-        self.delivered: dict[str, Position] = {}
+        self._session: Session | None = None  # made when an application first needs it
+        self.delivered: dict[str, Position] = _NOTHING_DELIVERED  # a dict of its own once used
         """Per tracked topic, the last event written to the socket."""
         self._tracked: Subscriber | None = None  # subscriptions an application tracks
         self.closed: CloseInfo | None = None
@@ -271,6 +270,13 @@ class Connection:
     @property
     def id(self) -> str:
         return self.info.id
+
+    @property
+    def session(self) -> Session:
+        """This connection as the endpoint's application handlers see it."""
+        if self._session is None:
+            self._session = Session(self)
+        return self._session
 
     def statistics(self) -> ConnectionStats:
         return ConnectionStats(
@@ -793,6 +799,8 @@ class Connection:
         """Tracked events in ``batch`` reached the socket: remember where each topic stands."""
         for item in batch:
             if isinstance(item, _MarkedBytes | _MarkedStr):
+                if self.delivered is _NOTHING_DELIVERED:
+                    self.delivered = {}
                 self.delivered[item.topic] = item.position
 
     # --- writing ------------------------------------------------------------
@@ -924,6 +932,10 @@ class Connection:
         self._ended = True
         if self._nursery is not None:
             self._nursery.cancel_scope.cancel()
+
+
+_NOTHING_DELIVERED: dict[str, Position] = {}
+"""Shared by every connection that tracks nothing; never written to."""
 
 
 class _MarkedBytes(bytes):

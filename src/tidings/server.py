@@ -528,10 +528,10 @@ class Server:
 
     async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run one accepted WebSocket connection to its end."""
-        endpoint, identity = admission.context
+        request, (endpoint, identity) = admission.take()
         connection = Connection(
             transport,
-            admission.request,
+            request,
             dialect=endpoint.dialect,
             endpoint=endpoint,
             broker=self.broker,
@@ -543,7 +543,7 @@ class Server:
             authenticator=self.authenticator,
             counters=self.counters,
         )
-        del admission  # its headers need not live as long as the connection
+        del request  # its headers need not live as long as the connection
         info = connection.info
         host = _host(info.remote)
         self._connections[info.id] = connection

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, TypeAlias
+from typing import Any, Final, Protocol, TypeAlias
 
 import attrs
 import orjson
@@ -173,16 +173,25 @@ class UpgradeRequest:
         return None
 
 
-@attrs.frozen(slots=True)
+@attrs.define(slots=True)
 class Admission:
-    """An upgrade the handler accepted, with what it decided about it.
+    r"""An upgrade the handler accepted, with what it decided about it.
 
     Transports pass it from :meth:`ConnectionHandler.admit` to
-    :meth:`ConnectionHandler.serve` without looking inside.
+    :meth:`ConnectionHandler.serve` without looking inside. The handler
+    :meth:`take`\ s its contents: the transport's frame still holds the
+    admission while the connection lives, and the request's headers need not.
     """
 
     request: UpgradeRequest
     context: Any = None
+
+    def take(self) -> tuple[UpgradeRequest, Any]:
+        """The request and the context, handed over once (the admission keeps neither)."""
+        request, context = self.request, self.context
+        self.request = _TAKEN
+        self.context = None
+        return request, context
 
 
 @attrs.frozen(slots=True)
@@ -218,3 +227,7 @@ class ConnectionHandler(Protocol):
     def release(self, admission: Admission) -> None:
         """An admitted upgrade failed before :meth:`serve`: give back what admit reserved."""
         ...
+
+
+_TAKEN: Final = UpgradeRequest("", "", b"", "")
+"""What an admission holds once its request was taken (a shared empty request)."""
