@@ -525,18 +525,24 @@ async def test_a_refreshed_token_s_claims_apply_to_later_commands() -> None:
             connected(server, mint({"publish": ["*"]})) as ws,
         ):
             await subscribe(ws, "a")
+            await subscribe(ws, "c")
             narrower = mint({"topics": ["a"], "publish": []})
             reply = await call(
                 ws, {"type": "refresh", "payload": {"token": narrower}, "requestId": 1}
             )
             assert reply["payload"]["status"] == "refreshed"
+            # The subscription the new token no longer allows ends, and the client is told.
+            ended = await receive(ws)
+            assert (ended["type"], ended["topic"]) == ("response", "c")
+            assert ended["payload"]["status"] == "unsubscribed" and "requestId" not in ended
             refused = await call(ws, {"type": "subscribe", "topic": "b", "requestId": 2})
             assert refused["payload"]["code"] == ErrorCode.FORBIDDEN
             refused = await call(
                 ws, {"type": "publish", "topic": "a", "payload": 0, "requestId": 3}
             )
             assert refused["payload"]["code"] == ErrorCode.FORBIDDEN
-            # The subscription it held is kept.
+            # The subscription it allows is kept.
+            await server.publish("c", "gone")
             await server.publish("a", "kept")
             assert (await receive(ws))["payload"] == "kept"
 
@@ -557,7 +563,10 @@ def test_jwt_secret_alone_turns_on_jwt_and_token_alone_the_static_token() -> Non
     assert Config.load(env={}).auth_mode == "none"
     assert Config.load(env={"TIDINGS_JWT_SECRET": SECRET}).auth_mode == "jwt"
     assert Config.load(env={"TIDINGS_TOKEN": "s3cret"}).auth_mode == "token"
-    assert Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": "/etc/key.pem"}).auth_mode == "jwt"
+    pem = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n"
+    assert Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": pem}).auth_mode == "jwt"
+    with pytest.raises(ConfigError, match="neither a PEM key nor a readable file"):
+        Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": "/nonexistent/key.pem"})
     with pytest.raises(ConfigError, match="jwt_secret"):
         Config.load(env={"TIDINGS_AUTH": "jwt"})
     with pytest.raises(ConfigError, match="token"):

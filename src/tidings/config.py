@@ -464,6 +464,9 @@ def _semantic_problems(config: Config) -> list[str]:
             parse_backplane_url(config.backplane)
         except ValueError as exc:
             problems.append(str(exc))
+    key = config.jwt_public_key
+    if key and not key.lstrip().startswith("-----BEGIN") and not Path(key).is_file():
+        problems.append(f"jwt_public_key is neither a PEM key nor a readable file: {key[:200]!r}")
     if config.auth == "jwt" and not (config.jwt_secret or config.jwt_public_key):
         problems.append("auth jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
     if config.auth == "token" and not config.token:

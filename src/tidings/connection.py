@@ -493,6 +493,12 @@ class Connection:
             return
         self.identity = identity
         self._reply(Refreshed(command.request_id, identity.expires_at))
+        # A narrower token ends the subscriptions it no longer allows.
+        for topic in sorted(self.subscriber.topics):
+            if not identity.subscribe.allows(topic):
+                self.broker.unsubscribe(self.subscriber, topic)
+                self.acked.pop(topic, None)
+                self._reply(Unsubscribed(topic, None))
 
     async def _subscribe(self, command: Subscribe) -> None:
         if self._refused("subscribe", command.topic, command.request_id):
