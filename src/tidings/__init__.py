@@ -8,6 +8,8 @@ module exports; the layers under it, inside out:
 * ``broker``    - topic state, history and fan-out, one task per node;
 * ``connection``- one client: reader, writer and pinger in a nursery;
 * ``transport`` - how bytes reach sockets (built-in server, ASGI);
+* ``endpoint``  - application protocols: a path, a dialect, handlers;
+* ``backplane`` - how nodes share topics (Redis);
 * ``server``    - composes them; ``cli`` and ``client`` sit outside.
 """
 
@@ -23,6 +25,8 @@ from .broker.outbox import OverflowPolicy as OverflowPolicy
 from .broker.subscription import Subscription as Subscription
 from .config import Config as Config
 from .config import ConfigError as ConfigError
+from .endpoint import Endpoint as Endpoint
+from .endpoint import Session as Session
 from .protocol.codes import CloseCode as CloseCode
 from .protocol.codes import ErrorCode as ErrorCode
 from .protocol.messages import Event as Event
@@ -31,6 +35,8 @@ from .server import Server as Server
 from .server import ServerStats as ServerStats
 from .server import open_server as open_server
 from .server import serve as serve
+from .web import HttpError as HttpError
+from .web import HttpRequest as HttpRequest
 
 __all__ = [
     "BrokerError",
@@ -39,8 +45,11 @@ __all__ = [
     "CloseInfo",
     "Config",
     "ConfigError",
+    "Endpoint",
     "ErrorCode",
     "Event",
+    "HttpError",
+    "HttpRequest",
     "OverflowPolicy",
     "Position",
     "RequestContext",
@@ -48,6 +57,7 @@ __all__ = [
     "RequestHandler",
     "Server",
     "ServerStats",
+    "Session",
     "Subscription",
     "__version__",
     "client",

@@ -45,7 +45,7 @@ from .stats import NodeCounters
 from .transport.asgi import AsgiApp
 from .transport.base import Admission, Rejection, Transport, UpgradeRequest
 from .transport.builtin import BuiltinServer
-from .web import HttpRoutes
+from .web import HttpHandler, HttpRoutes
 
 LOGGER = logging.getLogger("tidings.server")
 
@@ -290,6 +290,27 @@ class Server:
             self._limits_by_path.pop(endpoint.path, None)
         self.endpoints[endpoint.path] = endpoint
         return endpoint
+
+    def http_route(
+        self, path: str, *, methods: tuple[str, ...] = ("POST",)
+    ) -> Callable[[HttpHandler], HttpHandler]:
+        """Register ``async def handler(request: HttpRequest)`` for plain HTTP at ``path``.
+
+        The handler's return value is the JSON answer (200), or ``(status,
+        answer)``; raise :class:`~tidings.web.HttpError` for an error in the
+        API's shape. Served beside ``/health`` and ``/api/`` by the built-in
+        transport and the ASGI app alike. For a backend that triggers work in
+        an application protocol over HTTP (a deploy, a message to an agent).
+
+        Raises:
+            ValueError: a path tidings answers itself, or a WebSocket endpoint.
+        """
+
+        def register(handler: HttpHandler) -> HttpHandler:
+            self.http_routes.add_route(path, handler, methods)
+            return handler
+
+        return register
 
     def accepts(self, path: str) -> bool:
         return path in self.endpoints

@@ -1,15 +1,19 @@
 """The plain-HTTP side of a node, as an ASGI app.
 
-``GET /health``, ``GET /metrics`` (Prometheus), ``GET /api/openapi.json`` and
-``POST /api/<method>`` (the server API). The same app answers under the
-built-in server and under any ASGI server.
+``GET /health``, ``GET /metrics`` (Prometheus), ``GET /api/openapi.json``,
+``POST /api/<method>`` (the server API), and the application's own JSON routes
+(:meth:`tidings.Server.http_route`). The same app answers under the built-in
+server and under any ASGI server.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
+from urllib.parse import parse_qs
 
+import attrs
 import orjson
 
 from .api import Api, ApiError
@@ -19,7 +23,58 @@ from .transport.asgi import Receive, Scope, Send
 HealthProbe = Callable[[], tuple[int, dict[str, Any]]]
 """Returns the HTTP status and the JSON body of ``/health``."""
 
+LOGGER = logging.getLogger("tidings.web")
+
 MAX_BODY: Final = 1024 * 1024
+#: Paths tidings answers itself; an application route may not take them.
+RESERVED_PATHS: Final = ("/health", "/metrics", "/api/")
+
+
+@attrs.frozen(slots=True)
+class HttpRequest:
+    """A request to an application route: what a JSON handler needs of it."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    """The query string's parameters, first value of each."""
+    headers: dict[str, str]
+    """Header names in lower case, last value of each."""
+    body: bytes
+
+    def json(self) -> Any:
+        """The body as JSON (an empty body is None).
+
+        Raises:
+            HttpError: 400 ``invalid_json``.
+        """
+        if not self.body:
+            return None
+        try:
+            return orjson.loads(self.body)
+        except orjson.JSONDecodeError:
+            raise HttpError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+class HttpError(Exception):
+    """Raise from an application route to answer ``{"error": {code, message}}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+HttpHandler = Callable[[HttpRequest], Awaitable[Any]]
+"""``async def handler(request) -> Any``: the JSON answer (200), or ``(status, answer)``."""
+
+
+@attrs.frozen(slots=True)
+class HttpRoute:
+    path: str
+    handler: HttpHandler
+    methods: tuple[str, ...]
 
 
 class HttpRoutes:
@@ -38,6 +93,8 @@ class HttpRoutes:
         self.is_ws_path = ws_path.__eq__ if isinstance(ws_path, str) else ws_path
         self.metrics = metrics
         self.api = api
+        self.routes: dict[str, HttpRoute] = {}
+        """The application's routes, by exact path."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = str(scope.get("path", ""))
@@ -62,6 +119,10 @@ class HttpRoutes:
         elif path.startswith("/api/") and self.api is not None:
             if await _only(method, ("POST",), send):
                 await self._api(path.removeprefix("/api/"), scope, receive, send)
+        elif path in self.routes:
+            route = self.routes[path]
+            if await _only(method, route.methods, send):
+                await self._route(route, scope, receive, send)
         elif self.is_ws_path(path):
             await respond(
                 send,
@@ -71,6 +132,42 @@ class HttpRoutes:
             )
         else:
             await respond(send, 404, _error("not_found", f"no route for {path[:200]}"))
+
+    def add_route(self, path: str, handler: HttpHandler, methods: tuple[str, ...]) -> None:
+        if not path.startswith("/") or any(
+            path == reserved or path.startswith(reserved) for reserved in RESERVED_PATHS
+        ):
+            raise ValueError(f"{path!r} is not a path an application may route")
+        if self.is_ws_path(path):
+            raise ValueError(f"{path!r} is a WebSocket endpoint")
+        self.routes[path] = HttpRoute(path, handler, tuple(method.upper() for method in methods))
+
+    async def _route(self, route: HttpRoute, scope: Scope, receive: Receive, send: Send) -> None:
+        path, method = route.path, str(scope.get("method", "GET"))
+        try:
+            body = await _body(receive)
+            query = parse_qs(bytes(scope.get("query_string", b"")).decode("latin-1"))
+            headers = {
+                bytes(name).decode("latin-1").lower(): bytes(value).decode("latin-1")
+                for name, value in scope.get("headers", [])
+            }
+            request = HttpRequest(method, path, {k: v[0] for k, v in query.items()}, headers, body)
+            answer = await route.handler(request)
+        except (HttpError, ApiError) as exc:
+            await respond(send, exc.status, _error(exc.code, exc.message))
+            return
+        except Exception:
+            LOGGER.exception("HTTP route %s failed", path)
+            await respond(send, 500, _error("internal_error", "the route's handler failed"))
+            return
+        status = 200
+        if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], int):
+            status, answer = answer
+        try:
+            await respond(send, status, answer)
+        except TypeError:  # not JSON-serializable: the handler's bug, told plainly
+            LOGGER.exception("HTTP route %s answered a value JSON cannot carry", path)
+            await respond(send, 500, _error("internal_error", "the route's answer is not JSON"))
 
     async def _api(self, name: str, scope: Scope, receive: Receive, send: Send) -> None:
         assert self.api is not None
