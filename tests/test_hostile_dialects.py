@@ -35,6 +35,7 @@ def junk(rng: random.Random) -> str:
         lambda: "[" * rng.randint(1, 3000),
         lambda: "\n".join(["{}", "", "[1]", '{"id":1}', "null", "{"][: rng.randint(1, 6)]),
         lambda: '{"id": 123456789012345678901234567890, "connect": {}}',
+        lambda: rng.choice(["[]", "[1, 2]", '[{"type": "x"}]', "1", '"s"', "null", "true"]),
         lambda: orjson.dumps(
             {
                 "id": value(),
