@@ -781,39 +781,47 @@ class RedisBackplane:
     async def _publish_batch(self, batch: list[_Pending]) -> list[Position]:
         now_ms = str(int(time.time() * 1000))
         timestamp = rfc3339_now()
-        requests = []
+        # The epoch a topic gets if this publication starts its stream: one per
+        # batch (os.urandom per publication was 7% of a publishing node's CPU).
+        new_epoch = secrets.token_hex(4)
         with trio.fail_after(self.timeout):
             async with self._client.pipeline(transaction=False) as pipe:
-                for item in batch:
-                    publication = item.publication
-                    namespace = self.broker.namespaces.resolve(publication.topic)
-                    size = namespace.history_size if namespace else 0
-                    ttl_ms = int((namespace.history_ttl if namespace else 0) * 1000) or 1
-                    tid = topic_id(publication.tenant, publication.topic)
-                    requests.append(
-                        self._script(
-                            keys=[
-                                f"{PREFIX}:{tid}:meta",
-                                f"{PREFIX}:{tid}:stream",
-                                f"{PREFIX}:{tid}:sent:{self._incarnation}",
-                            ],
-                            args=[
-                                f"{PREFIX}:topic:{tid}",
-                                publication.payload_json,
-                                size,
-                                ttl_ms,
-                                int(max(META_TTL, ttl_ms / 1000) * 1000),
-                                secrets.token_hex(4),
-                                now_ms,
-                                timestamp,
-                                item.number,
-                                DEDUPE_RING,
-                            ],
-                            client=pipe,
-                        )
+                requests = [
+                    self._script(
+                        *self._script_call(item, new_epoch, now_ms, timestamp), client=pipe
                     )
+                    for item in batch
+                ]
             results = [await request for request in requests]
         return [Position(int(seq), _text(epoch)) for seq, epoch in results]
+
+    def _script_call(
+        self, item: _Pending, new_epoch: str, now_ms: str, timestamp: str
+    ) -> tuple[list[str], list[Any]]:
+        """The keys and arguments of PUBLISH_SCRIPT for one publication."""
+        publication = item.publication
+        namespace = self.broker.namespaces.resolve(publication.topic)
+        size = namespace.history_size if namespace else 0
+        ttl_ms = int((namespace.history_ttl if namespace else 0) * 1000) or 1
+        tid = topic_id(publication.tenant, publication.topic)
+        keys = [
+            f"{PREFIX}:{tid}:meta",
+            f"{PREFIX}:{tid}:stream",
+            f"{PREFIX}:{tid}:sent:{self._incarnation}",
+        ]
+        args = [
+            f"{PREFIX}:topic:{tid}",
+            publication.payload_json,
+            size,
+            ttl_ms,
+            int(max(META_TTL, ttl_ms / 1000) * 1000),
+            new_epoch,
+            now_ms,
+            timestamp,
+            item.number,
+            DEDUPE_RING,
+        ]
+        return keys, args
 
     def _expire_pending(self) -> None:
         now = trio.current_time()
