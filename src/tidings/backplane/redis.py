@@ -279,13 +279,13 @@ class RedisBackplane:
         with trio.move_on_after(self.timeout):
             await tracked.ready.wait()
         if not tracked.synced:
-            if self._tracked.get(channel) is tracked and not self.broker_has(tenant, topic):
+            if self._tracked.get(channel) is tracked and not self._broker_has(tenant, topic):
                 del self._tracked[channel]
                 self._unsubscribe.add(channel)
                 self._wake_unsubscriber.set()
             raise _unavailable("the backplane (Redis) is not reachable; try again")
 
-    def broker_has(self, tenant: str, topic: str) -> bool:
+    def _broker_has(self, tenant: str, topic: str) -> bool:
         return self.broker.position(topic, tenant) is not None
 
     def untrack(self, tenant: str, topic: str) -> None:
