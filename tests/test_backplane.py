@@ -227,6 +227,34 @@ async def test_a_node_far_behind_redis_skips_then_refills_from_history(
             assert a.backplane is not None and a.backplane.shed == 1
 
 
+async def test_a_local_namespace_stays_on_its_node(redis_server: RedisServer) -> None:
+    """Each node's own status topics: sequenced and kept where published, never shared."""
+    namespaces = {"node": {"local": True}}
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            node(redis_server.url, "a", namespaces=namespaces) as a,
+            node(redis_server.url, "b", namespaces=namespaces) as b,
+            ws_client(a) as on_a,
+            ws_client(b) as on_b,
+        ):
+            await subscribe(on_a, "node:status")
+            await subscribe(on_b, "node:status")
+            await subscribe(on_b, "shared")
+            await a.publish("node:status", "a is fine")
+            await b.publish("node:status", "b is fine")
+            await a.publish("shared", "to everyone")  # a shared topic still crosses
+            (from_a,) = await events_of(on_a, 1)
+            got_b = await events_of(on_b, 2)
+            assert (from_a["seq"], from_a["payload"]) == (1, "a is fine")
+            assert [(e["topic"], e["seq"], e["payload"]) for e in got_b] == [
+                ("node:status", 1, "b is fine"),
+                ("shared", 1, "to everyone"),
+            ]
+            events, _ = await a.history("node:status")
+            assert [event.payload for event in events] == ["a is fine"]
+            assert b.backplane is not None and b.backplane.status()["topics"] == 1  # "shared"
+
+
 async def test_redis_absent_at_start_degrades_then_recovers(tmp_path: Path) -> None:
     redis = RedisServer(redis_binary(), tmp_path)
     with trio.fail_after(TEST_TIMEOUT):

@@ -107,6 +107,8 @@ class NamespaceConfig:
     )
     outbox_size: int | None = None
     topics: tuple[str, ...] = attrs.field(default=(), converter=tuple)
+    local: bool | None = None
+    """With a backplane, keep these topics on each node (not shared through Redis)."""
 
 
 def _namespace_tables(value: Any) -> dict[str, NamespaceConfig]:

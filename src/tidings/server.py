@@ -369,7 +369,8 @@ class Server:
             BrokerError: ``unavailable`` when the backplane cannot be reached.
         """
         tenant = self._tenant(tenant)
-        if self.backplane is None:
+        namespace = self.namespaces.resolve(topic)
+        if self.backplane is None or namespace is None or namespace.local:
             return self.broker.history(topic, since, limit, tenant)
         return await self.backplane.history(tenant, topic, since, limit)
 

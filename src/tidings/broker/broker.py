@@ -261,7 +261,7 @@ class Broker:
             TypeError: ``payload`` is not JSON-serializable.
         """
         publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
-        if self.backplane is not None:
+        if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
             await trio.lowlevel.checkpoint()
         elif not self._apply_now(publication):
@@ -288,7 +288,7 @@ class Broker:
         one socket read before its writes are flushed, which then carry them all.
         """
         publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
-        if self.backplane is not None:
+        if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
         elif not self._apply_now(publication):
             self._inbox_send.send_nowait(publication)
@@ -434,8 +434,11 @@ class Broker:
         """
         if self.backplane is None:
             return
-        if self.namespaces.resolve(topic_name) is None:
+        namespace = self.namespaces.resolve(topic_name)
+        if namespace is None:
             raise _unknown_namespace(topic_name)
+        if namespace.local:
+            return  # sequenced and kept here: nothing to follow
         key = (tenant, topic_name)
         # Counted so that a sweep while we wait does not forget the topic again.
         self._tracking[key] = self._tracking.get(key, 0) + 1
@@ -534,7 +537,11 @@ class Broker:
                 ErrorCode.TOO_MANY_SUBSCRIPTIONS,
                 f"a connection may hold at most {subscriber.max_topics} subscriptions",
             )
-        topic = self._topic(subscriber.tenant, topic_name, create=self.backplane is None)
+        topic = self._topic(
+            subscriber.tenant,
+            topic_name,
+            create=self.backplane is None or not self._shared(topic_name),
+        )
         if topic is None:
             raise BrokerError(
                 ErrorCode.UNAVAILABLE, f"{topic_name!r} is not tracked here: call prepare() first"
@@ -660,15 +667,21 @@ class Broker:
 
     # --- internals ----------------------------------------------------------------
 
+    def _shared(self, topic_name: str) -> bool:
+        """Whether a topic goes through the backplane (an unknown namespace: the
+        local path refuses it with the right error)."""
+        namespace = self.namespaces.resolve(topic_name)
+        return namespace is not None and not namespace.local
+
     def _idle(self, topic: _Topic) -> bool:
-        if self.backplane is None:
+        if self.backplane is None or topic.namespace.local:
             return topic.idle()
         # History lives in the backplane: keep only what someone here follows.
         return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
 
     def _forget(self, key: tuple[str, str]) -> None:
-        del self._topics[key]
-        if self.backplane is not None:
+        topic = self._topics.pop(key)
+        if self.backplane is not None and not topic.namespace.local:
             self.backplane.untrack(*key)
 
     def _topic(self, tenant: str, name: str, *, create: bool) -> _Topic | None:

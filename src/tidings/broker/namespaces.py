@@ -38,6 +38,9 @@ class Namespace:
     """Queued messages past which this namespace's events meet the overflow policy."""
     topics: TopicFilter = attrs.field(factory=TopicFilter)
     """Allowed topic patterns (whole topic names, prefix included); empty allows all."""
+    local: bool = False
+    """With a backplane: this node's own topics, sequenced and kept here, never
+    shared (a node's periodic status broadcasts, for example)."""
 
 
 class Namespaces:
