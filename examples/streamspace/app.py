@@ -31,9 +31,11 @@ LOGGER = logging.getLogger("streamspace")
 AGENTS = "_agents"
 """The tenant of agent connections (org ids may not start with ``_``)."""
 
-# Topic families: hub:sessions@NODE, watch:["USER","SESSION"], agent:ID; no replay needed.
-NAMESPACES = {name: {"history_size": 16, "client_publish": False} for name in ("hub", "watch")}
-NAMESPACES["agent"] = NAMESPACES["hub"]
+# Topic families: hub:sessions (each node's own: local), watch:["USER","SESSION"], agent:ID.
+NAMESPACES: dict[str, dict[str, Any]] = {
+    name: {"history_size": 16, "client_publish": False} for name in ("hub", "watch", "agent")
+}
+NAMESPACES["hub"]["local"] = True  # one update per tick per client, even with a backplane
 
 DEFAULTS = {"namespace": "streamspace", "template": "", "state": "pending", "activeConnections": 0}
 
@@ -117,8 +119,8 @@ class StreamSpace:
     # --- the hubs -----------------------------------------------------------------
 
     def hub_topic(self, hub: str) -> str:
-        """Each node broadcasts its own: one update per tick even with a backplane."""
-        return f"hub:{hub}@{self.node.node_id}"
+        """Each node broadcasts its own hub topics (a local namespace)."""
+        return f"hub:{hub}"
 
     def _browsers(self, hub: str) -> Endpoint:
         dialect = JsonDialect(hub, kind_of=lambda _: "message")
