@@ -19,6 +19,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tidings import CloseInfo, Config, Server, open_server
 
+from .httpclient import http_request  # noqa: F401 - the tests import it from here
 from .rawws import RawWebSocket
 from .redis_fixture import redis_server, tidings_nodes  # noqa: F401 - fixtures of test_cluster
 
@@ -96,26 +97,3 @@ class Disconnects:
         while len(self.closed) < count:
             await self._changed.wait()
         return self.closed
-
-
-async def http_request(
-    port: int, method: str, path: str, body: bytes = b"", headers: str = ""
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a fresh connection: (status, headers, body)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        request = (
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n{headers}\r\n"
-        ).encode() + body
-        await stream.send_all(request)
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, content = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), parsed, content

@@ -31,6 +31,8 @@ import orjson
 import pytest
 import trio
 
+from .httpclient import http_request
+
 #: How long a process gets to start answering (redis PING, tidings /health).
 START_TIMEOUT = 10.0
 #: How long a process gets to exit after SIGTERM before it is killed.
@@ -236,29 +238,6 @@ async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
 # --- tidings nodes ---------------------------------------------------------------------
 
 
-async def http(
-    port: int, method: str, path: str, body: bytes = b"", headers: str = ""
-) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request over a fresh connection: (status, headers, body)."""
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        request = (
-            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n"
-            f"Content-Length: {len(body)}\r\n{headers}\r\n"
-        ).encode() + body
-        await stream.send_all(request)
-        data = b""
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    head, _, content = data.partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode().split("\r\n")
-    parsed = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        parsed[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), parsed, content
-
-
 class Node:
     """One ``tidings serve`` process."""
 
@@ -328,13 +307,13 @@ class Node:
 
     async def health(self) -> dict[str, Any]:
         """The body of ``/health`` (whatever the HTTP status)."""
-        _, _, body = await http(self.port, "GET", "/health")
+        _, _, body = await http_request(self.port, "GET", "/health")
         health: dict[str, Any] = orjson.loads(body)
         return health
 
     async def api(self, method: str, **arguments: Any) -> tuple[int, dict[str, Any]]:
         """``POST /api/<method>``: (HTTP status, JSON body)."""
-        status, _, body = await http(
+        status, _, body = await http_request(
             self.port,
             "POST",
             f"/api/{method}",
@@ -351,7 +330,7 @@ class Node:
 
     async def metrics(self) -> dict[str, float]:
         """``/metrics`` as {sample name with labels: value}."""
-        status, _, body = await http(self.port, "GET", "/metrics")
+        status, _, body = await http_request(self.port, "GET", "/metrics")
         assert status == 200, (status, body)
         samples: dict[str, float] = {}
         for line in body.decode().splitlines():
