@@ -173,17 +173,10 @@ class Api:
         return {"disconnected": closed}
 
     async def info(self, body: dict[str, Any]) -> dict[str, Any]:
-        stats = self.server.statistics()
         answer: dict[str, Any] = {
             "node": self.server.node_id,
             "version": __version__,
-            "uptime": round(stats.uptime, 3),
-            "connections": stats.connections,
-            "topics": stats.topics,
-            "subscriptions": stats.subscriptions,
-            "published": stats.published,
-            "delivered": stats.delivered,
-            "dropped": stats.dropped,
+            **self.server.node_stats(),
         }
         if self.server.backplane is not None:
             # Cluster-wide: every live node's counters as it last announced them.

@@ -101,7 +101,7 @@ class Server:
                 buffer=config.backplane_buffer,
                 max_lag=config.backplane_max_lag,
                 answer=self._answer,
-                node_stats=self._node_stats,
+                node_stats=self.node_stats,
             )
             self.broker.attach(self.backplane)
         self.authenticator = Authenticator(
@@ -421,7 +421,7 @@ class Server:
     async def nodes(self) -> list[dict[str, Any]]:
         """Every live node's id and counters (this node alone without a backplane)."""
         if self.backplane is None:
-            return [{"node": self.node_id, **self._node_stats()}]
+            return [{"node": self.node_id, **self.node_stats()}]
         return await self.backplane.nodes()
 
     def _answer(self, op: str, body: dict[str, Any]) -> Any:
@@ -451,7 +451,8 @@ class Server:
             return self.disconnect_user(str(body.get("user")), code, reason, tenant=tenant)
         return None
 
-    def _node_stats(self) -> dict[str, Any]:
+    def node_stats(self) -> dict[str, Any]:
+        """This node's counters as ``info`` and the node registry show them."""
         stats = self.statistics()
         return {
             "uptime": round(stats.uptime, 3),

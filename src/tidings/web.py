@@ -56,15 +56,9 @@ class HttpRequest:
             raise HttpError(400, "invalid_json", "the body is not valid JSON") from None
 
 
-class HttpError(Exception):
-    """Raise from an application route to answer ``{"error": {code, message}}``."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-
+HttpError = ApiError
+"""Raise from an application route to answer ``{"error": {code, message}}`` with a status:
+the API's own error, under the name application routes know it by."""
 
 HttpHandler = Callable[[HttpRequest], Awaitable[Any]]
 """``async def handler(request) -> Any``: the JSON answer (200), or ``(status, answer)``."""
@@ -153,7 +147,7 @@ class HttpRoutes:
             }
             request = HttpRequest(method, path, {k: v[0] for k, v in query.items()}, headers, body)
             answer = await route.handler(request)
-        except (HttpError, ApiError) as exc:
+        except ApiError as exc:
             await respond(send, exc.status, _error(exc.code, exc.message))
             return
         except Exception:

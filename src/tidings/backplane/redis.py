@@ -68,28 +68,35 @@ DEDUPE_RING: Final = 4 * PUBLISH_BATCH
 #: Control messages waiting to be answered.
 CONTROL_BACKLOG: Final = 256
 
+# Lua shared by the scripts below (KEYS[1] meta hash, KEYS[2] stream): a topic
+# without metadata (new, expired, or lost with Redis) starts a new epoch at
+# offset 0 and drops any stream left over. NEW_EPOCH names the argument.
+_START_STREAM: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = NEW_EPOCH
+  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
+  redis.call('DEL', KEYS[2])
+end"""
+
 # KEYS: meta hash, stream. ARGV: channel, payload, history size, history ttl (ms),
 # meta ttl (ms), epoch for a new stream, wall time (ms), timestamp (RFC 3339).
 # The message is "seq epoch ms timestamp payload": the payload last, as is.
-# A topic without metadata (new, or expired, or lost with Redis) starts a new
-# epoch at offset 1 and drops any stream left over.
 #
 # KEYS[3] remembers this node's recent publications (a ring of DEDUPE_RING
 # slots, ARGV[9] being the node's publication number): a batch retried after
 # a broken connection must not publish twice what Redis had already applied.
-PUBLISH_SCRIPT: Final = """
+PUBLISH_SCRIPT: Final = (
+    """
 local slot = tostring(tonumber(ARGV[9]) % tonumber(ARGV[10]))
 local seen = redis.call('HGET', KEYS[3], slot)
 if seen then
   local number, seen_seq, seen_epoch = string.match(seen, '^(%d+) (%d+) (%S+)$')
   if number == ARGV[9] then return {tonumber(seen_seq), seen_epoch} end
 end
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[6]
-  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
-  redis.call('DEL', KEYS[2])
-end
+"""
+    + _START_STREAM.replace("NEW_EPOCH", "ARGV[6]")
+    + """
 local seq = redis.call('HINCRBY', KEYS[1], 's', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
 local message = seq .. ' ' .. epoch .. ' ' .. ARGV[7] .. ' ' .. ARGV[8] .. ' ' .. ARGV[2]
@@ -103,20 +110,20 @@ redis.call('HSET', KEYS[3], slot, ARGV[9] .. ' ' .. seq .. ' ' .. epoch)
 redis.call('PEXPIRE', KEYS[3], 60000)
 return {seq, epoch}
 """
+)
 
 # KEYS: meta hash, stream. ARGV: epoch for a new stream, meta ttl (ms).
 # Gives a followed topic an epoch before its first event, so subscribers get a
 # position they can resume from.
-ENSURE_SCRIPT: Final = """
-local epoch = redis.call('HGET', KEYS[1], 'e')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'e', epoch, 's', 0)
-  redis.call('DEL', KEYS[2])
-end
+ENSURE_SCRIPT: Final = (
+    """
+"""
+    + _START_STREAM.replace("NEW_EPOCH", "ARGV[1]")
+    + """
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {redis.call('HGET', KEYS[1], 's'), epoch}
 """
+)
 
 # KEYS: meta hash, stream. ARGV: the epoch to retire, its successor, meta ttl (ms).
 NEW_EPOCH_SCRIPT: Final = """
