@@ -21,7 +21,8 @@ from rich.markup import escape
 from . import client as tidings_client
 from . import logs
 from ._version import __version__
-from .config import FIELDS, Config, ConfigError, choices
+from .config import FIELDS, Config, choices
+from .errors import ConfigError
 from .protocol.messages import Event
 from .server import open_server
 

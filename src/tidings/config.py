@@ -29,7 +29,7 @@ import cattrs
 from .backplane.url import parse_url as parse_backplane_url
 from .broker.namespaces import Namespace, Namespaces
 from .broker.outbox import OverflowPolicy
-from .connection import ConnectionLimits
+from .errors import ConfigError
 from .protocol.topics import TopicFilter
 
 Seconds = NewType("Seconds", float)
@@ -40,10 +40,6 @@ LogFormat = Literal["text", "json"]
 AuthMode = Literal["auto", "none", "token", "jwt"]
 
 ENV_PREFIX = "TIDINGS_"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message says which key and why."""
 
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
@@ -364,23 +360,6 @@ class Config:
                 default, name=name, topics=TopicFilter(table.topics), **settings
             )
         return Namespaces(default, named, allow_unknown=self.allow_unknown_namespaces)
-
-    @property
-    def connection_limits(self) -> ConnectionLimits:
-        return ConnectionLimits(
-            ping_interval=self.ping_interval,
-            read_timeout=self.read_timeout,
-            write_timeout=self.write_timeout,
-            close_timeout=self.close_timeout,
-            outbox_size=self.outbox_size,
-            overflow_policy=self.overflow_policy,
-            max_subscriptions=self.max_subscriptions,
-            max_pending_requests=self.max_pending_requests,
-            request_timeout=self.request_timeout,
-            rate_limit=self.rate_limit / self.rate_period,
-            rate_burst=self.rate_burst or self.rate_limit,
-            rate_limit_violations=self.rate_limit_violations,
-        )
 
     @classmethod
     def load(
