@@ -32,6 +32,9 @@ class Publication:
     payload: Any
     payload_json: bytes
     on_done: DoneCallback | None
+    trusted: bool = True
+    """From the node's own side (the HTTP API, in-process code): exempt from the
+    tenant's topic quota. A client's publication is not."""
 
 
 class Backplane(Protocol):

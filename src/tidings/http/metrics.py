@@ -124,13 +124,13 @@ class NodeCollector(Collector):
         )
         yield _histogram(
             "tidings_outbox_depth",
-            "Messages queued per connection, sampled each heartbeat",
+            "Messages queued per connection, sampled when its pinger wakes",
             counters.outbox_depth,
         )
         yield _histogram(
-            "tidings_flush_delay_seconds",
+            "tidings_write_delay_seconds",
             "Seconds from a message being queued (an event fanned out) to its write",
-            counters.flush_delay,
+            counters.write_delay,
         )
 
 
