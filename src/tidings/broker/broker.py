@@ -33,9 +33,11 @@ import trio
 from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
+from ..protocol.idempotency import fingerprint
 from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
 from .backplane import Backplane, Publication
 from .history import History
+from .idempotency import IdempotencyWindow
 from .namespaces import Namespace, Namespaces
 from .outbox import Outbox
 from .subscription import as_event
@@ -216,8 +218,11 @@ class Broker:
         namespaces: Namespaces | None = None,
         max_topics: int = 100_000,
         inbox_size: int = 1024,
+        idempotency: IdempotencyWindow | None = None,
     ) -> None:
         self.namespaces = namespaces or Namespaces()
+        self.idempotency = idempotency or IdempotencyWindow()
+        """Keys of recent publications; with a backplane, its bounds apply in Redis."""
         self.max_topics = max_topics
         self._topics: dict[tuple[str, str], _Topic] = {}
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[Publication](inbox_size)
@@ -241,18 +246,23 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
     ) -> None:
         """Queue an event for ``topic``, waiting only while the inbox is full.
 
         ``on_done`` is called from the broker task with the event's position, or
         the reason it was refused. The payload is serialized here, in the
         caller's task, so that a value JSON cannot carry fails where it was
-        published.
+        published. With ``idempotency_key``, a key already seen for the topic
+        within the window answers with the first publication's position and
+        publishes nothing.
 
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        publication = Publication(
+            tenant, topic, payload, orjson.dumps(payload), on_done, idempotency_key
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
             await trio.lowlevel.checkpoint()
@@ -273,13 +283,16 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
     ) -> None:
         """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
 
         It does not yield either, so a reader can hand over every publication of
         one socket read before its writes are flushed, which then carry them all.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        publication = Publication(
+            tenant, topic, payload, orjson.dumps(payload), on_done, idempotency_key
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
         elif not self._apply_now(publication):
@@ -298,11 +311,19 @@ class Broker:
         self._apply(publication)
         return True
 
-    async def publish(self, topic: str, payload: Any, *, tenant: str = DEFAULT_TENANT) -> Position:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
+    ) -> Position:
         """Publish and wait until the event is sequenced; returns its position.
 
         Raises:
-            BrokerError: the broker refused the event (e.g. too many topics).
+            BrokerError: the broker refused the event (e.g. too many topics, or
+                ``idempotency_conflict``).
             TypeError: ``payload`` is not JSON-serializable.
         """
         done = trio.Event()
@@ -312,7 +333,7 @@ class Broker:
             outcome.append(result)
             done.set()
 
-        await self.submit(topic, payload, on_done, tenant=tenant)
+        await self.submit(topic, payload, on_done, tenant=tenant, idempotency_key=idempotency_key)
         await done.wait()
         result = outcome[0]
         if isinstance(result, BrokerError):
@@ -345,6 +366,8 @@ class Broker:
                 self._running = False
 
     def _apply(self, publication: Publication) -> None:
+        if publication.idempotency_key is not None and self._replayed(publication):
+            return
         try:
             topic = self._topic(publication.tenant, publication.topic, create=True)
         except BrokerError as exc:
@@ -361,12 +384,38 @@ class Broker:
             rfc3339_now(),
             publication.payload_json,
         )
-        topic.history.append(event, trio.current_time())
+        now = trio.current_time()
+        topic.history.append(event, now)
+        if publication.idempotency_key is not None:
+            self.idempotency.remember(
+                publication.tenant,
+                publication.topic,
+                publication.idempotency_key,
+                fingerprint(publication.payload_json),
+                position=topic.position,
+                now=now,
+            )
         if publication.on_done is not None:
             # Before the fan-out, so a publisher subscribed to its own topic
             # reads the reply to its publish before the event itself.
             publication.on_done(Position(topic.seq, topic.epoch))
         self._fan_out(topic, event)
+
+    def _replayed(self, publication: Publication) -> bool:
+        """Answer a retry from the idempotency window; False: publish it."""
+        assert publication.idempotency_key is not None
+        seen = self.idempotency.check(
+            publication.tenant,
+            publication.topic,
+            publication.idempotency_key,
+            fingerprint(publication.payload_json),
+            trio.current_time(),
+        )
+        if seen is None:
+            return False
+        if publication.on_done is not None:
+            publication.on_done(seen)
+        return True
 
     def _fan_out(self, topic: _Topic, event: Event) -> None:
         # The hot loop: one method call per subscriber, counting only failures.
@@ -404,6 +453,7 @@ class Broker:
             topic.history.expire(now)
             if self._idle(topic):
                 self._forget(key)
+        self.idempotency.sweep(now)
 
     # --- events sequenced elsewhere (a backplane) ------------------------------------
 

@@ -397,11 +397,19 @@ class Connection:
                     # Without yielding, so every publication of one socket read
                     # reaches the broker before it runs, as one batch.
                     self.broker.submit_nowait(
-                        command.topic, command.payload, self._publish_reply(command), tenant=tenant
+                        command.topic,
+                        command.payload,
+                        self._publish_reply(command),
+                        tenant=tenant,
+                        idempotency_key=command.idempotency_key,
                     )
                 except trio.WouldBlock:
                     await self.broker.submit(
-                        command.topic, command.payload, self._publish_reply(command), tenant=tenant
+                        command.topic,
+                        command.payload,
+                        self._publish_reply(command),
+                        tenant=tenant,
+                        idempotency_key=command.idempotency_key,
                     )
             except TypeError as exc:  # a value orjson cannot write back (e.g. a huge int)
                 self._reply(
