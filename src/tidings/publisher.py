@@ -52,6 +52,11 @@ from .errors import (
 from .protocol.messages import Event
 
 __all__ = [
+    "ApiAuthError",
+    "ApiCallError",
+    "ApiConflictError",
+    "ApiRejectedError",
+    "ApiUnavailableError",
     "AsyncPublisher",
     "Broadcast",
     "Channel",
