@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -119,3 +120,17 @@ def test_the_celery_tasks_body_publishes_once_per_task_id(tidings_serve: Serve) 
     assert again == first
     assert (first.seq, other.seq) == (1, 2)
     assert [e["reportId"] for e in events(node, "users.alice")] == ["r-1", "r-2"]  # type: ignore[index]
+
+
+def test_the_recipes_in_the_docs_are_the_tested_files() -> None:
+    text = (ROOT / "docs" / "publishing.md").read_text()
+    blocks = re.findall(r"```python\n# (examples/publishers/\S+\.py)\n(.*?)```", text, re.DOTALL)
+    assert {path for path, _ in blocks} >= {
+        "examples/publishers/script.py",
+        "examples/publishers/django_views.py",
+        "examples/publishers/fastapi_app.py",
+        "examples/publishers/celery_tasks.py",
+        "examples/publishers/reports.py",
+    }
+    for path, block in blocks:
+        assert block in (ROOT / path).read_text(), f"docs/publishing.md drifted from {path}"
