@@ -21,7 +21,7 @@ from tidings.broker.idempotency import ENTRY_OVERHEAD, IdempotencyWindow
 from tidings.protocol.messages import Position
 
 from .conftest import TEST_TIMEOUT, call, http_request, running_server, send, subscribe
-from .redis_fixture import Nodes
+from .redis_fixture import Node, Nodes
 from .serve_fixture import API_KEY, ServeProcess
 
 Serve = Callable[..., ServeProcess]
@@ -124,6 +124,13 @@ async def api(node: ServeProcess, method: str, **body: Any) -> tuple[int, dict[s
     return status, orjson.loads(answer)
 
 
+async def metrics(node: ServeProcess | Node) -> Any:
+    """The samples of ``/metrics``, as a set of (name with labels, value)."""
+    _, _, body = await http_request(node.port, "GET", "/metrics")
+    lines = [line.rpartition(" ") for line in body.decode().splitlines() if line[:1] != "#"]
+    return {(name, float(value)) for name, _, value in lines if name}
+
+
 async def history(node: ServeProcess, topic: str) -> list[dict[str, Any]]:
     status, answer = await api(node, "history", topic=topic, limit=1000)
     assert status == 200, answer
@@ -153,6 +160,13 @@ async def test_api_publish_retried_with_one_key_is_one_event_with_one_seq(
         # Another tenant has keys of its own.
         status, elsewhere = await api(node, "publish", **body, tenant="acme")
         assert (status, elsewhere["seq"]) == (200, 1)
+        assert (
+            await metrics(node)
+            >= {
+                'tidings_idempotent_publications_total{outcome="replayed"}': 2.0,
+                'tidings_idempotent_publications_total{outcome="conflict"}': 1.0,
+            }.items()
+        )
 
 
 async def test_a_broadcast_retried_with_one_key_publishes_each_topic_once(
@@ -189,6 +203,7 @@ async def test_beyond_the_count_the_oldest_key_is_forgotten_and_publishes_again(
         assert newest["seq"] == 4  # still known: not published again
         _, oldest = await api(node, "publish", topic="t", payload=1, idempotency_key="k1")
         assert oldest["seq"] == 5  # forgotten: published again
+        assert ("tidings_idempotency_evicted_total", 2.0) in await metrics(node)
         assert [e["payload"] for e in await history(node, "t")] == [1, 2, 3, 4, 1]
 
 
@@ -280,6 +295,12 @@ async def test_with_redis_the_oldest_key_of_a_topic_goes_beyond_the_count(
             assert answer["seq"] == n
         assert (await node.call("publish", topic="t", payload=4, idempotency_key="k4"))["seq"] == 4
         assert (await node.call("publish", topic="t", payload=1, idempotency_key="k1"))["seq"] == 5
+        assert (
+            await metrics(node)
+            >= {
+                'tidings_idempotent_publications_total{outcome="replayed"}': 1.0,
+            }.items()
+        )
         # What Redis holds for the topic stays within the bound.
         tid = topic_id("default", "t")
         assert await tidings_nodes.redis.command("HLEN", f"tidings:{tid}:idem") == 3

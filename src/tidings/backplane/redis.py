@@ -277,6 +277,10 @@ class RedisBackplane:
         """Times a topic's events arrived with a hole that had to be filled from history."""
         self.lost = 0
         """Times a hole could not be filled: subscribers were closed with 4010."""
+        self.replayed = 0
+        """Publications whose idempotency key Redis already held: answered, not published."""
+        self.conflicts = 0
+        """Publications refused: their idempotency key was held for another payload."""
         self._client: Any = None
         self._pubsub: Any = None
         self._script: Any = None
@@ -836,7 +840,13 @@ class RedisBackplane:
                 ]
             results = [await request for request in requests]
         outcomes = [_outcome(result) for result in results]
-        self.sequenced += sum(len(result) == 2 for result in results)
+        for result in results:
+            if len(result) == 2:
+                self.sequenced += 1
+            elif _text(result[2]) == "replayed":
+                self.replayed += 1
+            else:
+                self.conflicts += 1
         return outcomes
 
     def _script_call(
