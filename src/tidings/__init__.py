@@ -13,13 +13,13 @@ module exports; the layers under it, inside out:
 * ``node``       - the core server: broker, connections, transports;
 * ``http``, ``endpoints`` - the HTTP API and metrics, Centrifugo's protocol;
 * ``server``     - the composition root (``open_server``);
-  ``cli``, ``client``, ``publisher`` sit outside.
+  ``cli``, ``client``, ``publisher`` sit outside (``import tidings.publisher``:
+  the node's processes need not load an HTTP client).
 
 ``docs/architecture.md`` draws it.
 """
 
 from . import client as client
-from . import publisher as publisher
 from ._version import __version__ as __version__
 from .app import ClientInfo as ClientInfo
 from .app import CloseInfo as CloseInfo
@@ -93,7 +93,6 @@ __all__ = [
     "configure_logging",
     "messages",
     "open_server",
-    "publisher",
     "serve",
     "topic_problem",
 ]
