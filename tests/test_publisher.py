@@ -277,3 +277,47 @@ def test_the_client_under_asyncio_fails_at_once_and_says_what_to_use() -> None:
 
     with pytest.raises(RuntimeError, match=r"Trio only.*AsyncPublisher.*centrifuge-python"):
         asyncio.run(main())
+
+
+async def test_a_broadcast_retries_under_its_key_only_the_topics_that_failed(
+    tidings_nodes: Nodes, redis_server: RedisServer
+) -> None:
+    with trio.fail_after(3 * TEST_TIMEOUT):
+        # node:* topics stay on the node (no Redis); the others need Redis.
+        node = await tidings_nodes.start(
+            "a", "--backplane-timeout", "0.2s", "--namespaces", '{"node": {"local": true}}'
+        )
+        url = f"http://127.0.0.1:{node.port}"
+        async with AsyncPublisher(url, api_key="cluster-test-key", retries=2, **QUICK) as publisher:
+            await redis_server.stop()
+            await node.wait_health("degraded")
+            away = await publisher.broadcast(["node:status", "orders"], "hi", idempotency_key="b-1")
+            # Three attempts: the local topic was published by the first, answered by the others.
+            assert [r.seq for r in away.published] == [1]
+            assert [(f.topic, f.code) for f in away.failed] == [("orders", "unavailable")]
+            samples = await node.metrics()
+            assert samples['tidings_idempotent_publications_total{outcome="replayed"}'] == 2
+
+            await redis_server.start()
+            await node.wait_health("ok")
+            back = await publisher.broadcast(["node:status", "orders"], "hi", idempotency_key="b-1")
+            assert [(r.topic, r.seq) for r in back.published] == [("node:status", 1), ("orders", 1)]
+            local = await publisher.history("node:status")
+            shared = await publisher.history("orders")
+        assert [e.payload for e in local.events] == ["hi"]
+        assert [e.payload for e in shared.events] == ["hi"]
+
+
+async def test_with_redis_a_key_is_forgotten_once_its_window_has_passed(
+    tidings_nodes: Nodes,
+) -> None:
+    with trio.fail_after(2 * TEST_TIMEOUT):
+        # Long enough that the retry right after the first call is surely within it.
+        node = await tidings_nodes.start("a", "--idempotency-window", "2s")
+        url = f"http://127.0.0.1:{node.port}"
+        async with AsyncPublisher(url, api_key="cluster-test-key") as publisher:
+            first = await publisher.publish("orders", 1, idempotency_key="k")
+            assert await publisher.publish("orders", 1, idempotency_key="k") == first
+            await trio.sleep(2.1)  # the window itself is what is tested: let it pass
+            later = await publisher.publish("orders", 1, idempotency_key="k")
+        assert (first.seq, later.seq) == (1, 2)
