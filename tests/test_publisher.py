@@ -212,6 +212,9 @@ def test_retries_stop_at_errors_a_retry_cannot_fix(tidings_serve: Serve) -> None
 
         with pytest.raises(TypeError):
             publisher.publish("orders", object())
+        with pytest.raises(ApiRejectedError) as too_large:
+            publisher.publish("orders", "x" * (1024 * 1024))
+        assert (too_large.value.code, too_large.value.attempts) == ("too_large", 0)
 
 
 def test_a_node_that_is_down_gives_a_typed_error_after_bounded_retries() -> None:

@@ -108,6 +108,8 @@ class ApiCallError(TidingsError):
         self.attempts = attempts
 
     def __str__(self) -> str:
+        if not self.attempts:
+            return f"{self.code} (not sent): {self.message}"
         status = "no answer" if self.status is None else f"HTTP {self.status}"
         return f"{self.code} ({status}, after {self.attempts} attempts): {self.message}"
 

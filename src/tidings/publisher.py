@@ -72,6 +72,9 @@ __all__ = [
 LOGGER = logging.getLogger("tidings.publisher")
 
 DEFAULT_URL: Final = "http://127.0.0.1:8800"
+#: The largest request body the API takes (``docs/api.md``); a larger one is refused
+#: here, before sending: the node may reset the connection rather than answer 413.
+MAX_BODY: Final = 1024 * 1024
 #: Per-topic failures of a broadcast that another try may fix (the others are final).
 RETRYABLE_CODES: Final = frozenset({"unavailable", "unconfirmed", "too_many_topics"})
 
@@ -397,6 +400,16 @@ def _transport_error(exc: httpx.TransportError, attempts: int) -> ApiUnavailable
     return ApiUnavailableError(None, code, f"{type(exc).__name__}: {exc}", attempts=attempts)
 
 
+def _check_size(call: _Call[Any]) -> None:
+    if len(call.body) > MAX_BODY:
+        raise ApiRejectedError(
+            None,
+            "too_large",
+            f"the request is {len(call.body)} bytes; the API takes at most {MAX_BODY}",
+            attempts=0,
+        )
+
+
 def _limits(max_connections: int) -> httpx.Limits:
     return httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
 
@@ -540,6 +553,7 @@ class Publisher:
     def _run(self, call: _Call[T]) -> T:
         calls = self._calls
         url = f"{calls.url}/api/{call.method}"
+        _check_size(call)
         attempt = 0
         while True:
             attempt += 1
@@ -675,6 +689,7 @@ class AsyncPublisher:
     async def _run(self, call: _Call[T]) -> T:
         calls = self._calls
         url = f"{calls.url}/api/{call.method}"
+        _check_size(call)
         attempt = 0
         while True:
             attempt += 1
