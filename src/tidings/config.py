@@ -216,6 +216,20 @@ class Config:
         metadata=_help("bytes all history of the node holds at most; 0: no byte bound"),
     )
     max_topics: int = attrs.field(default=100_000, metadata=_help("topics one node holds at most"))
+    idempotency_window: Seconds = attrs.field(
+        default=Seconds(300.0),
+        converter=parse_duration,
+        metadata=_help("how long a publish's idempotency key is remembered"),
+    )
+    idempotency_max_keys: int = attrs.field(
+        default=10_000,
+        metadata=_help("idempotency keys remembered per tenant (per topic with Redis); oldest go"),
+    )
+    idempotency_max_bytes: Bytes = attrs.field(
+        default=Bytes(4 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("memory the idempotency keys of one tenant may take; oldest go"),
+    )
     max_connections: int = attrs.field(
         default=100_000, metadata=_help("WebSocket connections one node accepts at most")
     )
@@ -492,6 +506,8 @@ def _semantic_problems(config: Config) -> list[str]:
         "history_max_reply",
         "presence_max_reply",
         "max_pending_handshakes",
+        "idempotency_max_keys",
+        "idempotency_max_bytes",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -507,6 +523,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "request_timeout",
         "connect_timeout",
         "history_ttl",
+        "idempotency_window",
         "backplane_timeout",
         "backplane_max_lag",
         "rate_period",

@@ -33,9 +33,11 @@ import trio
 from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
+from ..protocol.idempotency import fingerprint
 from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
 from .backplane import Backplane, Publication
 from .history import History
+from .idempotency import IdempotencyWindow
 from .namespaces import Namespace, Namespaces
 from .outbox import Outbox, Replay
 from .quotas import Ledger
@@ -306,8 +308,11 @@ class Broker:
         tenant_max_topics: int = 0,
         history_node_bytes: int = 0,
         tenant_history_bytes: int = 0,
+        idempotency: IdempotencyWindow | None = None,
     ) -> None:
         self.namespaces = namespaces or Namespaces()
+        self.idempotency = idempotency or IdempotencyWindow()
+        """Keys of recent publications; with a backplane, its bounds apply in Redis."""
         self.max_topics = max_topics
         self.tenant_max_topics = tenant_max_topics
         self.tenant_history_bytes = tenant_history_bytes
@@ -336,6 +341,7 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
         trusted: bool = True,
     ) -> None:
         """Queue an event for ``topic``, waiting only while the inbox is full.
@@ -345,11 +351,22 @@ class Broker:
         caller's task, so that a value JSON cannot carry fails where it was
         published. A client's publication is not ``trusted``: it counts
         against its tenant's topic quota.
+        With ``idempotency_key``, a key already seen for the topic
+        within the window answers with the first publication's position and
+        publishes nothing.
 
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done, trusted)
+        publication = Publication(
+            tenant,
+            topic,
+            payload,
+            orjson.dumps(payload),
+            on_done,
+            idempotency_key=idempotency_key,
+            trusted=trusted,
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
             await trio.lowlevel.checkpoint()
@@ -370,6 +387,7 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
         trusted: bool = True,
     ) -> None:
         """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
@@ -377,7 +395,15 @@ class Broker:
         It does not yield either, so a reader can hand over every publication of
         one socket read before its writers run, which then carry them all.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done, trusted)
+        publication = Publication(
+            tenant,
+            topic,
+            payload,
+            orjson.dumps(payload),
+            on_done,
+            idempotency_key=idempotency_key,
+            trusted=trusted,
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
         elif not self._apply_now(publication):
@@ -397,12 +423,19 @@ class Broker:
         return True
 
     async def publish(
-        self, topic: str, payload: Any, *, tenant: str = DEFAULT_TENANT, trusted: bool = True
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
+        trusted: bool = True,
     ) -> Position:
         """Publish and wait until the event is sequenced; returns its position.
 
         Raises:
-            BrokerError: the broker refused the event (e.g. too many topics).
+            BrokerError: the broker refused the event (e.g. too many topics, or
+                ``idempotency_conflict``).
             TypeError: ``payload`` is not JSON-serializable.
         """
         done = trio.Event()
@@ -412,7 +445,9 @@ class Broker:
             outcome.append(result)
             done.set()
 
-        await self.submit(topic, payload, on_done, tenant=tenant, trusted=trusted)
+        await self.submit(
+            topic, payload, on_done, tenant=tenant, idempotency_key=idempotency_key, trusted=trusted
+        )
         await done.wait()
         result = outcome[0]
         if isinstance(result, BrokerError):
@@ -445,6 +480,8 @@ class Broker:
                 self._running = False
 
     def _apply(self, publication: Publication) -> None:
+        if publication.idempotency_key is not None and self._replayed(publication):
+            return
         try:
             topic = self._topic(
                 publication.tenant, publication.topic, create=True, trusted=publication.trusted
@@ -464,11 +501,36 @@ class Broker:
             publication.payload_json,
         )
         self._retain(topic, event)
+        if publication.idempotency_key is not None:
+            self.idempotency.remember(
+                publication.tenant,
+                publication.topic,
+                publication.idempotency_key,
+                fingerprint(publication.payload_json),
+                position=topic.position,
+                now=trio.current_time(),
+            )
         if publication.on_done is not None:
             # Before the fan-out, so a publisher subscribed to its own topic
             # reads the reply to its publish before the event itself.
             publication.on_done(Position(topic.seq, topic.epoch))
         self._fan_out(topic, event)
+
+    def _replayed(self, publication: Publication) -> bool:
+        """Answer a retry from the idempotency window; False: publish it."""
+        assert publication.idempotency_key is not None
+        seen = self.idempotency.check(
+            publication.tenant,
+            publication.topic,
+            publication.idempotency_key,
+            fingerprint(publication.payload_json),
+            trio.current_time(),
+        )
+        if seen is None:
+            return False
+        if publication.on_done is not None:
+            publication.on_done(seen)
+        return True
 
     def _fan_out(self, topic: _Topic, event: Event) -> None:
         # The hot loop: one method call per subscriber, counting only failures.
@@ -538,6 +600,7 @@ class Broker:
             topic.history.expire(now)
             if self._idle(topic):
                 self._forget(key)
+        self.idempotency.sweep(now)
 
     # --- events sequenced elsewhere (a backplane) ------------------------------------
 

@@ -133,6 +133,7 @@ class Commands:
                     command.payload,
                     self._publish_reply(command),
                     tenant=tenant,
+                    idempotency_key=command.idempotency_key,
                     trusted=False,
                 )
             except trio.WouldBlock:  # the broker's inbox is full: wait for room
@@ -141,6 +142,7 @@ class Commands:
                     command.payload,
                     self._publish_reply(command),
                     tenant=tenant,
+                    idempotency_key=command.idempotency_key,
                     trusted=False,
                 )
         except TypeError as exc:  # a value orjson cannot write back (e.g. a huge int)

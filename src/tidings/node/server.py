@@ -31,6 +31,7 @@ from ..app import ClientInfo, CloseInfo, RequestHandler
 from ..auth import Authenticator
 from ..backplane.redis import RedisBackplane
 from ..broker.broker import Broker, BrokerStats, Subscriber
+from ..broker.idempotency import IdempotencyWindow
 from ..broker.outbox import Outbox, OverflowPolicy
 from ..broker.subscription import Subscription, as_event
 from ..config import Config
@@ -40,6 +41,7 @@ from ..connection.endpoint import Endpoint
 from ..connection.limits import ConnectionLimits, TenantSeats
 from ..errors import AuthError
 from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.idempotency import idempotency_key_problem
 from ..protocol.messages import Event, Position
 from ..protocol.native import NativeDialect
 from ..protocol.topics import topic_problem
@@ -103,6 +105,11 @@ class Server:
             tenant_max_topics=config.tenant_max_topics,
             history_node_bytes=config.history_node_bytes,
             tenant_history_bytes=config.tenant_history_bytes,
+            idempotency=IdempotencyWindow(
+                config.idempotency_window,
+                config.idempotency_max_keys,
+                config.idempotency_max_bytes,
+            ),
         )
         self.backplane: RedisBackplane | None = None
         """The Redis backplane, when ``config.backplane`` names one."""
@@ -179,19 +186,32 @@ class Server:
 
     # --- publishing -----------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: Any, *, tenant: str | None = None) -> Position:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        tenant: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position:
         """Publish an event; returns its position (``seq`` and ``epoch``) once sequenced.
 
         Waits only while the broker's inbox is full. ``tenant`` defaults to the
-        configured default tenant.
+        configured default tenant. An ``idempotency_key`` seen for the topic
+        within ``idempotency_window`` returns the first publication's position
+        and publishes nothing.
 
         Raises:
-            ValueError: ``topic`` is not a valid topic name.
+            ValueError: ``topic`` or ``idempotency_key`` is not valid.
             TypeError: ``payload`` is not JSON-serializable.
-            tidings.BrokerError: an unknown namespace, or the node's limit of topics.
+            tidings.BrokerError: an unknown namespace, the node's limit of topics,
+                or ``idempotency_conflict`` (the key was used with another payload).
         """
         _check_topic(topic)
-        return await self.broker.publish(topic, payload, tenant=self._tenant(tenant))
+        _check_idempotency_key(idempotency_key)
+        return await self.broker.publish(
+            topic, payload, tenant=self._tenant(tenant), idempotency_key=idempotency_key
+        )
 
     def publish_nowait(self, topic: str, payload: Any, *, tenant: str | None = None) -> None:
         """Queue an event without waiting (for code that cannot await).
@@ -792,6 +812,12 @@ def _check_topic(topic: str) -> None:
     problem = topic_problem(topic) if isinstance(topic, str) else "topic must be a string"
     if problem is not None:
         raise ValueError(problem)
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    problem = None if key is None else idempotency_key_problem(key)
+    if problem is not None:
+        raise ValueError(f"idempotency_key {problem}")
 
 
 def _call_hook(hook: Callable[..., None], *args: Any) -> None:

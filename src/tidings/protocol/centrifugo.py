@@ -110,6 +110,7 @@ ERROR_CODES: Final[Mapping[str, tuple[int, bool]]] = {
     ErrorCode.UNAVAILABLE: (100, True),
     # It may have been published: not 'temporary', so nothing retries it blindly.
     ErrorCode.UNCONFIRMED: (100, False),
+    ErrorCode.IDEMPOTENCY_CONFLICT: (107, False),
     CentrifugoError.NOT_AVAILABLE: (108, False),
     CentrifugoError.TOKEN_EXPIRED: (109, False),
     CentrifugoError.UNRECOVERABLE_POSITION: (112, False),

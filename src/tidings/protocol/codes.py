@@ -56,6 +56,8 @@ class ErrorCode(StrEnum):
     """The backplane (Redis) cannot be reached: nothing was done; retry later."""
     UNCONFIRMED = "unconfirmed"
     """A publication reached Redis but was not confirmed in time: it may have been published."""
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    """A publish reused an idempotency key of the window with another payload."""
 
 
 class CloseCode(IntEnum):

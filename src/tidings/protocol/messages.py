@@ -103,6 +103,8 @@ class Publish:
     topic: str
     payload: Any
     request_id: RequestId = None
+    idempotency_key: str | None = None
+    """The same on every retry of one publication: the node publishes it once."""
 
 
 @attrs.frozen(slots=True)
