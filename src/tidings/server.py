@@ -37,6 +37,10 @@ def assemble(config: Config, endpoints: Iterable[EndpointSource] = ()) -> Server
     endpoint, or a function of the server that makes one), which may replace
     either at their path.
     """
+    return _assemble(config, endpoints)[0]
+
+
+def _assemble(config: Config, endpoints: Iterable[EndpointSource]) -> tuple[Server, Api]:
     server = Server(config)
     if config.centrifugo_path:
         server.add_endpoint(centrifugo_endpoint(server, config.centrifugo_path))
@@ -44,13 +48,14 @@ def assemble(config: Config, endpoints: Iterable[EndpointSource] = ()) -> Server
         # A factory gets the server, so its handlers can publish through it.
         server.add_endpoint(endpoint if isinstance(endpoint, Endpoint) else endpoint(server))
     registry = registry_for(server)
+    api = Api(server)
     server.http = HttpRoutes(
         server.health,
         ws_path=server.accepts,
         metrics=(lambda: render(registry)) if config.metrics else None,
-        api=Api(server),
+        api=api,
     )
-    return server
+    return server, api
 
 
 @asynccontextmanager
@@ -67,8 +72,10 @@ async def open_server(
     :attr:`Server.asgi_app` in another ASGI server. Leaving the block shuts
     down gracefully: clients are closed with 1001 after their queues drain.
     """
-    server = assemble(config or Config(), endpoints)
+    server, api = _assemble(config or Config(), endpoints)
     async with server.running(listen=listen) as nursery:
+        if server.config.api_key:  # the API's series: only a key can read it
+            nursery.start_soon(api.rates.run)
         if server.config.demo:
             nursery.start_soon(run_demo, server)
         yield server
