@@ -3,8 +3,8 @@
 The core (:class:`tidings.node.server.Server`) knows its broker, its
 connections and its transports. What sits above it is put together here, and
 only here: the Centrifugo endpoint, the application's endpoints, the HTTP side
-(``/health``, the server API, ``/metrics``, the application's routes) and the
-demo. ``open_server`` is the one way in, for the CLI and for applications::
+(``/health``, the server API, ``/metrics``, the web console, the application's
+routes) and the demo. ``open_server`` is the one way in, for the CLI and for applications::
 
     async with tidings.open_server(Config(port=8800)) as server:
         await server.publish("deploys", {"step": "build"})
@@ -22,6 +22,7 @@ from .connection.endpoint import Endpoint
 from .demo import run_demo
 from .endpoints.centrifugo import centrifugo_endpoint
 from .http.api import Api
+from .http.console import Console
 from .http.metrics import registry_for, render
 from .http.routes import HttpRoutes
 from .node.server import EndpointSource, Server
@@ -54,6 +55,7 @@ def _assemble(config: Config, endpoints: Iterable[EndpointSource]) -> tuple[Serv
         ws_path=server.accepts,
         metrics=(lambda: render(registry)) if config.metrics else None,
         api=api,
+        console=Console(server, config.console_path) if config.console_path else None,
     )
     return server, api
 
