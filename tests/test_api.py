@@ -441,29 +441,29 @@ async def client_id_in(server: Server, topic: str, tenant: str, user: str) -> st
 
 async def test_clients_sorts_and_pages_consistently() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(api_key=API_KEY, jwt_secret=JWT_SECRET) as server:
-            async with (
-                client_as(server, "carol", "t") as c,
-                client_as(server, "alice", "t") as a,
-                client_as(server, "bob", "t") as b,
-            ):
-                for ws, count in ((c, 1), (a, 3), (b, 2)):
-                    for n in range(count):
-                        await subscribe(ws, f"topic-{n}")
-                by_user = await ok(server, "clients", {"sort": "user"})
-                assert [e["user"] for e in by_user["clients"]] == ["alice", "bob", "carol"]
-                by_count = await ok(server, "clients", {"sort": "subscriptions", "order": "desc"})
-                assert [e["user"] for e in by_count["clients"]] == ["alice", "bob", "carol"]
-                pages = [
-                    await ok(server, "clients", {"sort": "user", "limit": 2, "offset": offset})
-                    for offset in (0, 2, 4)
-                ]
-                assert [[e["user"] for e in page["clients"]] for page in pages] == [
-                    ["alice", "bob"],
-                    ["carol"],
-                    [],
-                ]
-                assert {page["total"] for page in pages} == {3}
+        async with (
+            running_server(api_key=API_KEY, jwt_secret=JWT_SECRET) as server,
+            client_as(server, "carol", "t") as c,
+            client_as(server, "alice", "t") as a,
+            client_as(server, "bob", "t") as b,
+        ):
+            for ws, count in ((c, 1), (a, 3), (b, 2)):
+                for n in range(count):
+                    await subscribe(ws, f"topic-{n}")
+            by_user = await ok(server, "clients", {"sort": "user"})
+            assert [e["user"] for e in by_user["clients"]] == ["alice", "bob", "carol"]
+            by_count = await ok(server, "clients", {"sort": "subscriptions", "order": "desc"})
+            assert [e["user"] for e in by_count["clients"]] == ["alice", "bob", "carol"]
+            pages = [
+                await ok(server, "clients", {"sort": "user", "limit": 2, "offset": offset})
+                for offset in (0, 2, 4)
+            ]
+            assert [[e["user"] for e in page["clients"]] for page in pages] == [
+                ["alice", "bob"],
+                ["carol"],
+                [],
+            ]
+            assert {page["total"] for page in pages} == {3}
 
 
 async def test_clients_shows_the_outbox_and_drops_of_a_client_that_stopped_reading() -> None:
