@@ -241,6 +241,11 @@ class Browser:
         self.driver.get_screenshot_as_file(str(path))
         return path
 
+    def screenshot_to(self, path: Path) -> Path:
+        """Save a PNG of the viewport at ``path`` (for pictures that are kept, e.g. docs)."""
+        self.driver.get_screenshot_as_file(str(path))
+        return path
+
     # what the page said and did
 
     def console_log(self) -> list[dict[str, Any]]:

@@ -320,13 +320,22 @@ async def test_the_console_fits_a_narrow_screen_follows_the_dark_theme_and_is_la
 
         browser.viewport(390, 800)
         try:
-            await in_thread(log_in, browser, node, "clients")
-            await in_thread(browser.wait_text, "#clients-range", "clients")
-            # Nothing pushes the page sideways: wide tables scroll inside their own box.
-            overflow = browser.js(
-                "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
-            )
-            assert overflow <= 0
-            await in_thread(browser.screenshot, "console-clients-narrow")
+            async with subscriber(node, unique("narrow")) as (_ws, client):
+                await in_thread(log_in, browser, node, "clients")
+                await in_thread(browser.type_into, "#clients-filter", client)
+                row = await in_thread(browser.wait_for, f'tr[data-client="{client}"]')
+                # Each row is a card whose cells say which column they are.
+                labels = [
+                    cell.get_attribute("data-label")
+                    for cell in row.find_elements("css selector", "td")
+                ]
+                assert labels[:3] == ["Client", "User", "Tenant"]
+                # Nothing pushes the page sideways.
+                overflow = browser.js(
+                    "return document.documentElement.scrollWidth"
+                    " - document.documentElement.clientWidth"
+                )
+                assert overflow <= 0
+                await in_thread(browser.screenshot, "console-clients-narrow")
         finally:
             browser.viewport(1280, 800)

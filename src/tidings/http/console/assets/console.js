@@ -43,6 +43,8 @@ function showApp(session) {
   $("#session-bar").hidden = false;
   $("#node-label").textContent = `node ${session.node} · tidings ${session.version}`;
   document.body.dataset.state = "logged-in";
+  // Alone, a node need not say on every row that the row is its own.
+  document.body.dataset.clustered = String(Boolean(session.clustered));
   route({ focus: false });
 }
 

@@ -32,6 +32,8 @@ export class PagedTable {
       th.replaceChildren(button);
     }
     this.markSorted();
+    // On a narrow screen each row becomes a card, each cell labelled by its column.
+    this.labels = [...this.table.tHead.rows[0].cells].map((th) => th.textContent.trim());
 
     let pending = null;
     $(`#${this.prefix}-filter`).addEventListener("input", (event) => {
@@ -86,7 +88,13 @@ export class PagedTable {
       this.offset = Math.max(0, Math.floor((this.total - 1) / this.limit) * this.limit);
       return this.refresh();
     }
-    const rows = entries.map((entry) => this.row(entry));
+    const rows = entries.map((entry) => {
+      const row = this.row(entry);
+      [...row.cells].forEach((cell, index) => {
+        if (this.labels[index]) cell.dataset.label = this.labels[index];
+      });
+      return row;
+    });
     const empty = this.filter ? `No ${this.noun} match “${this.filter}”.` : `No ${this.noun}.`;
     replaceRows(this.tbody, rows.length ? rows : [emptyRow(this.columns, empty)]);
     const first = entries.length ? this.offset + 1 : 0;
