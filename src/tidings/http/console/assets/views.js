@@ -114,6 +114,15 @@ export class Clients {
     this.table.refreshNow = fn;
   }
 
+  show(params) {
+    const filter = params.get("filter");
+    if (filter !== null) {
+      $("#clients-filter").value = filter;
+      this.table.filter = filter.trim();
+      this.table.offset = 0;
+    }
+  }
+
   refresh() {
     return this.table.refresh();
   }
@@ -209,6 +218,7 @@ const TAIL_BACKLOG = 20; // events shown when a tail starts
 const TAIL_BATCH = 100; // events read per poll
 const TAIL_KEEP = 200; // events kept on the page
 const TAIL_SKIP = 1000; // further behind than this, the tail jumps ahead (and says so)
+const PRESENCE_LISTED = 200; // subscribers listed by name at most
 
 export class Tail {
   constructor(api, { navigate }) {
@@ -294,10 +304,25 @@ export class Tail {
       status = `At seq ${count(answer.seq)}, epoch ${answer.epoch}. New events appear at the top.`;
     }
     $("#tail-status").textContent = status;
-    if (this.ticks++ % 2 === 0) {
-      const presence = await this.api.call("presence", this.body());
-      if (topic === this.topic) this.renderPresence(presence);
+    if (this.ticks++ % 2 === 0) await this.refreshPresence(topic);
+  }
+
+  async refreshPresence(topic) {
+    // The count first: a topic with thousands of subscribers is not listed every
+    // two seconds (the Clients view, filtered by the topic, pages through them).
+    const stats = await this.api.call("presence_stats", this.body());
+    if (topic !== this.topic) return;
+    if (stats.clients > PRESENCE_LISTED) {
+      $("#presence-list").replaceChildren();
+      $("#presence-status").replaceChildren(
+        `${count(stats.clients)} connected (${count(stats.users)} users): too many to list here; `,
+        h("a", { href: `#clients?${new URLSearchParams({ filter: topic })}`, text: "see them in Clients" }),
+        ".",
+      );
+      return;
     }
+    const presence = await this.api.call("presence", this.body());
+    if (topic === this.topic) this.renderPresence(presence);
   }
 
   add(event) {
