@@ -29,6 +29,8 @@ USERS = [
     ("alice", "acme"), ("bob", "acme"), ("carol", "acme"), ("dave", "globex"),
     ("erin", "globex"), ("frank", "initech"), ("grace", "initech"), ("heidi", "acme"),
 ]  # fmt: skip
+#: The publications/s of acme's orders in the topics view (9th column).
+RATE_CELL = '#topics-table tr[data-topic="orders"][data-tenant="acme"] td:nth-child(9)'
 #: Seconds of load before the screenshots: the chart shows this much.
 LOAD_SECONDS = 70
 
@@ -82,6 +84,8 @@ def shoot(browser: Browser, node: ServedNode, directory: Path) -> None:
             browser.type_into("#publish-topic", "deploys")
             browser.click("#publish-submit")
             browser.wait_text("#publish-result", "seq")
+        if view == "topics":  # publications/s needs two readings
+            browser.wait_until(lambda b: b.find(RATE_CELL).text not in ("", "\u2013"))
         name = view.split("?", maxsplit=1)[0]
         browser.wait_until(lambda b: b.find("#status-updated").text.startswith("Updated"))
         browser.screenshot_to(directory / f"console-{name}.png")

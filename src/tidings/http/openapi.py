@@ -505,10 +505,12 @@ def openapi_document(version: str) -> dict[str, Any]:
             "title": "tidings server API",
             "version": version,
             "description": (
-                "Publish, read history and presence, list channels and disconnect clients of a "
-                "tidings node. Every call is POST with a JSON object; errors carry the stable "
+                "Publish, read history and presence, list channels, clients and topics, read "
+                "rates, and disconnect clients of a tidings node (of every node, under a Redis "
+                "backplane). Every call is POST with a JSON object; errors carry the stable "
                 "codes of the WebSocket protocol. An optional field that is null counts as left "
-                "out."
+                "out. Authenticated by the API key, or by the web console's session cookie with "
+                "its CSRF token."
             ),
         },
         "paths": paths,
