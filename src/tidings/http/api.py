@@ -45,9 +45,9 @@ Method = Callable[["Api", dict[str, Any]], Awaitable[dict[str, Any]]]
 class Api:
     """The API's methods, over one server."""
 
-    def __init__(self, server: Server, series: Series | None = None) -> None:
+    def __init__(self, server: Server, rates: Series | None = None) -> None:
         self.server = server
-        self.rates = series or Series(server.statistics)
+        self.rates = rates or Series(server.statistics)
         """The node's recent rates; :func:`tidings.server.open_server` runs its sampler."""
         self.document = orjson.dumps(openapi_document(__version__))
         # What each node answers when the node called asks the whole cluster.

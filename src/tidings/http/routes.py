@@ -144,7 +144,7 @@ class HttpRoutes:
             raise ValueError(f"{path!r} is not a path an application may route")
         if self.is_ws_path(path):
             raise ValueError(f"{path!r} is a WebSocket endpoint")
-        if self.console is not None and self.console.owns(path):
+        if self.console is not None and self.console.enabled and self.console.owns(path):
             raise ValueError(f"{path!r} is the console's (console_path)")
         self.routes[path] = HttpRoute(path, handler, tuple(method.upper() for method in methods))
 
