@@ -413,7 +413,7 @@ async def test_clients_lists_each_connection_with_its_identity_and_subscriptions
             )
             assert entry["remote"].startswith("127.0.0.1:")
             assert (entry["subscriptions"], entry["topics"]) == (2, ["chat", "orders"])
-            assert (entry["queued"], entry["dropped"]) == (0, 0)
+            assert (entry["queued"], entry["queuedBytes"], entry["dropped"]) == (0, 0, 0)
             assert entry["peakQueued"] >= 1  # its subscribe replies went through the outbox
             assert entry["connectedAt"].endswith("Z")
             assert by_user["bob"]["topics"] == ["orders"]
@@ -477,6 +477,7 @@ async def test_clients_shows_the_outbox_and_drops_of_a_client_that_stopped_readi
             [entry] = (await ok(server, "clients"))["clients"]
             assert entry["dropped"] == server.statistics().dropped > 0
             assert 0 < entry["queued"] <= entry["peakQueued"] <= 8
+            assert entry["queuedBytes"] > 0
             [topic] = (await ok(server, "topics"))["topics"]
             assert topic["dropped"] == entry["dropped"]
             await stalled.aclose()

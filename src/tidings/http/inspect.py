@@ -32,6 +32,7 @@ CLIENT_SORTS: Final = (
     "subscriptions",
     "queued",
     "peakQueued",
+    "queuedBytes",
     "dropped",
     "node",
 )
@@ -76,6 +77,7 @@ def node_clients(server: Server, body: dict[str, Any]) -> dict[str, Any]:
             # The outbox notes its peak when it is drained; one that is stuck
             # holds more now than it has noted.
             "peakQueued": max(stats.peak_queued, stats.queued),
+            "queuedBytes": stats.queued_bytes,
             "dropped": stats.dropped,
         }
         if needle and not _matches(needle, entry, server.client_topics(info.id) or ()):

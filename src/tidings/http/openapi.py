@@ -156,7 +156,7 @@ CLIENT_ENTRY = {
     "type": "object",
     "required": [
         "client", "node", "user", "tenant", "remote", "dialect", "path", "connectedAt",
-        "subscriptions", "topics", "queued", "peakQueued", "dropped",
+        "subscriptions", "topics", "queued", "peakQueued", "queuedBytes", "dropped",
     ],
     "properties": {
         "client": {"type": "string", "description": "The connection's id (for `disconnect`)."},
@@ -176,6 +176,7 @@ CLIENT_ENTRY = {
         },
         "queued": {**COUNT, "description": "Messages in its outbox now."},
         "peakQueued": {**COUNT, "description": "The most its outbox ever held."},
+        "queuedBytes": {**COUNT, "description": "Bytes its outbox holds now (or in flight)."},
         "dropped": {**COUNT, "description": "Events dropped because its outbox was full."},
     },
 }  # fmt: skip

@@ -38,6 +38,19 @@ export function rate(value) {
   return value >= 100 ? integer.format(value) : decimal.format(value);
 }
 
+/** 1536 -> "1.5 KiB". */
+export function bytes(value) {
+  if (value === null || value === undefined) return "–";
+  const units = ["B", "KiB", "MiB", "GiB"];
+  let amount = value;
+  let unit = 0;
+  while (amount >= 1024 && unit < units.length - 1) {
+    amount /= 1024;
+    unit += 1;
+  }
+  return `${unit ? decimal.format(amount) : amount} ${units[unit]}`;
+}
+
 /** 93784 -> "1d 2h", 3725 -> "1h 2m", 62 -> "1m 2s". */
 export function duration(seconds) {
   if (seconds === null || seconds === undefined) return "–";

@@ -2,7 +2,7 @@
 // per `interval` ms while it is shown) and show(params) when the route selects it.
 
 import { drawChart } from "./chart.js";
-import { $, clock, count, duration, emptyRow, h, rate, replaceRows, since, tailHref } from "./dom.js";
+import { $, bytes, clock, count, duration, emptyRow, h, rate, replaceRows, since, tailHref } from "./dom.js";
 import { PagedTable } from "./table.js";
 
 const WINDOW_S = 360; // the chart's span: six minutes, what the node keeps
@@ -146,7 +146,9 @@ export class Clients {
         h("span", { class: "muted", text: `${count(client.subscriptions)}: ` }),
         topics,
         more > 0 ? h("span", { class: "muted", text: `+${count(more)} more` }) : null),
-      h("td", { class: "num", text: count(client.queued) }),
+      h("td", { class: "num", title: `${bytes(client.queuedBytes)} queued` },
+        count(client.queued),
+        client.queuedBytes ? h("span", { class: "muted", text: ` (${bytes(client.queuedBytes)})` }) : null),
       h("td", { class: "num", text: count(client.peakQueued) }),
       h("td", { class: client.dropped ? "num warn" : "num", text: count(client.dropped) }),
       h("td", {}, h("time", { datetime: client.connectedAt, title: since(client.connectedAt), text: clock(client.connectedAt) })),
