@@ -19,6 +19,7 @@ from trio_websocket import WebSocketConnection, open_websocket_url
 
 from tidings import CloseInfo, Config, Server, open_server
 
+from .browser import browser, screenshots_taken  # noqa: F401 - the fixture of browser tests
 from .httpclient import http_request  # noqa: F401 - the tests import it from here
 from .rawws import RawWebSocket
 from .redis_fixture import redis_server, tidings_nodes  # noqa: F401 - fixtures of test_cluster
@@ -98,3 +99,10 @@ class Disconnects:
         while len(self.closed) < count:
             await self._changed.wait()
         return self.closed
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say where the browser tests' screenshots are, when some were taken."""
+    shots = screenshots_taken()
+    if shots is not None:
+        terminalreporter.write_line(f"browser screenshots: {shots}")

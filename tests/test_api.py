@@ -44,6 +44,7 @@ from .conftest import (
     Disconnects,
     call,
     http_request,
+    raw_client,
     receive,
     running_server,
     subscribe,
@@ -388,6 +389,152 @@ async def test_info_reports_the_node_and_its_counters() -> None:
             assert (after["published"], after["delivered"], after["dropped"]) == (3, 6, 0)
 
 
+async def test_clients_lists_each_connection_with_its_identity_and_subscriptions() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_server(api_key=API_KEY, jwt_secret=JWT_SECRET, node_id="node-c") as server,
+            client_as(server, "alice", "acme") as alice,
+            client_as(server, "bob", "globex") as bob,
+        ):
+            await subscribe(alice, "orders")
+            await subscribe(alice, "chat")
+            await subscribe(bob, "orders")
+            answer = await ok(server, "clients")
+            assert (answer["total"], answer["offset"], answer["limit"]) == (2, 0, 50)
+            assert answer["missing"] == []
+            by_user = {entry["user"]: entry for entry in answer["clients"]}
+            entry = by_user["alice"]
+            assert entry["client"] == await client_id_in(server, "orders", "acme", "alice")
+            assert (entry["node"], entry["tenant"], entry["dialect"], entry["path"]) == (
+                "node-c",
+                "acme",
+                "native",
+                "/ws",
+            )
+            assert entry["remote"].startswith("127.0.0.1:")
+            assert (entry["subscriptions"], entry["topics"]) == (2, ["chat", "orders"])
+            assert (entry["queued"], entry["queuedBytes"], entry["dropped"]) == (0, 0, 0)
+            assert entry["peakQueued"] >= 1  # its subscribe replies went through the outbox
+            assert entry["connectedAt"].endswith("Z")
+            assert by_user["bob"]["topics"] == ["orders"]
+
+            # Filtered by any of its fields or topics, and by tenant (every tenant otherwise).
+            for body, users in [
+                ({"filter": "ALI"}, ["alice"]),
+                ({"filter": "chat"}, ["alice"]),
+                ({"filter": "globex"}, ["bob"]),
+                ({"filter": "nobody"}, []),
+                ({"tenant": "acme"}, ["alice"]),
+                ({"tenant": "acme", "filter": "bob"}, []),
+            ]:
+                found = await ok(server, "clients", body)
+                assert [entry["user"] for entry in found["clients"]] == users, body
+                assert found["total"] == len(users)
+
+
+async def client_id_in(server: Server, topic: str, tenant: str, user: str) -> str:
+    """The id ``presence`` gives the connection of ``user`` on ``topic``."""
+    answer = await ok(server, "presence", {"topic": topic, "tenant": tenant})
+    [entry] = [entry for entry in answer["clients"] if entry["user"] == user]
+    return str(entry["client"])
+
+
+async def test_clients_sorts_and_pages_consistently() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_server(api_key=API_KEY, jwt_secret=JWT_SECRET) as server,
+            client_as(server, "carol", "t") as c,
+            client_as(server, "alice", "t") as a,
+            client_as(server, "bob", "t") as b,
+        ):
+            for ws, count in ((c, 1), (a, 3), (b, 2)):
+                for n in range(count):
+                    await subscribe(ws, f"topic-{n}")
+            by_user = await ok(server, "clients", {"sort": "user"})
+            assert [e["user"] for e in by_user["clients"]] == ["alice", "bob", "carol"]
+            by_count = await ok(server, "clients", {"sort": "subscriptions", "order": "desc"})
+            assert [e["user"] for e in by_count["clients"]] == ["alice", "bob", "carol"]
+            pages = [
+                await ok(server, "clients", {"sort": "user", "limit": 2, "offset": offset})
+                for offset in (0, 2, 4)
+            ]
+            assert [[e["user"] for e in page["clients"]] for page in pages] == [
+                ["alice", "bob"],
+                ["carol"],
+                [],
+            ]
+            assert {page["total"] for page in pages} == {3}
+
+
+async def test_clients_shows_the_outbox_and_drops_of_a_client_that_stopped_reading() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(api_key=API_KEY, outbox_size=8, write_timeout=30) as server:
+            stalled = await raw_client(server, receive_buffer=4096)
+            await stalled.send_json({"type": "subscribe", "topic": "t", "requestId": "s"})
+            assert (await stalled.receive_json())["type"] == "response"  # then it stops reading
+            while server.statistics().dropped == 0:
+                await server.publish("t", {"blob": "x" * 32_000})
+            [entry] = (await ok(server, "clients"))["clients"]
+            assert entry["dropped"] == server.statistics().dropped > 0
+            assert 0 < entry["queued"] <= entry["peakQueued"] <= 8
+            assert entry["queuedBytes"] > 0
+            [topic] = (await ok(server, "topics"))["topics"]
+            assert topic["dropped"] == entry["dropped"]
+            await stalled.aclose()
+
+
+async def test_topics_lists_each_topic_with_its_position_history_and_counters() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_server(api_key=API_KEY, node_id="node-t") as server,
+            ws_client(server) as ws,
+        ):
+            await subscribe(ws, "orders")
+            for n in range(3):
+                position = await ok(server, "publish", {"topic": "orders", "payload": n})
+                assert (await receive(ws))["seq"] == position["seq"]
+            await ok(server, "publish", {"topic": "audit", "payload": 1, "tenant": "acme"})
+            answer = await ok(server, "topics")
+            assert (answer["total"], answer["missing"]) == (2, [])
+            assert [(t["tenant"], t["topic"]) for t in answer["topics"]] == [
+                ("acme", "audit"),
+                ("default", "orders"),
+            ]
+            orders = answer["topics"][1]
+            assert orders["node"] == "node-t"
+            assert (orders["subscribers"], orders["seq"], orders["epoch"]) == (
+                1,
+                3,
+                position["epoch"],
+            )
+            assert (orders["history"], orders["published"], orders["delivered"]) == (3, 3, 3)
+            assert orders["dropped"] == 0
+            assert 0 <= orders["historyAge"] < TEST_TIMEOUT
+            only = await ok(server, "topics", {"filter": "ORD"})
+            assert [t["topic"] for t in only["topics"]] == ["orders"]
+            acme = await ok(server, "topics", {"tenant": "acme"})
+            assert [t["topic"] for t in acme["topics"]] == ["audit"]
+            by_seq = await ok(server, "topics", {"sort": "seq", "order": "desc", "limit": 1})
+            assert ([t["topic"] for t in by_seq["topics"]], by_seq["total"]) == (["orders"], 2)
+
+
+async def test_series_answers_the_node_rates_it_sampled() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(api_key=API_KEY, node_id="node-s") as server:
+            answer = await ok(server, "series")
+            assert answer["interval"] == 2.0
+            assert answer["missing"] == []
+            [node] = answer["nodes"]
+            assert node["node"] == "node-s"
+            assert isinstance(node["samples"], list)  # sampled every 2 s: maybe none yet
+            for sample in node["samples"]:
+                assert set(sample) == {
+                    "t", "published", "delivered", "dropped", "connections", "subscriptions"
+                }  # fmt: skip
+            later = await ok(server, "series", {"since": time.time() + 3600})
+            assert later["nodes"][0]["samples"] == []
+
+
 # --- the key ------------------------------------------------------------------------------
 
 #: A valid body per method, so that only the key decides the answer.
@@ -400,6 +547,9 @@ VALID_BODIES: dict[str, dict[str, Any]] = {
     "channels": {},
     "disconnect": {"user": "anyone"},
     "info": {},
+    "clients": {},
+    "topics": {},
+    "series": {},
 }
 
 
@@ -518,6 +668,21 @@ BAD_INPUT: list[tuple[str, bytes, int, str]] = [
     ("disconnect", orjson.dumps({"user": "u", "reason": "\u00e9" * 62}), 400, "invalid_field"),
     ("disconnect", b'{"user": "u", "reason": 1}', 400, "invalid_field"),
     ("info", b"[]", 400, "invalid_message"),
+    ("clients", b'{"limit": 0}', 400, "invalid_field"),
+    ("clients", b'{"limit": 501}', 400, "invalid_field"),
+    ("clients", b'{"offset": -1}', 400, "invalid_field"),
+    ("clients", b'{"offset": 10001}', 400, "invalid_field"),
+    ("clients", b'{"sort": "password"}', 400, "invalid_field"),
+    ("clients", b'{"sort": "topic"}', 400, "invalid_field"),
+    ("clients", b'{"order": "up"}', 400, "invalid_field"),
+    ("clients", b'{"filter": 5}', 400, "invalid_field"),
+    ("clients", orjson.dumps({"filter": "x" * 201}), 400, "invalid_field"),
+    ("clients", b'{"tenant": ""}', 400, "invalid_field"),
+    ("topics", b'{"sort": "client"}', 400, "invalid_field"),
+    ("topics", b'{"limit": 2.0}', 400, "invalid_field"),
+    ("series", b'{"since": -1}', 400, "invalid_field"),
+    ("series", b'{"since": "now"}', 400, "invalid_field"),
+    ("series", b'{"since": true}', 400, "invalid_field"),
     ("teleport", b"{}", 404, "not_found"),
     ("", b"{}", 404, "not_found"),
     ("publish/extra", b"{}", 404, "not_found"),
@@ -670,7 +835,10 @@ async def test_the_openapi_document_describes_every_method_the_server_answers() 
             assert set(document["paths"]) == {f"/api/{name}" for name in METHODS}
             for name, path in document["paths"].items():
                 assert set(path) == {"post"}, name
-                assert path["post"]["security"] == [{"apikey": []}]
+                assert path["post"]["security"] == [
+                    {"apikey": []},
+                    {"console_session": [], "console_csrf": []},
+                ]
                 assert {"200", "400", "401", "403"} <= set(path["post"]["responses"])
             scheme = document["components"]["securitySchemes"]["apikey"]
             assert (scheme["in"], scheme["name"]) == ("header", "Authorization")

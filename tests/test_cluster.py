@@ -25,8 +25,8 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, WebSocketConnection, connect_websocket_url
 
-from .conftest import call, send, subscribe
-from .redis_fixture import Node, Nodes, RedisServer, eventually, free_port
+from .conftest import call, http_request, send, subscribe
+from .redis_fixture import API_KEY, Node, Nodes, RedisServer, eventually, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -423,6 +423,60 @@ async def test_presence_channels_and_info_answer_for_the_whole_cluster(
                 "room": 2,
                 "lobby": 1,
             }
+            nursery.cancel_scope.cancel()
+
+
+async def test_clients_topics_series_and_the_console_session_span_the_cluster(
+    tidings_nodes: Nodes,
+) -> None:
+    """What the console reads and does, asked of one node, is about every node."""
+    with trio.fail_after(30):
+        a, b = await start_nodes(tidings_nodes, ["a", "b"], "--jwt-secret", JWT_SECRET)
+        async with trio.open_nursery() as nursery:
+            alice = await connect_websocket_url(nursery, f"{a.url}?token={token('alice')}")
+            bob = await connect_websocket_url(nursery, f"{b.url}?token={token('bob')}")
+            carol = await connect_websocket_url(nursery, f"{b.url}?token={token('carol')}")
+            for ws in (alice, bob, carol):
+                await subscribe(ws, "room")
+            await subscribe(carol, "lobby")
+
+            for node in (a, b):
+                clients = await node.call("clients", sort="user")
+                assert clients["total"] == 3, (node.name, clients)
+                assert [(c["user"], c["node"]) for c in clients["clients"]] == [
+                    ("alice", "a"),
+                    ("bob", "b"),
+                    ("carol", "b"),
+                ]
+                page = await node.call("clients", sort="user", order="desc", limit=1, offset=1)
+                assert [c["user"] for c in page["clients"]] == ["bob"]
+                assert (page["total"], page["missing"]) == (3, [])
+                only = await node.call("clients", filter="lobby")
+                assert [c["user"] for c in only["clients"]] == ["carol"]
+
+                topics = await node.call("topics")
+                held = sorted((t["node"], t["topic"], t["subscribers"]) for t in topics["topics"])
+                assert held == [("a", "room", 1), ("b", "lobby", 1), ("b", "room", 2)]
+
+                series = await node.call("series")
+                assert sorted(n["node"] for n in series["nodes"]) == ["a", "b"]
+
+            # A console session opened on one node is good on the other (they share the
+            # key), and logging out on one ends it on both.
+            status, headers, body = await http_request(
+                a.port, "POST", "/console/login", orjson.dumps({"key": API_KEY})
+            )
+            assert status == 200, body
+            cookie = headers["set-cookie"].split(";", 1)[0]
+            csrf = orjson.loads(body)["csrf"]
+            sent = f"Cookie: {cookie}\r\nX-CSRF-Token: {csrf}\r\n"
+            status, _, body = await http_request(b.port, "POST", "/api/clients", b"{}", sent)
+            assert (status, orjson.loads(body)["total"]) == (200, 3)
+            status, _, _ = await http_request(a.port, "POST", "/console/logout", b"", sent)
+            assert status == 200
+            for node in (a, b):
+                status, _, _ = await http_request(node.port, "POST", "/api/info", b"{}", sent)
+                assert status == 401, node.name
             nursery.cancel_scope.cancel()
 
 

@@ -72,5 +72,23 @@ async def test_routes_cannot_take_the_paths_tidings_answers() -> None:
                 server.http_route(path)(_nothing)
 
 
+async def test_routes_cannot_take_the_console_while_it_serves() -> None:
+    async with running_server(listen=False, api_key="k") as server:
+        for path in ("/console", "/console/", "/console/login"):
+            with pytest.raises(ValueError, match="console"):
+                server.http_route(path)(_nothing)
+        server.http_route("/consoles")(_nothing)  # only its own path and what is under it
+    # Off (no api_key), the console leaves its path to the application.
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(api_key=None) as server:
+
+            @server.http_route("/console", methods=("GET",))
+            async def own(request: HttpRequest) -> Any:
+                return {"mine": True}
+
+            status, _, body = await http_request(server.port, "GET", "/console")
+            assert (status, orjson.loads(body)) == (200, {"mine": True})
+
+
 async def _nothing(request: HttpRequest) -> Any:
     return None

@@ -150,6 +150,8 @@ async def _serve(config: Config) -> None:
             http = server.url.replace("ws://", "http://", 1).removesuffix(config.ws_path)
             print(f"tidings {__version__} listening on {server.url}", flush=True)
             print(f"  health: {http}/health", flush=True)
+            if config.console_path and config.api_key:
+                print(f"  console: {http}{config.console_path}/", flush=True)
             if config.demo:
                 print(
                     "  demo: publishing to 'deploys' and 'functions'; "

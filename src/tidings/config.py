@@ -346,6 +346,15 @@ class Config:
     api_key: str | None = attrs.field(
         default=None, metadata=_help("key of the HTTP API (Authorization: apikey KEY); unset: off")
     )
+    console_path: str = attrs.field(
+        default="/console",
+        metadata=_help("path of the web console, served only with api_key; empty: not served"),
+    )
+    console_session_ttl: Seconds = attrs.field(
+        default=Seconds(8 * 3600.0),
+        converter=parse_duration,
+        metadata=_help("how long a console login lasts before the key is asked again"),
+    )
     allowed_origins: tuple[str, ...] = attrs.field(
         default=(),
         converter=tuple,
@@ -527,9 +536,11 @@ def _semantic_problems(config: Config) -> list[str]:
         "backplane_timeout",
         "backplane_max_lag",
         "rate_period",
+        "console_session_ttl",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
+    problems.extend(_console_path_problems(config))
     for name in (
         "rate_limit",
         "rate_burst",
@@ -572,6 +583,18 @@ def _semantic_problems(config: Config) -> list[str]:
             "read_timeout must be longer than ping_interval, or clients are closed before a ping"
         )
     return problems
+
+
+def _console_path_problems(config: Config) -> list[str]:
+    path = config.console_path
+    if not path:
+        return []
+    if not path.startswith("/") or path.endswith("/") or "?" in path or "#" in path:
+        return ["console_path must start with '/' and not end with it (or be empty: not served)"]
+    taken = {config.ws_path, config.centrifugo_path, "/health", "/metrics"}
+    if path in taken or path == "/api" or path.startswith("/api/"):
+        return [f"console_path {path!r} is taken by another endpoint"]
+    return []
 
 
 # --- parsing -----------------------------------------------------------------------

@@ -3,8 +3,8 @@
 The core (:class:`tidings.node.server.Server`) knows its broker, its
 connections and its transports. What sits above it is put together here, and
 only here: the Centrifugo endpoint, the application's endpoints, the HTTP side
-(``/health``, the server API, ``/metrics``, the application's routes) and the
-demo. ``open_server`` is the one way in, for the CLI and for applications::
+(``/health``, the server API, ``/metrics``, the web console, the application's
+routes) and the demo. ``open_server`` is the one way in, for the CLI and for applications::
 
     async with tidings.open_server(Config(port=8800)) as server:
         await server.publish("deploys", {"step": "build"})
@@ -22,6 +22,7 @@ from .connection.endpoint import Endpoint
 from .demo import run_demo
 from .endpoints.centrifugo import centrifugo_endpoint
 from .http.api import Api
+from .http.console import Console
 from .http.metrics import registry_for, render
 from .http.routes import HttpRoutes
 from .node.server import EndpointSource, Server
@@ -37,6 +38,10 @@ def assemble(config: Config, endpoints: Iterable[EndpointSource] = ()) -> Server
     endpoint, or a function of the server that makes one), which may replace
     either at their path.
     """
+    return _assemble(config, endpoints)[0]
+
+
+def _assemble(config: Config, endpoints: Iterable[EndpointSource]) -> tuple[Server, Api]:
     server = Server(config)
     if config.centrifugo_path:
         server.add_endpoint(centrifugo_endpoint(server, config.centrifugo_path))
@@ -44,13 +49,15 @@ def assemble(config: Config, endpoints: Iterable[EndpointSource] = ()) -> Server
         # A factory gets the server, so its handlers can publish through it.
         server.add_endpoint(endpoint if isinstance(endpoint, Endpoint) else endpoint(server))
     registry = registry_for(server)
+    api = Api(server)
     server.http = HttpRoutes(
         server.health,
         ws_path=server.accepts,
         metrics=(lambda: render(registry)) if config.metrics else None,
-        api=Api(server),
+        api=api,
+        console=Console(server, config.console_path) if config.console_path else None,
     )
-    return server
+    return server, api
 
 
 @asynccontextmanager
@@ -67,8 +74,10 @@ async def open_server(
     :attr:`Server.asgi_app` in another ASGI server. Leaving the block shuts
     down gracefully: clients are closed with 1001 after their queues drain.
     """
-    server = assemble(config or Config(), endpoints)
+    server, api = _assemble(config or Config(), endpoints)
     async with server.running(listen=listen) as nursery:
+        if server.config.api_key:  # the API's series: only a key can read it
+            nursery.start_soon(api.rates.run)
         if server.config.demo:
             nursery.start_soon(run_demo, server)
         yield server

@@ -26,10 +26,18 @@ from ..protocol.idempotency import idempotency_key_problem
 from ..protocol.messages import Event
 from ..protocol.native import presence_entry
 from ..protocol.topics import topic_problem
+from .inspect import CLIENT_SORTS, TOPIC_SORTS, merge_page, node_clients, node_topics
 from .openapi import openapi_document
+from .series import Series
 
 MAX_HISTORY_LIMIT: Final = 1000
 MAX_BROADCAST_TOPICS: Final = 1000
+#: ``clients`` and ``topics``: entries per page, and how deep pages may go. Each
+#: node sends the first ``offset + limit`` entries it has, so both bound the
+#: cost of a call; past that depth, narrow the list with ``filter``.
+MAX_PAGE_LIMIT: Final = 500
+MAX_PAGE_OFFSET: Final = 10_000
+MAX_FILTER: Final = 200
 
 
 Method = Callable[["Api", dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -38,9 +46,15 @@ Method = Callable[["Api", dict[str, Any]], Awaitable[dict[str, Any]]]
 class Api:
     """The API's methods, over one server."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, rates: Series | None = None) -> None:
         self.server = server
+        self.rates = rates or Series(server.statistics)
+        """The node's recent rates; :func:`tidings.server.open_server` runs its sampler."""
         self.document = orjson.dumps(openapi_document(__version__))
+        # What each node answers when the node called asks the whole cluster.
+        server.answer("clients", lambda body: node_clients(server, body))
+        server.answer("topics", lambda body: node_topics(server, body))
+        server.answer("series", self._node_series)
 
     def check_key(self, authorization: str | None) -> None:
         """Raises HttpError unless the request carries the configured key."""
@@ -182,7 +196,66 @@ class Api:
             }
         return answer
 
+    async def clients(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._page(body, "clients", CLIENT_SORTS)
+
+    async def topics(self, body: dict[str, Any]) -> dict[str, Any]:
+        return await self._page(body, "topics", TOPIC_SORTS)
+
+    async def series(self, body: dict[str, Any]) -> dict[str, Any]:
+        since = body.get("since")
+        if since is None:
+            since = 0
+        if type(since) not in (int, float) or since < 0:
+            raise _invalid("since", "must be a number of seconds since the epoch, at least 0")
+        answers, missing = await self.server.ask("series", {"since": since})
+        nodes = [
+            {"node": node, "samples": samples}
+            for node, samples in sorted(answers.items())
+            if isinstance(samples, list)
+        ]
+        return {"interval": self.rates.interval, "nodes": nodes, "missing": missing}
+
     # --- helpers -------------------------------------------------------------------
+
+    async def _page(
+        self, body: dict[str, Any], kind: str, sorts: tuple[str, ...]
+    ) -> dict[str, Any]:
+        """``clients`` and ``topics``: one sorted, filtered page over every node."""
+        offset = _integer(body, "offset", default=0, minimum=0, maximum=MAX_PAGE_OFFSET)
+        limit = _integer(body, "limit", default=50, minimum=1, maximum=MAX_PAGE_LIMIT)
+        sort = body.get("sort")
+        if sort is None:
+            sort = sorts[0]
+        if sort not in sorts:
+            raise _invalid("sort", f"must be one of {', '.join(sorts)}")
+        order = body.get("order")
+        if order is None:
+            order = "asc"
+        if order not in ("asc", "desc"):
+            raise _invalid("order", "must be asc or desc")
+        text = body.get("filter")
+        if text is None:
+            text = ""
+        if not isinstance(text, str) or len(text) > MAX_FILTER:
+            raise _invalid("filter", f"must be a string of at most {MAX_FILTER} characters")
+        # Unlike the other methods, no tenant means every tenant: this is the
+        # operator's view of the node.
+        tenant = None if body.get("tenant") is None else self._tenant(body)
+        question = {
+            "filter": text,
+            "tenant": tenant,
+            "sort": sort,
+            "order": order,
+            "top": offset + limit,
+        }
+        answers, missing = await self.server.ask(kind, question)
+        total, entries = merge_page(answers.values(), kind, question, offset, limit)
+        return {"total": total, "offset": offset, "limit": limit, kind: entries, "missing": missing}
+
+    def _node_series(self, body: dict[str, Any]) -> list[dict[str, Any]]:
+        since = body.get("since")
+        return self.rates.since(since if isinstance(since, int | float) else 0)
 
     async def _publish(self, topic: str, payload: Any, tenant: str, key: str | None) -> Any:
         try:
@@ -210,6 +283,9 @@ METHODS: Final[dict[str, Method]] = {
     "channels": Api.channels,
     "disconnect": Api.disconnect,
     "info": Api.info,
+    "clients": Api.clients,
+    "topics": Api.topics,
+    "series": Api.series,
 }
 
 

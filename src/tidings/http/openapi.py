@@ -6,7 +6,13 @@ Written by hand next to ``api.py`` and checked against the running server by
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
+
+from .inspect import CLIENT_SORTS, TOPIC_SORTS
+
+#: The console's session: its cookie, and the header that must come with it.
+SESSION_COOKIE: Final = "tidings_console"
+CSRF_HEADER: Final = "X-CSRF-Token"
 
 #: No control characters. The server's rule is Python's ``str.isprintable()``,
 #: which also refuses format, separator (except the space), private-use and
@@ -85,11 +91,130 @@ CLIENT = {
     },
 }
 
+SAMPLE = {
+    "type": "object",
+    "required": ["t", "published", "delivered", "dropped", "connections", "subscriptions"],
+    "properties": {
+        "t": {"type": "number", "description": "When it was taken, seconds since the epoch."},
+        "published": {"type": "number", "description": "Events sequenced per second."},
+        "delivered": {"type": "number", "description": "Deliveries per second."},
+        "dropped": {"type": "number", "description": "Drops per second."},
+        "connections": {"type": "integer"},
+        "subscriptions": {"type": "integer"},
+    },
+}
+
 POSITION = {
     "type": "object",
     "required": ["topic", "seq", "epoch"],
     "properties": {"topic": {"type": "string"}, "seq": SEQ, "epoch": EPOCH},
 }
+
+
+#: ``clients`` and ``topics``: the paging fields, and the answer's frame.
+def _paging(sorts: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "filter": {
+            "type": "string",
+            "maxLength": 200,
+            "description": "Only entries containing this text (case-insensitive).",
+        },
+        "tenant": {
+            **TENANT,
+            "description": "Only this tenant's entries; every tenant if omitted."
+            f" 1 to 128 {PRINTABLE_RULE} (`invalid_field` otherwise).",
+        },
+        "sort": {"enum": list(sorts), "default": sorts[0], "description": "The field to sort by."},
+        "order": {"enum": ["asc", "desc"], "default": "asc"},
+        "offset": {
+            "type": "integer",
+            "minimum": 0,
+            "maximum": 10000,
+            "default": 0,
+            "description": f"Entries to skip. {INTEGER_RULE}",
+        },
+        "limit": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": 500,
+            "default": 50,
+            "description": f"Entries to return at most. {INTEGER_RULE}",
+        },
+    }
+
+
+def _page(kind: str, entry: dict[str, Any]) -> dict[str, Any]:
+    return _obj(
+        ["total", "offset", "limit", kind, "missing"],
+        {
+            "total": {"type": "integer", "minimum": 0, "description": "Entries that match."},
+            "offset": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+            kind: {"type": "array", "items": entry},
+            "missing": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "Nodes that did not answer in time (their entries are absent).",
+            },
+        },
+    )
+
+
+COUNT = {"type": "integer", "minimum": 0}
+
+CLIENT_ENTRY = {
+    "type": "object",
+    "required": [
+        "client", "node", "user", "tenant", "remote", "dialect", "path", "connectedAt",
+        "subscriptions", "topics", "queued", "peakQueued", "queuedBytes", "dropped",
+    ],
+    "properties": {
+        "client": {"type": "string", "description": "The connection's id (for `disconnect`)."},
+        "node": {"type": "string", "description": "The node it is connected to."},
+        "user": {"type": ["string", "null"]},
+        "tenant": {"type": "string"},
+        "remote": {"type": "string", "description": "The peer's address, `host:port`."},
+        "dialect": {"type": "string", "description": "`native`, `centrifugo`, ..."},
+        "path": {"type": "string", "description": "The WebSocket path it connected to."},
+        "connectedAt": {"type": "string", "description": "RFC 3339 UTC."},
+        "subscriptions": COUNT,
+        "topics": {
+            "type": "array",
+            "items": {"type": "string"},
+            "maxItems": 20,
+            "description": "Its topics, sorted: the first 20.",
+        },
+        "queued": {**COUNT, "description": "Messages in its outbox now."},
+        "peakQueued": {**COUNT, "description": "The most its outbox ever held."},
+        "queuedBytes": {**COUNT, "description": "Bytes its outbox holds now (or in flight)."},
+        "dropped": {**COUNT, "description": "Events dropped because its outbox was full."},
+    },
+}  # fmt: skip
+
+TOPIC_ENTRY = {
+    "type": "object",
+    "required": [
+        "topic", "tenant", "node", "subscribers", "seq", "epoch", "history", "historyAge",
+        "published", "delivered", "dropped",
+    ],
+    "properties": {
+        "topic": {"type": "string"},
+        "tenant": {"type": "string"},
+        "node": {"type": "string", "description": "The node holding this copy of the topic."},
+        "subscribers": COUNT,
+        "seq": SEQ,
+        "epoch": EPOCH,
+        "history": {**COUNT, "description": "Events the node's history holds."},
+        "historyAge": {
+            "type": ["number", "null"],
+            "minimum": 0,
+            "description": "Seconds since the oldest of them; null when history is empty.",
+        },
+        "published": {**COUNT, "description": "Events the node sequenced or applied."},
+        "delivered": {**COUNT, "description": "Events queued for a subscriber."},
+        "dropped": {**COUNT, "description": "Events dropped for a full outbox."},
+    },
+}  # fmt: skip
 
 
 def _obj(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
@@ -304,13 +429,59 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
             },
         ),
     ),
+    "clients": (
+        "The WebSocket clients of every node, filtered, sorted and one page at a time, with"
+        " each connection's outbox statistics.",
+        _request([], _paging(CLIENT_SORTS)),
+        _page("clients", CLIENT_ENTRY),
+    ),
+    "topics": (
+        "The topics every node holds, filtered, sorted and one page at a time, with their"
+        " counters.",
+        _request([], _paging(TOPIC_SORTS)),
+        _page("topics", TOPIC_ENTRY),
+    ),
+    "series": (
+        "Every node's rates over the last minutes: one sample per `interval` seconds.",
+        _request(
+            [],
+            {
+                "since": {
+                    "type": "number",
+                    "minimum": 0,
+                    "default": 0,
+                    "description": "Only samples taken after this time (seconds since the epoch).",
+                }
+            },
+        ),
+        _obj(
+            ["interval", "nodes", "missing"],
+            {
+                "interval": {"type": "number", "description": "Seconds between samples."},
+                "nodes": {
+                    "type": "array",
+                    "items": _obj(
+                        ["node", "samples"],
+                        {
+                            "node": {"type": "string"},
+                            "samples": {"type": "array", "items": SAMPLE},
+                        },
+                    ),
+                },
+                "missing": {"type": "array", "items": {"type": "string"}},
+            },
+        ),
+    ),
 }
 
 ERRORS = {
     "400": "A field is missing or wrong (`missing_field`, `invalid_field`, `invalid_topic`, "
     "`invalid_json`, `unknown_namespace`, ...).",
-    "401": "No `Authorization: apikey KEY`, or the wrong key (`unauthorized`).",
-    "403": "The API is off: no key is configured (`api_disabled`).",
+    "401": "No `Authorization: apikey KEY`, or the wrong key, or an expired console session"
+    " (`unauthorized`).",
+    "403": "The API is off: no key is configured (`api_disabled`); or a call with the"
+    " console's session cookie came without its CSRF token, or from another site"
+    " (`csrf_failed`).",
     "413": "The body is larger than 1 MiB.",
     "503": "The node holds its limit of topics (`too_many_topics`), or its cluster backplane"
     " cannot be reached (`unavailable`): nothing was done, retry later; or the backplane did not"
@@ -321,6 +492,13 @@ PUBLISH_ERRORS = {
     "409": "The `idempotency_key` was used within the window with another payload"
     " (`idempotency_conflict`); nothing was published.",
 }
+
+
+#: Either the key, or the console's session cookie with its CSRF token.
+SECURITY: Final[list[dict[str, list[str]]]] = [
+    {"apikey": []},
+    {"console_session": [], "console_csrf": []},
+]
 
 
 def openapi_document(version: str) -> dict[str, Any]:
@@ -334,7 +512,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "post": {
                 "operationId": name,
                 "summary": summary,
-                "security": [{"apikey": []}],
+                "security": SECURITY,
                 "requestBody": {
                     # An empty body is taken as {}: optional where nothing is required.
                     "required": bool(request.get("required") or request.get("oneOf")),
@@ -360,10 +538,12 @@ def openapi_document(version: str) -> dict[str, Any]:
             "title": "tidings server API",
             "version": version,
             "description": (
-                "Publish, read history and presence, list channels and disconnect clients of a "
-                "tidings node. Every call is POST with a JSON object; errors carry the stable "
+                "Publish, read history and presence, list channels, clients and topics, read "
+                "rates, and disconnect clients of a tidings node (of every node, under a Redis "
+                "backplane). Every call is POST with a JSON object; errors carry the stable "
                 "codes of the WebSocket protocol. An optional field that is null counts as left "
-                "out."
+                "out. Authenticated by the API key, or by the web console's session cookie with "
+                "its CSRF token."
             ),
         },
         "paths": paths,
@@ -375,7 +555,19 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "in": "header",
                     "name": "Authorization",
                     "description": "`apikey KEY`, KEY being the configured api_key.",
-                }
+                },
+                "console_session": {
+                    "type": "apiKey",
+                    "in": "cookie",
+                    "name": SESSION_COOKIE,
+                    "description": "The session cookie the console's login sets (docs/console.md).",
+                },
+                "console_csrf": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": CSRF_HEADER,
+                    "description": "The session's CSRF token; required with the session cookie.",
+                },
             },
         },
     }

@@ -111,6 +111,8 @@ class Server:
                 config.idempotency_max_bytes,
             ),
         )
+        self._questions: dict[str, Callable[[dict[str, Any]], Any]] = {}
+        """Cluster-wide questions added by :meth:`answer`, by name."""
         self.backplane: RedisBackplane | None = None
         """The Redis backplane, when ``config.backplane`` names one."""
         if config.backplane != "memory":
@@ -367,6 +369,11 @@ class Server:
         connection = self._connections.get(client_id)
         return None if connection is None else connection.statistics()
 
+    def client_topics(self, client_id: str) -> list[str] | None:
+        """The topics a client is subscribed to now, sorted (None: no such client)."""
+        connection = self._connections.get(client_id)
+        return None if connection is None else sorted(connection.subscriber.topics)
+
     def disconnect(self, client_id: str, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
         """Close one client's connection with ``code``; False if no such client."""
         connection = self._connections.get(client_id)
@@ -456,6 +463,27 @@ class Server:
         answers, _missing = await self.backplane.ask("disconnect", body)
         return sum(int(count or 0) for count in answers.values())
 
+    def answer(self, op: str, handler: Callable[[dict[str, Any]], Any]) -> None:
+        """Answer the cluster-wide question ``op`` on this node with ``handler(body)``.
+
+        The handler runs on every node that is asked (this one included) and
+        returns a JSON-serializable value; :meth:`ask` gathers them. The
+        questions the core answers itself cannot be replaced.
+
+        Raises:
+            ValueError: ``op`` is one of the core's questions.
+        """
+        if op in _CORE_QUESTIONS:
+            raise ValueError(f"{op!r} is answered by the core")
+        self._questions[op] = handler
+
+    async def ask(self, op: str, body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """Ask every node ``op`` (see :meth:`answer`): the answers by node id, and the
+        nodes that did not answer in time. Without a backplane, this node alone."""
+        if self.backplane is None:
+            return {self.node_id: self._answer(op, body)}, []
+        return await self.backplane.ask(op, body)
+
     async def nodes(self) -> list[dict[str, Any]]:
         """Every live node's id and counters (this node alone without a backplane)."""
         if self.backplane is None:
@@ -464,6 +492,9 @@ class Server:
 
     def _answer(self, op: str, body: dict[str, Any]) -> Any:
         """This node's part of a cluster-wide question."""
+        added = self._questions.get(op)
+        if added is not None:
+            return added(body)
         tenant = str(body.get("tenant") or self.config.default_tenant)
         if op == "presence":
             return [
@@ -765,6 +796,9 @@ class Server:
             task_status=task_status,
         )
 
+
+#: The cluster-wide questions :meth:`Server._answer` answers itself.
+_CORE_QUESTIONS: Final = frozenset({"presence", "channels", "disconnect"})
 
 #: Close codes a client's own close frame is counted under; others become 0.
 _CLIENT_CODES: Final = frozenset({1000, 1001, 1002, 1005, 1006, 1007, 1008, 1009, 1011})
