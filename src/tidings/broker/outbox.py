@@ -117,6 +117,7 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
         "_room_waiter",
         "_size",
         "capacity",
+        "close_grace",
         "closing",
         "dropped",
         "lossless",
@@ -125,6 +126,7 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
         "policy",
         "receiver",
         "since",
+        "writing",
     )
 
     def __init__(
@@ -164,6 +166,12 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
         """The receive side (the writer's end)."""
         self.since = 0.0
         """``trio.current_time()`` when the oldest item now queued was queued."""
+        self.writing: trio.CancelScope | None = None
+        """The scope of a write the consumer is waiting on (a stalled socket)."""
+        self.close_grace = 2.0
+        """Seconds such a write still gets once the outbox closes without flushing:
+        long enough for a close frame behind it, short enough for a client that
+        stopped reading."""
 
     def __len__(self) -> int:
         return len(self._items) + (self._pong is not None)
@@ -318,6 +326,9 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
             self._items.clear()
             self._live = self._replays = self._queued = 0
             self._pong = None
+            writing = self.writing
+            if writing is not None:
+                writing.deadline = min(writing.deadline, trio.current_time() + self.close_grace)
         self._wake_consumer()
         self._wake_room_waiter()
 

@@ -176,6 +176,7 @@ class Connection(Commands):
         )
         if endpoint is not None and endpoint.lossless:
             self.outbox.lossless = True
+        self.outbox.close_grace = limits.close_timeout
         self._frame = transport.framer(dialect.text)
         self.subscriber = Subscriber(
             self.outbox,

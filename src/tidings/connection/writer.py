@@ -76,7 +76,7 @@ async def run_writer(connection: Writable) -> None:
             queued_at = outbox.since
             rest = transport.try_send(batch)
             if rest is not None:
-                await transport.send_rest(rest, write_timeout=stall)
+                await _send_rest(outbox, transport, rest, stall)
             receiver.release()
             delays.observe(trio.current_time() - queued_at)
             if connection.tracks_positions:
@@ -91,14 +91,42 @@ async def run_writer(connection: Writable) -> None:
         code, reason = lifecycle.close_frame
         rest = transport.try_send([transport.frame_control(CloseFrame(code, reason))])
         if rest is not None:
-            await transport.send_rest(rest, write_timeout=min(stall, limits.close_timeout))
+            await _send_rest(outbox, transport, rest, min(stall, limits.close_timeout))
         lifecycle.close_sent()
         if lifecycle.awaits_peer:
             with trio.move_on_after(limits.close_timeout):
                 await connection.wait_peer_closed()
             lifecycle.close_timed_out()
     except WriteTimeout:
+        _decided(connection)
         lifecycle.lost("write timeout", "server")
     except ConnectionLost:
+        _decided(connection)
         lifecycle.lost("connection lost", "client")
     connection.end()
+
+
+async def _send_rest(
+    outbox: Outbox[Outgoing], transport: Transport, rest: object, stall: float
+) -> None:
+    """Wait for the socket to take ``rest``; the outbox may cut the wait short.
+
+    When the outbox closes without flushing while the client takes nothing
+    (an overflow under the ``disconnect`` policy), the write gets
+    ``close_grace`` more, then the connection is dropped.
+    """
+    with trio.CancelScope() as writing:
+        outbox.writing = writing
+        try:
+            await transport.send_rest(rest, write_timeout=stall)
+        finally:
+            outbox.writing = None
+    if writing.cancelled_caught:
+        raise WriteTimeout
+
+
+def _decided(connection: Writable) -> None:
+    """A close the outbox was asked for is how it ended, even if its frame could not go out."""
+    closing = connection.outbox.closing
+    if closing is not None:
+        connection.lifecycle.close(closing.code, closing.reason, flush=closing.flush)

@@ -64,6 +64,12 @@ CONNECTION_TASK: Final = "tidings.transport.connection"
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF: Final = 0.1
 OVERLOAD_LOG_INTERVAL: Final = 10.0
+#: Frames handled in one go before other tasks get a turn (a read can hold
+#: thousands of tiny ones).
+FRAMES_PER_TURN: Final = 256
+#: Fragments one message may arrive in (frames of a large message as it
+#: arrives count too): no client needs more; a flood of tiny ones is an attack.
+MAX_FRAGMENTS: Final = 4096
 MAX_REQUEST_HEAD: Final = 16 * 1024
 MAX_REQUEST_BODY: Final = 1024 * 1024
 MAX_REQUESTS_PER_CONNECTION: Final = 100
@@ -148,6 +154,7 @@ class WebSocketStream:
         "_budget",
         "_closed",
         "_fd",
+        "_fragments",
         "_frames",
         "_partial",
         "_partial_text",
@@ -184,6 +191,7 @@ class WebSocketStream:
         # Python object per fragment (2-byte fragments cost 30x their size so).
         self._partial: bytearray | None = None
         self._partial_text = False
+        self._fragments = 0
         self._budget = partial_budget or _NO_BUDGET
         self._skipping = False
         self._closed = False
@@ -191,8 +199,12 @@ class WebSocketStream:
     async def receive(self) -> str | bytes | PingFrame:
         frames = self._frames
         while True:
+            handled = 0
             try:
                 for frame in frames.received_frames():
+                    handled += 1
+                    if handled > FRAMES_PER_TURN:
+                        break  # a read of tiny frames: let others run before the rest
                     opcode = frame.opcode
                     if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
                         message = self._assemble(frame.payload, frame.message_finished)
@@ -208,6 +220,9 @@ class WebSocketStream:
                 if exc.code == INVALID_UTF8:
                     raise ProtocolViolation(exc.code, "text frame is not UTF-8") from None
                 raise ProtocolViolation(exc.code, str(exc) or "protocol error") from None
+            if handled > FRAMES_PER_TURN:
+                await trio.lowlevel.checkpoint()
+                continue
             # Straight to the socket, not through SocketStream.receive_some:
             # fewer frames on the stack of every idle connection.
             try:
@@ -241,6 +256,11 @@ class WebSocketStream:
                 return data  # type: ignore[no-any-return]
             partial = self._partial = bytearray()
             self._partial_text = isinstance(data, str)
+            self._fragments = 0
+        self._fragments += 1
+        if self._fragments > MAX_FRAGMENTS:
+            self._drop_partial(finished)
+            raise MessageTooBig(f"a message of more than {MAX_FRAGMENTS} fragments")
         chunk = data.encode() if isinstance(data, str) else data
         if len(partial) + len(chunk) > self.max_message_size:
             self._drop_partial(finished)
