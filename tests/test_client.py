@@ -100,13 +100,12 @@ async def test_a_resume_from_beyond_the_topic_carries_on_with_its_next_events() 
         async with running_server() as server:
             for n in range(3):
                 await server.publish("t", n)
-            async with connect(server.url) as client:
-                async with client.subscribe("t", since=99) as events:
-                    assert events.recovered is False
-                    assert events.answer["seq"] == 3
-                    await server.publish("t", "next")
-                    event = await events.__anext__()
-                    assert (event.seq, event.payload) == (4, "next")
+            async with connect(server.url) as client, client.subscribe("t", since=99) as events:
+                assert events.recovered is False
+                assert events.answer["seq"] == 3
+                await server.publish("t", "next")
+                event = await events.__anext__()
+                assert (event.seq, event.payload) == (4, "next")
 
 
 async def test_a_refused_connection_says_the_status_and_the_servers_reason() -> None:
