@@ -13,6 +13,7 @@ import errno
 import gc
 import heapq
 import logging
+import math
 import os
 import signal
 import socket
@@ -1005,7 +1006,7 @@ def _run_token_check(args: argparse.Namespace) -> int:
 
 def _human(seconds: float) -> str:
     """``59m59s``, ``1h``, ``2d3h``: a lifetime at a glance."""
-    left, parts = max(0, int(seconds)), list[str]()
+    left, parts = max(0, math.ceil(seconds)), list[str]()
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
         if left >= size or (unit == "s" and not parts):
             parts.append(f"{left // size}{unit}")
