@@ -35,8 +35,8 @@ from trio_websocket import ConnectionClosed, WebSocketConnection, open_websocket
 
 from tidings import Server
 from tidings._version import __version__
-from tidings.api import METHODS
-from tidings.openapi import ERRORS
+from tidings.http.api import METHODS
+from tidings.http.openapi import ERRORS
 from tidings.protocol.clock import rfc3339_now
 
 from .conftest import (

@@ -20,9 +20,8 @@ from typing import Any
 import pytest
 import trio
 
-from tidings import Config, Server, open_server
+from tidings import BrokerError, Config, Server, open_server
 from tidings.backplane.redis import PREFIX, topic_id
-from tidings.broker.broker import BrokerError
 from tidings.protocol.codes import CloseCode
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client

@@ -22,11 +22,9 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from tidings import Config, ErrorCode, Server, open_server
+from tidings import Config, ConfigError, ErrorCode, Server, Session, open_server
 from tidings.broker.outbox import Outbox, OverflowPolicy
-from tidings.centrifugo import centrifugo_endpoint, send_message, unsubscribe_client
-from tidings.config import ConfigError
-from tidings.endpoint import Session
+from tidings.endpoints.centrifugo import centrifugo_endpoint, send_message, unsubscribe_client
 from tidings.protocol import centrifugo as wire
 from tidings.protocol.messages import AppMessage, ClientInfo, Error, Event, PresenceChange
 

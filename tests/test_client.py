@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from tidings import CloseCode, RequestContext
+from tidings import CloseCode, Endpoint, RequestContext, Session
 from tidings.client import ConnectionRejectedError, TidingsError, connect
-from tidings.endpoint import Endpoint, Session
 from tidings.protocol.json_dialect import JsonDialect
 from tidings.protocol.messages import AppMessage
 

@@ -9,10 +9,9 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
 
-from tidings import Config, open_server
+from tidings import Config, Endpoint, Session, open_server
 from tidings.app import CloseInfo, RequestError
 from tidings.auth import AuthError, Identity
-from tidings.endpoint import Endpoint, Session
 from tidings.protocol.json_dialect import JsonDialect
 from tidings.protocol.messages import AppMessage
 from tidings.transport.base import UpgradeRequest

@@ -22,8 +22,7 @@ import trio
 from trio_websocket import ConnectionRejected, WebSocketConnection, open_websocket_url
 
 from examples.norn.app import STEPS, make_config, running
-from tidings import OverflowPolicy
-from tidings.endpoint import Endpoint, Session
+from tidings import Endpoint, OverflowPolicy, Session
 
 from .conftest import TEST_TIMEOUT, Disconnects
 from .rawws import RawWebSocket

@@ -17,7 +17,7 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed, open_websocket_url
 
-from tidings.endpoint import Endpoint
+from tidings import Endpoint
 from tidings.protocol.json_dialect import JsonDialect
 
 from .conftest import TEST_TIMEOUT, running_server, subscribe, ws_client

@@ -8,7 +8,7 @@ import orjson
 import pytest
 import trio
 
-from tidings.web import HttpError, HttpRequest
+from tidings import HttpError, HttpRequest
 
 from .conftest import TEST_TIMEOUT, http_request, running_server, subscribe, ws_client
 

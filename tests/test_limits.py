@@ -20,7 +20,8 @@ import trio
 from trio_websocket import ConnectionRejected, open_websocket_url
 
 from tidings import CloseCode, Config, ConfigError, ErrorCode, Server, open_server
-from tidings.ratelimit import TokenBucket
+from tidings.connection.limits import ConnectionLimits
+from tidings.connection.ratelimit import TokenBucket
 
 from .conftest import (
     TEST_TIMEOUT,
@@ -226,7 +227,7 @@ def test_refused_messages_do_not_spend_tokens() -> None:
 
 
 def test_five_per_minute_is_expressible() -> None:
-    limits = Config(rate_limit=5, rate_period="60s").connection_limits
+    limits = ConnectionLimits.from_config(Config(rate_limit=5, rate_period="60s"))
     bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now=0.0)
     assert [bucket.take(0.0) for _ in range(6)] == [True] * 5 + [False]
     assert not bucket.take(11.9)
@@ -236,12 +237,12 @@ def test_five_per_minute_is_expressible() -> None:
 
 
 def test_a_hundred_per_second_is_expressible() -> None:
-    limits = Config(rate_limit=100).connection_limits
+    limits = ConnectionLimits.from_config(Config(rate_limit=100))
     bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now=0.0)
     assert sum(bucket.take(0.0) for _ in range(150)) == 100
     assert sum(bucket.take(0.5) for _ in range(150)) == 50
     # A burst smaller than the rate.
-    limits = Config(rate_limit=100, rate_burst=10).connection_limits
+    limits = ConnectionLimits.from_config(Config(rate_limit=100, rate_burst=10))
     bucket = TokenBucket(limits.rate_limit, limits.rate_burst, now=0.0)
     assert sum(bucket.take(0.0) for _ in range(150)) == 10
     assert sum(bucket.take(0.05) for _ in range(150)) == 5
@@ -249,7 +250,7 @@ def test_a_hundred_per_second_is_expressible() -> None:
 
 def test_a_rate_period_of_zero_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="rate_period"):
-        Config(rate_limit=5, rate_period=0).connection_limits  # noqa: B018
+        ConnectionLimits.from_config(Config(rate_limit=5, rate_period=0))
 
 
 # --- rate limits: over the socket ----------------------------------------------------

@@ -18,11 +18,18 @@ from typing import Any
 
 import trio
 
-from tidings import Config, RequestError, Server, open_server
-from tidings.app import CloseInfo
-from tidings.endpoint import Endpoint, Session
-from tidings.protocol.json_dialect import JsonDialect
-from tidings.protocol.messages import AppMessage, Error
+from tidings import (
+    AppMessage,
+    CloseInfo,
+    Config,
+    Endpoint,
+    JsonDialect,
+    RequestError,
+    Server,
+    Session,
+    messages,
+    open_server,
+)
 
 MAX_BATCH = 50
 BROADCAST = "broadcast"  # the topic every client follows: telemetry, inbox, task streams
@@ -62,7 +69,7 @@ def frame(kind: str, data: Any = None) -> dict[str, Any]:
     return {"type": kind, "timestamp": now_ms()} | ({} if data is None else {"data": data})
 
 
-def error_frame(error: Error) -> dict[str, Any]:
+def error_frame(error: messages.Error) -> dict[str, Any]:
     return frame("error", {"code": str(error.code), "message": error.message})
 
 

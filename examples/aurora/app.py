@@ -22,13 +22,22 @@ from typing import Any
 import attrs
 import trio
 
-from tidings import Config, Position, RequestError, Server, open_server
-from tidings.app import CloseInfo
-from tidings.auth import AuthError, Identity
-from tidings.endpoint import Endpoint, Session
-from tidings.protocol.json_dialect import JsonDialect
-from tidings.protocol.messages import AppMessage, Error
-from tidings.transport.base import UpgradeRequest
+from tidings import (
+    AppMessage,
+    AuthError,
+    CloseInfo,
+    Config,
+    Endpoint,
+    Identity,
+    JsonDialect,
+    Position,
+    RequestError,
+    Server,
+    Session,
+    UpgradeRequest,
+    messages,
+    open_server,
+)
 
 LOGGER = logging.getLogger("aurora")
 RATE_LIMIT_TEXT = "Rate limit exceeded. Please wait and try again."
@@ -55,7 +64,7 @@ def kind_of(message: dict[str, Any]) -> str | None:
     return "query" if "query" in message else None
 
 
-def error_frame(error: Error) -> dict[str, Any]:
+def error_frame(error: messages.Error) -> dict[str, Any]:
     if error.code == "rate_limited":
         return {"type": "error", "data": {"text": RATE_LIMIT_TEXT}}
     return {"type": "error", "data": {"text": error.message, "code": error.code.upper()}}

@@ -20,11 +20,17 @@ from typing import Any
 import orjson
 import trio
 
-from tidings import Config, RequestContext, RequestError, Server, open_server
-from tidings.endpoint import Endpoint
-from tidings.protocol import messages as wire
-from tidings.protocol.codes import ErrorCode
-from tidings.protocol.native import NativeDialect
+from tidings import (
+    Config,
+    Endpoint,
+    ErrorCode,
+    NativeDialect,
+    RequestContext,
+    RequestError,
+    Server,
+    open_server,
+)
+from tidings import messages as wire
 
 TOPICS = ("personas", "cluster", "deployments", "events")
 Published = list[tuple[str, dict[str, Any]]]

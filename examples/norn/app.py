@@ -20,10 +20,17 @@ from typing import Any
 
 import trio
 
-from tidings import Config, RequestError, Server, open_server
-from tidings.endpoint import Endpoint, Session
-from tidings.protocol.json_dialect import JsonDialect
-from tidings.protocol.messages import AppMessage, Error
+from tidings import (
+    AppMessage,
+    Config,
+    Endpoint,
+    JsonDialect,
+    RequestError,
+    Server,
+    Session,
+    messages,
+    open_server,
+)
 
 TOPIC = "norn"
 STEPS = ("clone", "build", "test", "snapshot", "migrate", "submit", "healthy")
@@ -44,7 +51,7 @@ def make_config(port: int = 8800, env: Mapping[str, str] = os.environ, **overrid
     return Config(host="127.0.0.1", port=port, **{**settings, **overrides})
 
 
-def envelope_error(error: Error) -> dict[str, Any]:
+def envelope_error(error: messages.Error) -> dict[str, Any]:
     return {"type": "error", "appId": "", "payload": {"code": error.code, "message": error.message}}
 
 

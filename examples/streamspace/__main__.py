@@ -11,7 +11,7 @@ from typing import Any
 import attrs
 import trio
 
-from tidings import logs, open_server
+from tidings import configure_logging, open_server
 
 from .app import AgentNotConnected, Settings, StreamSpace, now
 
@@ -91,7 +91,7 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    logs.configure(args.log_level, "text")
+    configure_logging(args.log_level, "text")
     trio.run(serve, args)
 
 

@@ -19,13 +19,21 @@ import attrs
 import orjson
 import trio
 
-from tidings import CloseCode, CloseInfo, Config, Server
-from tidings.auth import Authenticator, AuthError, Identity
-from tidings.endpoint import Endpoint, Session
-from tidings.protocol.json_dialect import JsonDialect
-from tidings.protocol.messages import AppMessage
-from tidings.protocol.topics import topic_problem
-from tidings.transport.base import UpgradeRequest
+from tidings import (
+    AppMessage,
+    Authenticator,
+    AuthError,
+    CloseCode,
+    CloseInfo,
+    Config,
+    Endpoint,
+    Identity,
+    JsonDialect,
+    Server,
+    Session,
+    UpgradeRequest,
+    topic_problem,
+)
 
 LOGGER = logging.getLogger("streamspace")
 AGENTS = "_agents"

@@ -4,13 +4,18 @@ Backends publish events; tidings fans them out over WebSocket to every
 subscribed client, never waiting on a slow one. The public API is what this
 module exports; the layers under it, inside out:
 
-* ``protocol``  - the wire protocols, sans I/O (no trio, no sockets);
-* ``broker``    - topic state, history and fan-out, one task per node;
-* ``connection``- one client: reader, writer and pinger in a nursery;
-* ``transport`` - how bytes reach sockets (built-in server, ASGI);
-* ``endpoint``  - application protocols: a path, a dialect, handlers;
-* ``backplane`` - how nodes share topics (Redis);
-* ``server``    - composes them; ``cli`` and ``client`` sit outside.
+* ``protocol``   - the wire protocols, sans I/O (no trio, no sockets);
+* ``broker``     - topic state, history and fan-out, one task per node;
+* ``transport``  - how bytes reach sockets (built-in server, ASGI);
+* ``connection`` - one client: a nursery with its reader, writer and pinger;
+  the endpoints and sessions applications plug in;
+* ``backplane``  - how nodes share topics (Redis);
+* ``node``       - the core server: broker, connections, transports;
+* ``http``, ``endpoints`` - the HTTP API and metrics, Centrifugo's protocol;
+* ``server``     - the composition root (``open_server``);
+  ``cli``, ``client`` sit outside.
+
+``docs/architecture.md`` draws it.
 """
 
 from . import client as client
@@ -18,38 +23,57 @@ from ._version import __version__ as __version__
 from .app import ClientInfo as ClientInfo
 from .app import CloseInfo as CloseInfo
 from .app import RequestContext as RequestContext
-from .app import RequestError as RequestError
 from .app import RequestHandler as RequestHandler
-from .broker.broker import BrokerError as BrokerError
+from .auth import Authenticator as Authenticator
+from .auth import Identity as Identity
 from .broker.outbox import OverflowPolicy as OverflowPolicy
 from .broker.subscription import Subscription as Subscription
 from .config import Config as Config
-from .config import ConfigError as ConfigError
-from .endpoint import Endpoint as Endpoint
-from .endpoint import Session as Session
+from .connection.endpoint import Endpoint as Endpoint
+from .connection.session import Session as Session
+from .errors import AuthError as AuthError
+from .errors import BrokerError as BrokerError
+from .errors import ConfigError as ConfigError
+from .errors import HttpError as HttpError
+from .errors import RequestError as RequestError
+from .errors import TidingsError as TidingsError
+from .http.routes import HttpRequest as HttpRequest
+from .logs import configure as configure_logging
+from .node.server import Server as Server
+from .node.server import ServerStats as ServerStats
+from .protocol import messages as messages
 from .protocol.codes import CloseCode as CloseCode
 from .protocol.codes import ErrorCode as ErrorCode
+from .protocol.dialect import Dialect as Dialect
+from .protocol.json_dialect import JsonDialect as JsonDialect
+from .protocol.messages import AppMessage as AppMessage
 from .protocol.messages import Event as Event
 from .protocol.messages import Position as Position
-from .server import Server as Server
-from .server import ServerStats as ServerStats
+from .protocol.native import NativeDialect as NativeDialect
+from .protocol.topics import topic_problem as topic_problem
 from .server import open_server as open_server
 from .server import serve as serve
-from .web import HttpError as HttpError
-from .web import HttpRequest as HttpRequest
+from .transport.base import UpgradeRequest as UpgradeRequest
 
 __all__ = [
+    "AppMessage",
+    "AuthError",
+    "Authenticator",
     "BrokerError",
     "ClientInfo",
     "CloseCode",
     "CloseInfo",
     "Config",
     "ConfigError",
+    "Dialect",
     "Endpoint",
     "ErrorCode",
     "Event",
     "HttpError",
     "HttpRequest",
+    "Identity",
+    "JsonDialect",
+    "NativeDialect",
     "OverflowPolicy",
     "Position",
     "RequestContext",
@@ -59,8 +83,13 @@ __all__ = [
     "ServerStats",
     "Session",
     "Subscription",
+    "TidingsError",
+    "UpgradeRequest",
     "__version__",
     "client",
+    "configure_logging",
+    "messages",
     "open_server",
     "serve",
+    "topic_problem",
 ]

@@ -7,6 +7,7 @@ from typing import Any, TypeAlias
 
 import attrs
 
+from .errors import RequestError
 from .protocol.messages import ClientInfo
 
 __all__ = ["ClientInfo", "CloseInfo", "RequestContext", "RequestError", "RequestHandler"]
@@ -34,18 +35,6 @@ class RequestContext:
     payload: Any
     client: ClientInfo | None
     """None when the request did not come from a WebSocket client."""
-
-
-class RequestError(Exception):
-    """Raise from a request handler to answer with an ``error`` of your own code.
-
-    The client receives ``{"type": "error", "payload": {"code": code, "message": message}}``.
-    """
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 RequestHandler: TypeAlias = Callable[[RequestContext], Awaitable[Any]]

@@ -24,6 +24,7 @@ import attrs
 import jwt
 
 from .broker.namespaces import Namespace
+from .errors import AuthError
 from .protocol.topics import TopicFilter, topic_problem
 from .transport.base import UpgradeRequest
 
@@ -31,10 +32,6 @@ AuthMode = Literal["none", "token", "jwt"]
 MAX_TOKEN_LENGTH = 8192
 
 ALLOW_ALL = TopicFilter()
-
-
-class AuthError(Exception):
-    """The token was missing, invalid or expired; the message says which."""
 
 
 @attrs.frozen(slots=True)

@@ -36,14 +36,12 @@ from rich.markup import escape
 from . import client as tidings_client
 from . import logs
 from ._version import __version__
-from .auth import AuthError
 from .backplane.url import redacted
 from .config import (
     FIELDS,
     SECRETS,
     Bytes,
     Config,
-    ConfigError,
     Seconds,
     check,
     choices,
@@ -55,8 +53,10 @@ from .config import (
     unknown_environment,
     warnings,
 )
+from .errors import AuthError, ConfigError
+from .node.server import Server
 from .protocol.messages import Event
-from .server import Server, open_server
+from .server import open_server
 from .tokens import mint, verify
 
 LOGGER = logging.getLogger("tidings.cli")

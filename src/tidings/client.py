@@ -34,20 +34,22 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from .errors import RemoteError, TidingsError
 from .protocol.messages import Event, Position
+
+__all__ = [
+    "DEFAULT_URL",
+    "Client",
+    "ClientSubscription",
+    "ConnectionLostError",
+    "RemoteError",
+    "TidingsError",
+    "connect",
+]
 
 LOGGER = logging.getLogger("tidings.client")
 
 DEFAULT_URL = "ws://127.0.0.1:8800/ws"
-
-
-class TidingsError(Exception):
-    """The server answered a command with an ``error``."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
 
 
 class ConnectionLostError(ConnectionError):
@@ -337,7 +339,7 @@ class Client:
         assert pending.reply is not None
         if pending.reply.get("type") == "error":
             body = pending.reply.get("payload") or {}
-            raise TidingsError(str(body.get("code")), str(body.get("message")))
+            raise RemoteError(str(body.get("code")), str(body.get("message")))
         return pending.reply
 
     async def _run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

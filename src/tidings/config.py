@@ -20,7 +20,7 @@ import os
 import re
 import time
 import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin
@@ -32,7 +32,7 @@ from ._version import __version__
 from .backplane.url import parse_url as parse_backplane_url
 from .broker.namespaces import Namespace, Namespaces
 from .broker.outbox import OverflowPolicy
-from .connection import ConnectionLimits
+from .errors import ConfigError
 from .protocol.topics import TopicFilter
 
 Seconds = NewType("Seconds", float)
@@ -56,17 +56,6 @@ OTHER_VARIABLES: dict[str, str] = {
 SECRETS = ("token", "jwt_secret", "api_key")
 #: What ``tidings config show`` prints for a secret that is set.
 REDACTED = "***"
-
-
-class ConfigError(ValueError):
-    """The configuration is invalid; the message says which key and why.
-
-    ``problems`` holds each problem on its own; the message joins them.
-    """
-
-    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
-        super().__init__(message)
-        self.problems: tuple[str, ...] = tuple(problems) or (message,)
 
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
@@ -354,7 +343,7 @@ class Config:
     def __attrs_post_init__(self) -> None:
         problems = list(_semantic_problems(self))
         if problems:
-            raise ConfigError("; ".join(problems), problems)
+            raise ConfigError("; ".join(problems), problems=problems)
 
     @property
     def auth_mode(self) -> Literal["none", "token", "jwt"]:
@@ -392,23 +381,6 @@ class Config:
             )
         return Namespaces(default, named, allow_unknown=self.allow_unknown_namespaces)
 
-    @property
-    def connection_limits(self) -> ConnectionLimits:
-        return ConnectionLimits(
-            ping_interval=self.ping_interval,
-            read_timeout=self.read_timeout,
-            write_timeout=self.write_timeout,
-            close_timeout=self.close_timeout,
-            outbox_size=self.outbox_size,
-            overflow_policy=self.overflow_policy,
-            max_subscriptions=self.max_subscriptions,
-            max_pending_requests=self.max_pending_requests,
-            request_timeout=self.request_timeout,
-            rate_limit=self.rate_limit / self.rate_period,
-            rate_burst=self.rate_burst or self.rate_limit,
-            rate_limit_violations=self.rate_limit_violations,
-        )
-
     @classmethod
     def load(
         cls,
@@ -429,7 +401,7 @@ class Config:
         layers = _Layers.gather(path, os.environ if env is None else env, overrides or {})
         config = layers.build()
         if layers.problems:
-            raise ConfigError("; ".join(layers.problems), layers.problems)
+            raise ConfigError("; ".join(layers.problems), problems=layers.problems)
         assert config is not None
         return config
 
@@ -625,7 +597,7 @@ def structure(values: Mapping[str, Any], sources: Mapping[str, str] | None = Non
             group = cattrs.ClassValidationError(str(exc), rest, Config)
             messages = cattrs.transform_error(group, path="config", format_exception=_describe)
             problems.extend(_readable(m, sources or {}) for m in messages)
-        raise ConfigError("; ".join(problems), problems) from None
+        raise ConfigError("; ".join(problems), problems=problems) from None
 
 
 def _describe(exc: BaseException, kind: Any) -> str:

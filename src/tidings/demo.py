@@ -12,14 +12,12 @@ from __future__ import annotations
 import logging
 import random
 import secrets
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import trio
 
 from .app import RequestContext
-
-if TYPE_CHECKING:
-    from .server import Server
+from .node.server import Server
 
 LOGGER = logging.getLogger("tidings.demo")
 

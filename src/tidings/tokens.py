@@ -14,8 +14,9 @@ from typing import Any
 
 import jwt
 
-from .auth import Authenticator, AuthError, Identity
-from .config import Config, ConfigError
+from .auth import Authenticator, Identity
+from .config import Config
+from .errors import AuthError, ConfigError
 
 
 def authenticator(config: Config) -> Authenticator:

@@ -40,7 +40,8 @@ import trio
 from coredis.connection import TCPLocation
 
 from ..broker.backplane import Publication
-from ..broker.broker import Broker, BrokerError, Delivery
+from ..broker.broker import Broker, Delivery
+from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import CloseCode, ErrorCode
 from ..protocol.messages import ClientInfo, Event, Position

@@ -30,6 +30,7 @@ import attrs
 import orjson
 import trio
 
+from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
 from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
@@ -50,15 +51,6 @@ MAX_BATCH: Final = 64
 
 Encoder = Callable[[Event], Any]
 """Turns an event into what a subscriber's outbox carries (a frame, or the event itself)."""
-
-
-class BrokerError(Exception):
-    """A command the broker refused, with the protocol's stable error code."""
-
-    def __init__(self, code: ErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 DEFAULT_TENANT: Final = "default"

@@ -15,7 +15,7 @@ send and expect over a WebSocket, checked against their source
 
 This module turns frames into :class:`~tidings.protocol.messages.AppMessage`
 values named by the command's method (the endpoint in
-:mod:`tidings.centrifugo` handles them) and builds every frame the server
+:mod:`tidings.endpoints.centrifugo` handles them) and builds every frame the server
 sends. A frame that breaks the protocol decodes to a message of kind
 :data:`BAD_REQUEST`, after the commands before it: the endpoint closes the
 connection with 3501, as Centrifugo does.

@@ -38,15 +38,15 @@ from typing import Any, TypeVar
 import attrs
 import trio
 
-from .app import ClientInfo, CloseInfo, RequestContext, RequestError, RequestHandler
-from .auth import Authenticator, AuthError, Identity, expired, may_publish
-from .broker.broker import DEFAULT_TENANT, Broker, BrokerError, Subscriber
-from .broker.namespaces import Namespaces
-from .broker.outbox import Flusher, Outbox, OverflowPolicy
-from .endpoint import Endpoint, Session, SessionSubscription
-from .protocol.codes import CloseCode, ErrorCode
-from .protocol.dialect import Dialect
-from .protocol.messages import (
+from ..app import ClientInfo, CloseInfo, RequestContext, RequestHandler
+from ..auth import Authenticator, Identity, expired, may_publish
+from ..broker.broker import DEFAULT_TENANT, Broker, Subscriber
+from ..broker.namespaces import Namespaces
+from ..broker.outbox import Flusher, Outbox
+from ..errors import AuthError, BrokerError, RequestError
+from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.dialect import Dialect
+from ..protocol.messages import (
     Ack,
     Acked,
     Answer,
@@ -70,10 +70,9 @@ from .protocol.messages import (
     Unsubscribe,
     Unsubscribed,
 )
-from .protocol.topics import topic_problem
-from .ratelimit import TokenBucket
-from .stats import NodeCounters
-from .transport.base import (
+from ..protocol.topics import topic_problem
+from ..stats import NodeCounters
+from ..transport.base import (
     CloseFrame,
     ConnectionLost,
     Framer,
@@ -88,6 +87,10 @@ from .transport.base import (
     WireMessage,
     WriteTimeout,
 )
+from .endpoint import Endpoint
+from .limits import ConnectionLimits
+from .ratelimit import TokenBucket
+from .session import Session, SessionSubscription
 
 LOGGER = logging.getLogger("tidings.connection")
 
@@ -107,26 +110,6 @@ def wire_encoder(encode: Callable[[M], bytes], frame: Framer) -> Callable[[M], O
         return frame(encode(message))
 
     return encode_and_frame
-
-
-@attrs.frozen(kw_only=True)
-class ConnectionLimits:
-    """The per-connection limits of :class:`~tidings.Config`."""
-
-    ping_interval: float = 30.0
-    read_timeout: float = 60.0
-    write_timeout: float = 10.0
-    close_timeout: float = 2.0
-    outbox_size: int = 256
-    overflow_policy: OverflowPolicy = OverflowPolicy.DROP
-    max_subscriptions: int = 1000
-    max_pending_requests: int = 16
-    request_timeout: float = 10.0
-    rate_limit: float = 0.0
-    """Messages per second a client may send; 0 is no limit."""
-    rate_burst: float = 0.0
-    rate_limit_violations: int = 10
-    """Messages over the limit before the connection is closed (4029); 0 never."""
 
 
 @attrs.frozen(slots=True)
@@ -745,6 +728,19 @@ class Connection:
         for event in result.replay:
             self.outbox.put(subscriber.encode(event))
         return SessionSubscription(topic, result.position, result.recovered, len(result.replay))
+
+    @property
+    def closing(self) -> bool:
+        """Whether the connection is closing or has ended (sends are ignored)."""
+        return self.outbox.closing is not None
+
+    async def publish_for_app(self, topic: str, payload: Any) -> Position:
+        """Publish in this client's tenant (see :meth:`Session.publish`)."""
+        return await self.broker.publish(topic, payload, tenant=self.identity.tenant)
+
+    def delivered_position(self, topic: str) -> Position | None:
+        """The last event of a tracked topic written to the socket."""
+        return self.delivered.get(topic)
 
     def permission_problem(self, action: str, topic: str) -> tuple[str, str] | None:
         problem = topic_problem(topic)

@@ -21,24 +21,23 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, TypeAlias
+from typing import Any, Final, TypeAlias
 
 import attrs
 import orjson
 
-from ._version import __version__
-from .app import RequestContext, RequestError
-from .auth import AuthError, Identity
-from .broker.broker import BrokerError
-from .broker.namespaces import Namespace
-from .endpoint import Endpoint, Session
-from .protocol import centrifugo as wire
-from .protocol.codes import ErrorCode
-from .protocol.messages import AppMessage
-from .transport.base import UpgradeRequest
-
-if TYPE_CHECKING:
-    from .server import Server
+from .._version import __version__
+from ..app import RequestContext
+from ..auth import Identity
+from ..broker.namespaces import Namespace
+from ..connection.endpoint import Endpoint
+from ..connection.session import Session
+from ..errors import AuthError, BrokerError, RequestError
+from ..node.server import Server
+from ..protocol import centrifugo as wire
+from ..protocol.codes import ErrorCode
+from ..protocol.messages import AppMessage
+from ..transport.base import UpgradeRequest
 
 __all__ = [
     "DEFAULT_PATH",
@@ -376,7 +375,7 @@ class _Centrifugo:
         method = body.get("method", "")
         if not isinstance(method, str):
             raise RequestError(ErrorCode.INVALID_FIELD, "method is a string")
-        handler = self.server._handlers.get(method)
+        handler = self.server.request_handler(method)
         if handler is None:
             raise RequestError(ErrorCode.NOT_FOUND, f"no rpc method {method[:64]!r}")
         problem = session.permission_problem("request", method)

@@ -14,33 +14,21 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
 
-from ._version import __version__
-from .broker.broker import BrokerError
+from .._version import __version__
+from ..errors import BrokerError, HttpError
+from ..node.server import Server
+from ..protocol.codes import ErrorCode
+from ..protocol.messages import Event
+from ..protocol.native import presence_entry
+from ..protocol.topics import topic_problem
 from .openapi import openapi_document
-from .protocol.codes import ErrorCode
-from .protocol.messages import Event
-from .protocol.native import presence_entry
-from .protocol.topics import topic_problem
-
-if TYPE_CHECKING:
-    from .server import Server
 
 MAX_HISTORY_LIMIT: Final = 1000
 MAX_BROADCAST_TOPICS: Final = 1000
-
-
-class ApiError(Exception):
-    """Answered as ``{"error": {"code", "message"}}`` with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 Method = Callable[["Api", dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -54,27 +42,27 @@ class Api:
         self.document = orjson.dumps(openapi_document(__version__))
 
     def check_key(self, authorization: str | None) -> None:
-        """Raises ApiError unless the request carries the configured key."""
+        """Raises HttpError unless the request carries the configured key."""
         key = self.server.config.api_key
         if not key:
-            raise ApiError(403, "api_disabled", "the HTTP API is off: configure api_key")
+            raise HttpError(403, "api_disabled", "the HTTP API is off: configure api_key")
         scheme, _, given = (authorization or "").partition(" ")
         if scheme.lower() != "apikey" or not hmac.compare_digest(
             given.strip().encode(), key.encode()
         ):
-            raise ApiError(401, ErrorCode.UNAUTHORIZED, "missing or wrong API key")
+            raise HttpError(401, ErrorCode.UNAUTHORIZED, "missing or wrong API key")
 
     async def call(self, name: str, body: bytes) -> dict[str, Any]:
         method = METHODS.get(name)
         if method is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"no API method {name[:64]!r}")
+            raise HttpError(404, ErrorCode.NOT_FOUND, f"no API method {name[:64]!r}")
         try:
             arguments = orjson.loads(body or b"{}")
         except orjson.JSONDecodeError as exc:
             message = f"body is not valid JSON: {exc.msg}"
-            raise ApiError(400, ErrorCode.INVALID_JSON, message) from None
+            raise HttpError(400, ErrorCode.INVALID_JSON, message) from None
         if not isinstance(arguments, dict):
-            raise ApiError(400, ErrorCode.INVALID_MESSAGE, "body must be a JSON object")
+            raise HttpError(400, ErrorCode.INVALID_MESSAGE, "body must be a JSON object")
         return await method(self, arguments)
 
     # --- the methods ---------------------------------------------------------------
@@ -104,7 +92,7 @@ class Api:
         for topic in topics:
             try:
                 position = await self._publish(topic, body["payload"], tenant)
-            except ApiError as exc:
+            except HttpError as exc:
                 results.append(
                     {"topic": topic, "error": {"code": exc.code, "message": exc.message}}
                 )
@@ -152,7 +140,7 @@ class Api:
     async def disconnect(self, body: dict[str, Any]) -> dict[str, Any]:
         client, user = body.get("client"), body.get("user")
         if (client is None) == (user is None):
-            raise ApiError(400, ErrorCode.MISSING_FIELD, "give exactly one of 'client' and 'user'")
+            raise HttpError(400, ErrorCode.MISSING_FIELD, "give exactly one of 'client' and 'user'")
         code = _integer(body, "code", default=1000, minimum=1000, maximum=4999)
         if not (code == 1000 or 3000 <= code <= 4999):
             raise _invalid("code", "must be 1000 or between 3000 and 4999")
@@ -220,21 +208,21 @@ METHODS: Final[dict[str, Method]] = {
 }
 
 
-def _broker_error(exc: BrokerError) -> ApiError:
+def _broker_error(exc: BrokerError) -> HttpError:
     unavailable = exc.code in (
         ErrorCode.TOO_MANY_TOPICS,
         ErrorCode.UNAVAILABLE,
         ErrorCode.UNCONFIRMED,
     )
-    return ApiError(503 if unavailable else 400, exc.code, exc.message)
+    return HttpError(503 if unavailable else 400, exc.code, exc.message)
 
 
-def _missing(name: str) -> ApiError:
-    return ApiError(400, ErrorCode.MISSING_FIELD, f"field {name!r} is required")
+def _missing(name: str) -> HttpError:
+    return HttpError(400, ErrorCode.MISSING_FIELD, f"field {name!r} is required")
 
 
-def _invalid(name: str, problem: str) -> ApiError:
-    return ApiError(400, ErrorCode.INVALID_FIELD, f"field {name!r} {problem}")
+def _invalid(name: str, problem: str) -> HttpError:
+    return HttpError(400, ErrorCode.INVALID_FIELD, f"field {name!r} {problem}")
 
 
 def _topic(body: dict[str, Any]) -> str:
@@ -245,7 +233,7 @@ def _topic(body: dict[str, Any]) -> str:
         raise _invalid("topic", "must be a string")
     problem = topic_problem(topic)
     if problem is not None:
-        raise ApiError(400, ErrorCode.INVALID_TOPIC, problem)
+        raise HttpError(400, ErrorCode.INVALID_TOPIC, problem)
     return topic
 
 

@@ -16,14 +16,15 @@ from urllib.parse import parse_qs
 import attrs
 import orjson
 
-from .api import Api, ApiError
+from ..errors import HttpError
+from ..transport.asgi import Receive, Scope, Send
+from .api import Api
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .transport.asgi import Receive, Scope, Send
 
 HealthProbe = Callable[[], tuple[int, dict[str, Any]]]
 """Returns the HTTP status and the JSON body of ``/health``."""
 
-LOGGER = logging.getLogger("tidings.web")
+LOGGER = logging.getLogger("tidings.http")
 
 MAX_BODY: Final = 1024 * 1024
 #: Paths tidings answers itself; an application route may not take them.
@@ -55,10 +56,6 @@ class HttpRequest:
         except orjson.JSONDecodeError:
             raise HttpError(400, "invalid_json", "the body is not valid JSON") from None
 
-
-HttpError = ApiError
-"""Raise from an application route to answer ``{"error": {code, message}}`` with a status:
-the API's own error, under the name application routes know it by."""
 
 HttpHandler = Callable[[HttpRequest], Awaitable[Any]]
 """``async def handler(request) -> Any``: the JSON answer (200), or ``(status, answer)``."""
@@ -147,7 +144,7 @@ class HttpRoutes:
             }
             request = HttpRequest(method, path, {k: v[0] for k, v in query.items()}, headers, body)
             answer = await route.handler(request)
-        except ApiError as exc:
+        except HttpError as exc:
             await respond(send, exc.status, _error(exc.code, exc.message))
             return
         except Exception:
@@ -169,7 +166,7 @@ class HttpRoutes:
             self.api.check_key(_header(scope, b"authorization"))
             body = await _body(receive)
             result = await self.api.call(name, body)
-        except ApiError as exc:
+        except HttpError as exc:
             await respond(send, exc.status, _error(exc.code, exc.message))
             return
         await respond(send, 200, result)
@@ -209,11 +206,11 @@ async def _body(receive: Receive) -> bytes:
     while True:
         message = await receive()
         if message["type"] != "http.request":
-            raise ApiError(400, "invalid_message", "the request ended early")
+            raise HttpError(400, "invalid_message", "the request ended early")
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > MAX_BODY:
-            raise ApiError(413, "too_large", f"the body may be at most {MAX_BODY} bytes")
+            raise HttpError(413, "too_large", f"the body may be at most {MAX_BODY} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

@@ -10,7 +10,6 @@ embedding) do not mix their figures.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -21,10 +20,8 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from .stats import Histogram
-
-if TYPE_CHECKING:
-    from .server import Server
+from ..node.server import Server
+from ..stats import Histogram
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -1,0 +1,2 @@
+"""Protocols served beside the native one, as endpoints over the node:
+Centrifugo's client protocol (:mod:`.centrifugo`)."""

@@ -1,0 +1,95 @@
+"""Every error tidings raises for a reason a caller can act on, in one hierarchy.
+
+Each carries a stable ``code`` (the protocol's :class:`~tidings.ErrorCode`
+values, or a few of its own such as ``api_disabled``) and a human ``message``;
+the WebSocket, the HTTP API and the CLI all report them as ``{code, message}``.
+Catch :class:`TidingsError` to handle them all::
+
+    TidingsError
+    ├── BrokerError    the broker or the backplane refused a command
+    ├── RequestError   an application handler answers with an error of its own
+    ├── AuthError      a token is missing, invalid or expired
+    ├── HttpError      an HTTP API or application route answers with a status
+    ├── RemoteError    a server answered the Python client with an error
+    └── ConfigError    the configuration is invalid (also a ValueError)
+
+Errors of the wire itself (a peer that closed, a write that timed out) are the
+transport's (:mod:`tidings.transport.base`), not these: they end a connection
+rather than answer a command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .protocol.codes import ErrorCode
+
+__all__ = [
+    "AuthError",
+    "BrokerError",
+    "ConfigError",
+    "ErrorCode",
+    "HttpError",
+    "RemoteError",
+    "RequestError",
+    "TidingsError",
+]
+
+
+class TidingsError(Exception):
+    """An error with a stable ``code`` and a ``message`` for people."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class BrokerError(TidingsError):
+    """A command the broker (or the backplane behind it) refused."""
+
+
+class RequestError(TidingsError):
+    """Raise from a request handler to answer with an ``error`` of your own code.
+
+    The client receives ``{"type": "error", "payload": {"code": code, "message": message}}``.
+    """
+
+
+class AuthError(TidingsError):
+    """The token was missing, invalid or expired; the message says which."""
+
+    def __init__(self, message: str, code: str = ErrorCode.UNAUTHORIZED) -> None:
+        super().__init__(code, message)
+
+
+class HttpError(TidingsError):
+    """Answered as ``{"error": {"code", "message"}}`` with an HTTP ``status``.
+
+    Raise it from an application route (:meth:`tidings.Server.http_route`);
+    the HTTP API answers its own errors with it.
+    """
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(code, message)
+        self.status = status
+
+
+class RemoteError(TidingsError):
+    """The server answered a command with an ``error`` (raised by :mod:`tidings.client`)."""
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class ConfigError(TidingsError, ValueError):
+    """The configuration is invalid; the message says which key and why.
+
+    ``problems`` holds each problem on its own; the message joins them.
+    """
+
+    def __init__(
+        self, message: str, code: str = "invalid_config", *, problems: Sequence[str] = ()
+    ) -> None:
+        super().__init__(code, message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)

@@ -1,0 +1,812 @@
+"""The node: a broker, the connections, and the transport that accepts them.
+
+:class:`Server` is the core of a tidings node and imports nothing above it:
+the HTTP API, the metrics, the Centrifugo endpoint and the demo are put
+around it by :func:`tidings.server.open_server`, the one way in for the CLI
+and for applications alike::
+
+    async with tidings.open_server(Config(port=8800)) as server:
+        await server.publish("deploys", {"step": "build"})
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from fnmatch import fnmatchcase
+from typing import Any, Final, Protocol, TypeAlias, TypeVar, overload
+from urllib.parse import urlsplit
+
+import attrs
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve as hypercorn_serve
+
+from .._version import __version__
+from ..app import ClientInfo, CloseInfo, RequestHandler
+from ..auth import Authenticator
+from ..backplane.redis import RedisBackplane
+from ..broker.broker import Broker, BrokerStats, Subscriber
+from ..broker.outbox import Flusher, Outbox, OverflowPolicy
+from ..broker.subscription import Subscription, as_event
+from ..config import Config
+from ..connection.connection import Connection, ConnectionStats
+from ..connection.endpoint import Endpoint
+from ..connection.limits import ConnectionLimits
+from ..errors import AuthError
+from ..protocol.codes import CloseCode
+from ..protocol.messages import Event, Position
+from ..protocol.native import NativeDialect
+from ..protocol.topics import topic_problem
+from ..stats import NodeCounters
+from ..transport.asgi import AsgiApp, Receive, Scope, Send
+from ..transport.base import Admission, Rejection, Transport, UpgradeRequest
+from ..transport.builtin import BuiltinServer
+
+LOGGER = logging.getLogger("tidings.server")
+
+H = TypeVar("H", bound=RequestHandler)
+
+EndpointSource: TypeAlias = "Endpoint | Callable[[Server], Endpoint]"
+"""An endpoint, or a function of the server that makes one (its handlers then
+hold the server, to publish or ask the cluster)."""
+
+SHUTDOWN_REASON: Final = "server shutting down"
+#: Pending connections the kernel queues per listener. hypercorn's default of 100
+#: overflowed (connection resets) while 10,000 clients connected at once.
+LISTEN_BACKLOG: Final = 4096
+#: Seconds between passes of the heartbeat, at most: the read timeout is
+#: enforced within this much.
+HEARTBEAT_TICK: Final = 1.0
+
+
+HttpHandler: TypeAlias = Callable[[Any], Awaitable[Any]]
+"""An application's JSON route (see :meth:`Server.http_route`)."""
+
+
+class HttpSide(Protocol):
+    """The plain-HTTP side of the node (``/health``, the API, the application's
+    routes), as an ASGI app with a routing table; put in by the composition root."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None: ...
+
+    def add_route(self, path: str, handler: HttpHandler, methods: tuple[str, ...]) -> None: ...
+
+
+@attrs.frozen(slots=True)
+class ServerStats:
+    """A snapshot of a node's counters."""
+
+    uptime: float
+    connections: int
+    topics: int
+    subscriptions: int
+    published: int
+    delivered: int
+    dropped: int
+    inbox_depth: int
+
+
+class Server:
+    """A running tidings node. Get one from :func:`open_server`; do not construct it."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.node_id = config.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.namespaces = config.build_namespaces()
+        self.broker = Broker(
+            namespaces=self.namespaces,
+            max_topics=config.max_topics,
+            inbox_size=config.inbox_size,
+        )
+        self.backplane: RedisBackplane | None = None
+        """The Redis backplane, when ``config.backplane`` names one."""
+        if config.backplane != "memory":
+            self.backplane = RedisBackplane(
+                config.backplane,
+                self.broker,
+                node_id=self.node_id,
+                timeout=config.backplane_timeout,
+                buffer=config.backplane_buffer,
+                max_lag=config.backplane_max_lag,
+                answer=self._answer,
+                node_stats=self.node_stats,
+            )
+            self.broker.attach(self.backplane)
+        self.authenticator = Authenticator(
+            config.auth_mode,
+            default_tenant=config.default_tenant,
+            token=config.token,
+            jwt_secret=config.jwt_secret,
+            jwt_public_key=config.jwt_public_key,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+        )
+        self._limits = ConnectionLimits.from_config(config)
+        self._limits_by_path: dict[str, ConnectionLimits] = {}
+        self.dialect = NativeDialect()
+        self.endpoints: dict[str, Endpoint] = {
+            config.ws_path: Endpoint(config.ws_path, self.dialect)
+        }
+        """WebSocket endpoints by path: the native one at ``ws_path``, Centrifugo's
+        protocol at ``centrifugo_path``, and the application's."""
+        self.counters = NodeCounters()
+        # Under a backplane events arrive one pub/sub message at a time: the
+        # flusher gathers them (bench/cluster.py: 3.4x the deliveries/s).
+        self.flusher = Flusher(
+            delays=self.counters.flush_delay, coalesce=self.backplane is not None
+        )
+        self.addresses: list[tuple[str, int]] = []
+        """Where the server listens, once it does: ``[(host, port), ...]``."""
+        self._origins = OriginPolicy(config.allowed_origins)
+        self._handlers: dict[str, RequestHandler] = {}
+        self._connections: dict[str, Connection] = {}
+        self._per_host: dict[str, int] = {}
+        self._admitted = 0  # upgrades admitted and not yet serving: they hold a slot too
+        self._on_connect: list[Callable[[ClientInfo], None]] = []
+        self._on_disconnect: list[Callable[[ClientInfo, CloseInfo], None]] = []
+        self._started = time.monotonic()
+        self._draining = False
+        self._drained = trio.Event()
+        self._stop_listening = trio.CancelScope()
+        self._stop_hypercorn = trio.Event()
+        self.http: HttpSide | None = None
+        """Plain HTTP (``/health``, the API, routes); set by :func:`tidings.server.open_server`."""
+        self.asgi_app = AsgiApp(self, self._serve_http)
+        """This server's endpoints as an ASGI app, to mount in a larger application."""
+
+    # --- addresses ----------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (useful with ``port=0``)."""
+        if not self.addresses:
+            raise RuntimeError("the server is not listening")
+        return self.addresses[0][1]
+
+    @property
+    def url(self) -> str:
+        """The WebSocket URL clients connect to, e.g. ``ws://127.0.0.1:8800/ws``."""
+        host = self.addresses[0][0] if self.addresses else self.config.host
+        host = f"[{host}]" if ":" in host else host
+        return f"ws://{host}:{self.port}{self.config.ws_path}"
+
+    # --- publishing -----------------------------------------------------------------
+
+    async def publish(self, topic: str, payload: Any, *, tenant: str | None = None) -> Position:
+        """Publish an event; returns its position (``seq`` and ``epoch``) once sequenced.
+
+        Waits only while the broker's inbox is full. ``tenant`` defaults to the
+        configured default tenant.
+
+        Raises:
+            ValueError: ``topic`` is not a valid topic name.
+            TypeError: ``payload`` is not JSON-serializable.
+            tidings.BrokerError: an unknown namespace, or the node's limit of topics.
+        """
+        _check_topic(topic)
+        return await self.broker.publish(topic, payload, tenant=self._tenant(tenant))
+
+    def publish_nowait(self, topic: str, payload: Any, *, tenant: str | None = None) -> None:
+        """Queue an event without waiting (for code that cannot await).
+
+        Raises:
+            trio.WouldBlock: the broker's inbox is full; the event was not queued.
+            ValueError, TypeError: as for :meth:`publish`.
+        """
+        _check_topic(topic)
+        self.broker.submit_nowait(topic, payload, tenant=self._tenant(tenant))
+
+    def _tenant(self, tenant: str | None) -> str:
+        return self.config.default_tenant if tenant is None else tenant
+
+    # --- in-process subscriptions ------------------------------------------------------
+
+    @asynccontextmanager
+    async def subscribe(
+        self,
+        topic: str,
+        *,
+        since: int | None = None,
+        epoch: str | None = None,
+        buffer: int | None = None,
+        tenant: str | None = None,
+    ) -> AsyncIterator[Subscription]:
+        """Receive a topic's events in this process, without a socket.
+
+        ``since``/``epoch`` resume from history as for a WebSocket client.
+        ``buffer`` (default ``outbox_size``) bounds the events held for a
+        consumer that falls behind; beyond it events are dropped and counted.
+
+        Usage::
+
+            async with server.subscribe("deploys") as events:
+                async for event in events:
+                    print(event.seq, event.payload)
+        """
+        _check_topic(topic)
+        outbox: Outbox[Event] = Outbox(buffer or self.config.outbox_size, OverflowPolicy.DROP)
+        subscriber = Subscriber(
+            outbox, as_event, tenant=self._tenant(tenant), label=f"in-process:{topic}"
+        )
+        await self.broker.prepare(topic, subscriber.tenant)
+        result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
+        for event in result.replay:
+            outbox.put(event)
+        try:
+            yield Subscription(topic, outbox, result.position, result.recovered)
+        finally:
+            self.broker.unsubscribe(subscriber, topic)
+            outbox.close(CloseCode.NORMAL, "unsubscribed")
+
+    # --- application hooks -------------------------------------------------------
+
+    @overload
+    def on_request(self, topic: str) -> Callable[[H], H]: ...
+    @overload
+    def on_request(self, topic: str, handler: H) -> H: ...
+
+    def on_request(self, topic: str, handler: H | None = None) -> H | Callable[[H], H]:
+        """Answer clients' ``request`` messages on ``topic`` with ``handler``.
+
+        Use it as a call, ``server.on_request("personas", list_personas)``, or a
+        decorator, ``@server.on_request("personas")``. The handler receives a
+        :class:`~tidings.RequestContext` and returns the JSON-serializable answer;
+        it may raise :class:`~tidings.RequestError` to answer with an error.
+        """
+        _check_topic(topic)
+
+        def register(fn: H) -> H:
+            self._handlers[topic] = fn
+            return fn
+
+        return register if handler is None else register(handler)
+
+    def on_connect(self, hook: Callable[[ClientInfo], None]) -> Callable[[ClientInfo], None]:
+        """Call ``hook(client)`` for each new WebSocket client (usable as a decorator)."""
+        self._on_connect.append(hook)
+        return hook
+
+    def on_disconnect(
+        self, hook: Callable[[ClientInfo, CloseInfo], None]
+    ) -> Callable[[ClientInfo, CloseInfo], None]:
+        """Call ``hook(client, close)`` when a client's connection has ended."""
+        self._on_disconnect.append(hook)
+        return hook
+
+    # --- endpoints ------------------------------------------------------------------
+
+    def add_endpoint(self, endpoint: Endpoint) -> Endpoint:
+        """Serve ``endpoint`` at its path (replacing what was there, the native one included).
+
+        Raises:
+            TypeError: ``endpoint.limits`` names no connection limit.
+        """
+        if endpoint.limits:
+            self._limits_by_path[endpoint.path] = attrs.evolve(self._limits, **endpoint.limits)
+        else:
+            self._limits_by_path.pop(endpoint.path, None)
+        self.endpoints[endpoint.path] = endpoint
+        return endpoint
+
+    def http_route(
+        self, path: str, *, methods: tuple[str, ...] = ("POST",)
+    ) -> Callable[[HttpHandler], HttpHandler]:
+        """Register ``async def handler(request: HttpRequest)`` for plain HTTP at ``path``.
+
+        The handler's return value is the JSON answer (200), or ``(status,
+        answer)``; raise :class:`~tidings.HttpError` for an error in the
+        API's shape. Served beside ``/health`` and ``/api/`` by the built-in
+        transport and the ASGI app alike. For a backend that triggers work in
+        an application protocol over HTTP (a deploy, a message to an agent).
+
+        Raises:
+            ValueError: a path tidings answers itself, or a WebSocket endpoint.
+        """
+
+        def register(handler: HttpHandler) -> HttpHandler:
+            if self.http is None:
+                raise RuntimeError("this server serves no plain HTTP (open it with open_server)")
+            self.http.add_route(path, handler, methods)
+            return handler
+
+        return register
+
+    def accepts(self, path: str) -> bool:
+        return path in self.endpoints
+
+    def request_handler(self, topic: str) -> RequestHandler | None:
+        """The handler :meth:`on_request` registered for ``topic``, if any."""
+        return self._handlers.get(topic)
+
+    async def _serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.http is None:
+            await send({"type": "http.response.start", "status": 404, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await self.http(scope, receive, send)
+
+    def _endpoint_limits(self, endpoint: Endpoint) -> ConnectionLimits:
+        """The server's connection limits, with the endpoint's own in their place."""
+        return self._limits_by_path.get(endpoint.path, self._limits)
+
+    # --- clients ------------------------------------------------------------------
+
+    def clients(self) -> list[ClientInfo]:
+        """The WebSocket clients connected now."""
+        return [connection.info for connection in self._connections.values()]
+
+    def client_statistics(self, client_id: str) -> ConnectionStats | None:
+        connection = self._connections.get(client_id)
+        return None if connection is None else connection.statistics()
+
+    def disconnect(self, client_id: str, code: int = CloseCode.NORMAL, reason: str = "") -> bool:
+        """Close one client's connection with ``code``; False if no such client."""
+        connection = self._connections.get(client_id)
+        if connection is None:
+            return False
+        connection.close(code, reason)
+        return True
+
+    def disconnect_user(
+        self,
+        user: str,
+        code: int = CloseCode.NORMAL,
+        reason: str = "",
+        *,
+        tenant: str | None = None,
+    ) -> int:
+        """Close every connection of ``user`` (in ``tenant``); returns how many."""
+        tenant = self._tenant(tenant)
+        closed = 0
+        for connection in list(self._connections.values()):
+            if connection.info.user == user and connection.info.tenant == tenant:
+                connection.close(code, reason)
+                closed += 1
+        return closed
+
+    def presence(self, topic: str, *, tenant: str | None = None) -> list[ClientInfo]:
+        """Who on this node is subscribed to ``topic``."""
+        return self.broker.presence(topic, self._tenant(tenant))
+
+    # --- the whole cluster (this node alone without a backplane) ---------------------
+
+    async def history(
+        self, topic: str, since: int = 0, limit: int | None = None, *, tenant: str | None = None
+    ) -> tuple[list[Event], Position | None]:
+        """A topic's retained events after offset ``since``, and where it stands.
+
+        Raises:
+            BrokerError: ``unavailable`` when the backplane cannot be reached.
+        """
+        tenant = self._tenant(tenant)
+        namespace = self.namespaces.resolve(topic)
+        if self.backplane is None or namespace is None or namespace.local:
+            return self.broker.history(topic, since, limit, tenant)
+        return await self.backplane.history(tenant, topic, since, limit)
+
+    async def presence_everywhere(
+        self, topic: str, *, tenant: str | None = None
+    ) -> list[ClientInfo]:
+        """Who is subscribed to ``topic`` on every node (this one alone without a backplane)."""
+        return await self.broker.presence_everywhere(topic, self._tenant(tenant))
+
+    async def channels(
+        self, *, tenant: str | None = None, pattern: str | None = None
+    ) -> dict[str, int]:
+        """Topics with subscribers (matching a shell-style ``pattern``) and how many, everywhere."""
+        body = {"tenant": self._tenant(tenant), "pattern": pattern}
+        if self.backplane is None:
+            answer: dict[str, int] = self._answer("channels", body)
+            return answer
+        answers, _missing = await self.backplane.ask("channels", body)
+        totals: dict[str, int] = {}
+        for counts in answers.values():
+            for name, count in (counts or {}).items():
+                totals[name] = totals.get(name, 0) + int(count)
+        return totals
+
+    async def disconnect_everywhere(
+        self,
+        *,
+        client: str | None = None,
+        user: str | None = None,
+        code: int = CloseCode.NORMAL,
+        reason: str = "",
+        tenant: str | None = None,
+    ) -> int:
+        """Close a client, or every connection of a user, on whichever node; returns how many."""
+        body = {
+            "client": client,
+            "user": user,
+            "code": code,
+            "reason": reason,
+            "tenant": self._tenant(tenant),
+        }
+        if self.backplane is None:
+            closed: int = self._answer("disconnect", body)
+            return closed
+        answers, _missing = await self.backplane.ask("disconnect", body)
+        return sum(int(count or 0) for count in answers.values())
+
+    async def nodes(self) -> list[dict[str, Any]]:
+        """Every live node's id and counters (this node alone without a backplane)."""
+        if self.backplane is None:
+            return [{"node": self.node_id, **self.node_stats()}]
+        return await self.backplane.nodes()
+
+    def _answer(self, op: str, body: dict[str, Any]) -> Any:
+        """This node's part of a cluster-wide question."""
+        tenant = str(body.get("tenant") or self.config.default_tenant)
+        if op == "presence":
+            return [
+                attrs.asdict(info) for info in self.broker.presence(str(body.get("topic")), tenant)
+            ]
+        if op == "channels":
+            pattern = body.get("pattern")
+            return {
+                stats.name: stats.subscribers
+                for stats in self.broker.topics(tenant)
+                if stats.subscribers
+                and (not isinstance(pattern, str) or fnmatchcase(stats.name, pattern))
+            }
+        if op == "disconnect":
+            code, reason = int(body.get("code") or CloseCode.NORMAL), str(body.get("reason") or "")
+            client = body.get("client")
+            if isinstance(client, str):
+                connection = self._connections.get(client)
+                if connection is None or connection.info.tenant != tenant:
+                    return 0
+                connection.close(code, reason)
+                return 1
+            return self.disconnect_user(str(body.get("user")), code, reason, tenant=tenant)
+        return None
+
+    def node_stats(self) -> dict[str, Any]:
+        """This node's counters as ``info`` and the node registry show them."""
+        stats = self.statistics()
+        return {
+            "uptime": round(stats.uptime, 3),
+            "connections": stats.connections,
+            "topics": stats.topics,
+            "subscriptions": stats.subscriptions,
+            "published": stats.published,
+            "delivered": stats.delivered,
+            "dropped": stats.dropped,
+        }
+
+    def statistics(self) -> ServerStats:
+        broker: BrokerStats = self.broker.statistics()
+        return ServerStats(
+            uptime=time.monotonic() - self._started,
+            connections=len(self._connections),
+            topics=broker.topics,
+            subscriptions=broker.subscriptions,
+            # With a backplane the broker sees every event of the topics followed
+            # here; the events published through this node are what Redis sequenced.
+            published=broker.published if self.backplane is None else self.backplane.sequenced,
+            delivered=broker.delivered,
+            dropped=broker.dropped,
+            inbox_depth=broker.inbox_depth,
+        )
+
+    # --- running ---------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def running(self, *, listen: bool = True) -> AsyncIterator[trio.Nursery]:
+        """Run the node's tasks (and listen) for the duration of the block.
+
+        Yields the node's nursery, for services that live as long as the node
+        (the demo). Leaving the block shuts down gracefully: clients are
+        closed with 1001 after their queues drain.
+        """
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.broker.run)
+            if self.backplane is not None:
+                await nursery.start(self.backplane.run)
+            await nursery.start(self.flusher.run)
+            nursery.start_soon(self._heartbeat)
+            async with trio.open_nursery() as connections:
+                if listen:
+                    await self._listen(nursery, connections)
+                try:
+                    yield nursery
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await self.shutdown()
+                        if self.backplane is not None:
+                            await self.backplane.forget_self()
+                    connections.cancel_scope.cancel()
+            nursery.cancel_scope.cancel()
+
+    # --- shutdown -------------------------------------------------------------------
+
+    async def shutdown(self) -> None:
+        """Stop accepting, close every client with 1001 after its queue drains, wait.
+
+        Clients get ``shutdown_timeout`` seconds in all; whoever is still
+        connected then is cut off when the server's nursery ends.
+        """
+        if not self._draining:
+            self._draining = True
+            LOGGER.info("shutting down: closing %d connections", len(self._connections))
+            self._stop_listening.cancel()
+            for connection in list(self._connections.values()):
+                connection.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+        if self._connections:
+            with trio.move_on_after(self.config.shutdown_timeout):
+                await self._drained.wait()
+        self._stop_hypercorn.set()
+
+    # --- the transports' side (ConnectionHandler) ---------------------------------------
+
+    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
+        """Decide on an upgrade: capacity, origin, then the client's token."""
+        if self._draining:
+            return Rejection(503, SHUTDOWN_REASON, "shutting_down")
+        if len(self._connections) + self._admitted >= self.config.max_connections:
+            return Rejection(503, "too many connections", "too_many_connections")
+        cap = self.config.max_connections_per_ip
+        if cap and self._per_host.get(_host(request.remote), 0) >= cap:
+            return Rejection(429, "too many connections from this address", "too_many_connections")
+        origin = request.header("origin")
+        if not self._origins.allows(origin):
+            LOGGER.warning(
+                "refused origin %.200r from %s",
+                origin,
+                request.remote,
+                extra={"event": "origin_refused", "origin": origin, "remote": request.remote},
+            )
+            return Rejection(403, "origin not allowed", "forbidden_origin")
+        endpoint = self.endpoints.get(request.path)
+        if endpoint is None:
+            return Rejection(404, f"no WebSocket endpoint at {request.path[:200]}")
+        try:
+            authenticate = endpoint.authenticate or self.authenticator.authenticate
+            identity = authenticate(request)
+        except AuthError as exc:
+            self.counters.auth_failures += 1
+            LOGGER.warning(
+                "authentication failed from %s: %s",
+                request.remote,
+                exc,
+                extra={"event": "auth_failure", "remote": request.remote, "reason": str(exc)},
+            )
+            return Rejection(401, str(exc), "unauthorized")
+        # Reserved now, not when serve() starts: upgrades admitted together
+        # must not all pass the per-address cap.
+        host = _host(request.remote)
+        self._per_host[host] = self._per_host.get(host, 0) + 1
+        self._admitted += 1
+        return Admission(request, (endpoint, identity))
+
+    def release(self, admission: Admission) -> None:
+        self._admitted -= 1
+        self._release_host(_host(admission.request.remote))
+
+    def _release_host(self, host: str) -> None:
+        remaining = self._per_host.pop(host, 1) - 1
+        if remaining > 0:
+            self._per_host[host] = remaining
+
+    async def serve(self, transport: Transport, admission: Admission) -> None:
+        """Run one accepted WebSocket connection to its end."""
+        request, (endpoint, identity) = admission.take()
+        connection = Connection(
+            transport,
+            request,
+            dialect=endpoint.dialect,
+            endpoint=endpoint,
+            broker=self.broker,
+            limits=self._endpoint_limits(endpoint),
+            handlers=self._handlers,
+            flusher=self.flusher,
+            identity=identity,
+            namespaces=self.namespaces,
+            authenticator=self.authenticator,
+            counters=self.counters,
+        )
+        del request  # its headers need not live as long as the connection
+        info = connection.info
+        host = _host(info.remote)
+        self._connections[info.id] = connection
+        self._admitted -= 1  # counted in _connections from now on
+        LOGGER.info(
+            "connect %s from %s user=%s tenant=%s",
+            info.id,
+            info.remote,
+            info.user,
+            info.tenant,
+            extra={
+                "event": "connect",
+                "client": info.id,
+                "remote": info.remote,
+                "user": info.user,
+                "tenant": info.tenant,
+            },
+        )
+        for hook in self._on_connect:
+            _call_hook(hook, info)
+        try:
+            await connection.run()
+        finally:
+            del self._connections[info.id]
+            self._release_host(host)
+            if self._draining and not self._connections:
+                self._drained.set()
+            closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
+            key = _disconnect_key(closed)
+            self.counters.disconnects[key] = self.counters.disconnects.get(key, 0) + 1
+            duration = time.time() - info.connected_at
+            LOGGER.info(
+                "disconnect %s code=%d reason=%r by=%s after %.1f s dropped=%d",
+                info.id,
+                closed.code,
+                closed.reason,
+                closed.initiated_by,
+                duration,
+                connection.outbox.dropped,
+                extra={
+                    "event": "disconnect",
+                    "client": info.id,
+                    "code": closed.code,
+                    "reason": closed.reason,
+                    "by": closed.initiated_by,
+                    "duration": round(duration, 3),
+                    "dropped": connection.outbox.dropped,
+                },
+            )
+            for disconnect_hook in self._on_disconnect:
+                _call_hook(disconnect_hook, info, closed)
+
+    async def _heartbeat(self) -> None:
+        """Ping every connection when due, and close the silent ones: one task for all.
+
+        A pinger task per connection cost memory on every idle connection; this
+        costs one pass over the connections per tick.
+        """
+        limits = self._limits
+        tick = min(HEARTBEAT_TICK, limits.ping_interval / 4, limits.read_timeout / 4)
+        while True:
+            await trio.sleep(tick)
+            now = trio.current_time()
+            for connection in list(self._connections.values()):
+                try:
+                    connection.heartbeat(now)
+                except Exception:  # one connection's bug must not stop every heartbeat
+                    LOGGER.exception("heartbeat of %s failed", connection.id)
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """The status and JSON body ``GET /health`` answers."""
+        stats = self.statistics()
+        status = "ok"
+        if self._draining:
+            status = "draining"
+        elif self.backplane is not None and not self.backplane.connected:
+            status = "degraded"  # serving local clients; cluster features wait for Redis
+        body: dict[str, Any] = {
+            "status": status,
+            "version": __version__,
+            "node": self.node_id,
+            "uptime": round(stats.uptime, 3),
+            "connections": stats.connections,
+            "topics": stats.topics,
+            "subscriptions": stats.subscriptions,
+        }
+        if self.backplane is not None:
+            body["backplane"] = self.backplane.status()
+        return (503 if self._draining else 200), body
+
+    # --- listening --------------------------------------------------------------------
+
+    async def _listen(self, nursery: trio.Nursery, connections: trio.Nursery) -> None:
+        if self.config.transport == "hypercorn":
+            binds: list[str] = await nursery.start(self._run_hypercorn)
+            self.addresses = [_parse_bind(bind) for bind in binds]
+        else:
+            self.addresses = await nursery.start(self._run_builtin, connections)
+        LOGGER.info("listening on %s (transport %s)", self.url, self.config.transport)
+
+    async def _run_builtin(
+        self,
+        connections: trio.Nursery,
+        *,
+        task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        builtin = BuiltinServer(
+            self,
+            self._serve_http,
+            max_message_size=self.config.max_message_size,
+            handshake_timeout=self.config.handshake_timeout,
+            backlog=LISTEN_BACKLOG,
+        )
+        with self._stop_listening:
+            await builtin.serve(
+                self.config.host, self.config.port, connections, task_status=task_status
+            )
+
+    async def _run_hypercorn(
+        self, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        hypercorn_config = HypercornConfig()
+        hypercorn_config.bind = [f"{host}:{self.config.port}"]
+        hypercorn_config.websocket_max_message_size = self.config.max_message_size
+        hypercorn_config.websocket_ping_interval = self.config.ping_interval
+        hypercorn_config.graceful_timeout = self.config.close_timeout
+        hypercorn_config.backlog = LISTEN_BACKLOG
+        hypercorn_config.accesslog = None
+        # Through our logging configuration, not a second handler of hypercorn's own.
+        hypercorn_config.errorlog = logging.getLogger("hypercorn.error")
+        await hypercorn_serve(
+            self.asgi_app,  # type: ignore[arg-type]
+            hypercorn_config,
+            shutdown_trigger=self._stop_hypercorn.wait,
+            task_status=task_status,
+        )
+
+
+#: Close codes a client's own close frame is counted under; others become 0.
+_CLIENT_CODES: Final = frozenset({1000, 1001, 1002, 1005, 1006, 1007, 1008, 1009, 1011})
+
+
+def _disconnect_key(closed: CloseInfo) -> tuple[int, str]:
+    """The metric labels of a disconnect: bounded, whatever a client sends.
+
+    A client chooses its close frame's code and reason; counting them as given
+    would let any client create metric series without limit.
+    """
+    if closed.initiated_by == "client":
+        return (closed.code if closed.code in _CLIENT_CODES else 0), "by client"
+    return closed.code, closed.reason[:64]
+
+
+def _host(remote: str) -> str:
+    """``host:port`` (or ``[v6]:port``) -> host."""
+    return remote.rpartition(":")[0].strip("[]") or remote
+
+
+class OriginPolicy:
+    """The Norn seed's origin check, for browsers (other clients send no Origin).
+
+    Allowed: no Origin header; an origin in the configured list; an origin
+    whose host is localhost, 127.0.0.1 or ::1. Anything else is refused.
+    """
+
+    LOCAL_HOSTS: Final = frozenset({"localhost", "127.0.0.1", "::1"})
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = frozenset(origin.rstrip("/") for origin in allowed)
+
+    def allows(self, origin: str | None) -> bool:
+        if not origin or origin.rstrip("/") in self.allowed:
+            return True
+        try:
+            host = urlsplit(origin).hostname
+        except ValueError:
+            return False
+        return host in self.LOCAL_HOSTS
+
+
+def _check_topic(topic: str) -> None:
+    problem = topic_problem(topic) if isinstance(topic, str) else "topic must be a string"
+    if problem is not None:
+        raise ValueError(problem)
+
+
+def _call_hook(hook: Callable[..., None], *args: Any) -> None:
+    try:
+        hook(*args)
+    except Exception:
+        LOGGER.exception("hook %r failed", hook)
+
+
+def _parse_bind(bind: str) -> tuple[str, int]:
+    """``http://127.0.0.1:8800`` -> ``("127.0.0.1", 8800)``."""
+    address = bind.split("://", 1)[-1]
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
