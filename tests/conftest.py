@@ -22,6 +22,7 @@ from tidings import CloseInfo, Config, Server, open_server
 from .httpclient import http_request  # noqa: F401 - the tests import it from here
 from .rawws import RawWebSocket
 from .redis_fixture import redis_server, tidings_nodes  # noqa: F401 - fixtures of test_cluster
+from .serve_fixture import tidings_serve  # noqa: F401 - a fixture (tidings serve, no backplane)
 
 #: Generous bound for any single socket test; a hang fails instead of stalling CI.
 TEST_TIMEOUT = 20

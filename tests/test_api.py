@@ -576,13 +576,26 @@ async def test_other_http_methods_are_refused_with_405_and_allow() -> None:
                 assert error_of(orjson.loads(content)) == "method_not_allowed"
 
 
-async def test_the_node_limit_of_topics_is_503_too_many_topics() -> None:
+async def test_the_node_limit_of_topics_is_503_too_many_topics_when_every_topic_is_in_use() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(api_key=API_KEY, max_topics=1) as server:
+        async with (
+            running_server(api_key=API_KEY, max_topics=1) as server,
+            server.subscribe("first"),
+        ):
             await ok(server, "publish", {"topic": "first", "payload": 1})
             status, answer = await api(server, "publish", {"topic": "second", "payload": 1})
             assert (status, error_of(answer)) == (503, "too_many_topics")
             assert (await ok(server, "publish", {"topic": "first", "payload": 2}))["seq"] == 2
+
+
+async def test_an_idle_topic_makes_room_for_a_new_one_at_the_node_limit() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(api_key=API_KEY, max_topics=1) as server:
+            first = await ok(server, "publish", {"topic": "first", "payload": 1})
+            assert (await ok(server, "publish", {"topic": "second", "payload": 1}))["seq"] == 1
+            # "first" was forgotten with its history: it comes back as a new stream.
+            again = await ok(server, "publish", {"topic": "first", "payload": 2})
+            assert again["seq"] == 1 and again["epoch"] != first["epoch"]
 
 
 # --- tenants ---------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ async def test_resume_replays_exactly_what_was_missed() -> None:
         sub = subscriber()
         result = broker.subscribe(sub, "t", since=6, epoch=position.epoch)
     assert result.recovered is True
-    assert [e.seq for e in result.replay] == [7, 8, 9, 10]
+    assert [e.seq for e in result.replay.events()] == [7, 8, 9, 10]
     assert result.position.seq == 10
 
 
@@ -82,7 +82,7 @@ async def test_resume_at_the_head_recovers_with_nothing_to_replay() -> None:
     async with running() as broker:
         position = await broker.publish("t", 0)
         result = broker.subscribe(subscriber(), "t", since=1, epoch=position.epoch)
-    assert (result.recovered, result.replay) == (True, [])
+    assert (result.recovered, result.replay.events()) == (True, [])
 
 
 @pytest.mark.parametrize(
@@ -101,7 +101,7 @@ async def test_resume_that_cannot_be_complete_says_so(
             await broker.publish("t", i)
         result = broker.subscribe(subscriber(), "t", since=since, epoch=epoch)
     assert result.recovered is False
-    assert [e.seq for e in result.replay] == replayed
+    assert [e.seq for e in result.replay.events()] == replayed
 
 
 async def test_history_forgets_events_older_than_its_ttl(
@@ -113,7 +113,7 @@ async def test_history_forgets_events_older_than_its_ttl(
         position = await broker.publish("t", "new")
         result = broker.subscribe(subscriber(), "t", since=0, epoch=position.epoch)
     assert result.recovered is False
-    assert [e.payload for e in result.replay] == ["new"]
+    assert [e.payload for e in result.replay.events()] == ["new"]
 
 
 async def test_idle_topics_are_swept_once_history_expires(

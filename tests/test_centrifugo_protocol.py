@@ -176,7 +176,7 @@ def test_the_dialect_answers_errors_with_an_id_and_nothing_else() -> None:
     assert dialect.encode_message({"a": 1}) == b'{"a":1}'
 
 
-def test_a_lossless_outbox_closes_where_it_would_drop() -> None:
+async def test_a_lossless_outbox_closes_where_it_would_drop() -> None:
     outbox: Outbox[int] = Outbox(2, OverflowPolicy.DROP)
     outbox.lossless = True
     assert outbox.offer(1) and outbox.offer(2)

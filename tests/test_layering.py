@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("node",),  # the core server
     ("http", "endpoints", "demo", "tokens"),  # around the core; tokens for the CLI
     ("server",),  # the composition root
-    ("client",),  # outside: the Python client needs no server
+    ("client", "publisher"),  # outside: the Python clients need no server
     ("cli",),
     ("__init__", "__main__"),  # the public surface
 ]
@@ -161,13 +161,14 @@ def test_transports_know_only_their_interface() -> None:
         assert not bad, f"{path.name} imports {bad}"
 
 
-def test_the_client_needs_no_server() -> None:
+@pytest.mark.parametrize("module", ["client.py", "publisher.py"])
+def test_the_clients_need_no_server(module: str) -> None:
     bad = {
         name
-        for name in own_modules(PACKAGE / "client.py")
+        for name in own_modules(PACKAGE / module)
         if unit_of(name) not in {"protocol", "errors", "_version"}
     }
-    assert not bad, f"client.py imports {bad}"
+    assert not bad, f"{module} imports {bad}"
 
 
 def example_sources() -> list[Path]:
@@ -176,12 +177,13 @@ def example_sources() -> list[Path]:
 
 @pytest.mark.parametrize("path", example_sources(), ids=lambda p: str(p.relative_to(EXAMPLES)))
 def test_examples_use_only_the_public_api(path: Path) -> None:
-    """An example is what a user writes: names exported from ``tidings`` (and its client)."""
+    """An example is what a user writes: names exported from ``tidings``, and its two
+    clients (``tidings.client``, ``tidings.publisher``) with what they export."""
     internal = {
         name
         for name in imports_of(path, "examples." + ".".join(path.relative_to(EXAMPLES).parts))
         if name.startswith("tidings.")
-        and name not in {"tidings.client"}
+        and ".".join(name.split(".")[:2]) not in {"tidings.client", "tidings.publisher"}
         and not _exported(name.removeprefix("tidings."))
     }
     assert not internal, f"{path.relative_to(EXAMPLES)} imports internal modules: {internal}"

@@ -164,7 +164,7 @@ async def test_metrics_count_connections_subscriptions_and_events_of_real_traffi
             assert before("tidings_events_delivered_total") == 0
             assert before("tidings_events_dropped_total", reason="overflow") == 0
             assert before("tidings_broker_inbox_depth") == 0
-            _, flushes_before, _ = before.histogram("tidings_flush_delay_seconds")
+            _, flushes_before, _ = before.histogram("tidings_write_delay_seconds")
             assert before.labelled("tidings_disconnects_total") == {}
 
             disconnects = Disconnects(server)
@@ -196,7 +196,7 @@ async def test_metrics_count_connections_subscriptions_and_events_of_real_traffi
                 assert during("tidings_events_published_total") == 7
                 assert during("tidings_events_delivered_total") == 14
                 assert during("tidings_events_dropped_total", reason="overflow") == 0
-                _, flushes, seconds = during.histogram("tidings_flush_delay_seconds")
+                _, flushes, seconds = during.histogram("tidings_write_delay_seconds")
                 assert flushes > flushes_before  # the writes of those events were timed
                 assert seconds >= 0
 

@@ -412,9 +412,12 @@ async def test_an_idle_tcp_connection_is_closed_quietly_after_the_handshake_time
 
 
 async def test_a_client_that_pauses_reading_catches_up_in_order_without_loss() -> None:
-    """Its socket fills, the server keeps the rest queued and writes it as the client reads."""
+    """Its socket fills, the server keeps the rest queued and writes it as the client reads
+    (within its byte budget, raised here to hold all of it)."""
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(outbox_size=1000, write_timeout=30) as server:
+        async with running_server(
+            outbox_size=1000, write_timeout=30, max_queued_bytes="16MiB"
+        ) as server:
             slow = await raw_client(server, receive_buffer=4096)
             await slow.send_json({"type": "subscribe", "topic": "t", "requestId": "s"})
             assert (await slow.receive_json())["type"] == "response"

@@ -13,7 +13,8 @@ module exports; the layers under it, inside out:
 * ``node``       - the core server: broker, connections, transports;
 * ``http``, ``endpoints`` - the HTTP API and metrics, Centrifugo's protocol;
 * ``server``     - the composition root (``open_server``);
-  ``cli``, ``client`` sit outside.
+  ``cli``, ``client``, ``publisher`` sit outside (``import tidings.publisher``:
+  the node's processes need not load an HTTP client).
 
 ``docs/architecture.md`` draws it.
 """
@@ -31,6 +32,7 @@ from .broker.subscription import Subscription as Subscription
 from .config import Config as Config
 from .connection.endpoint import Endpoint as Endpoint
 from .connection.session import Session as Session
+from .errors import ApiCallError as ApiCallError
 from .errors import AuthError as AuthError
 from .errors import BrokerError as BrokerError
 from .errors import ConfigError as ConfigError
@@ -56,6 +58,7 @@ from .server import serve as serve
 from .transport.base import UpgradeRequest as UpgradeRequest
 
 __all__ = [
+    "ApiCallError",
     "AppMessage",
     "AuthError",
     "Authenticator",

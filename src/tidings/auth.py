@@ -131,6 +131,11 @@ class Authenticator:
             raise AuthError("token signature does not verify") from None
         except jwt.PyJWTError as exc:
             raise AuthError(f"invalid token: {exc}") from None
+        for claim in ("exp", "nbf", "iat"):
+            value = claims.get(claim)
+            # PyJWT takes "123" for 123; RFC 7519 says NumericDate is a JSON number.
+            if claim in claims and (not isinstance(value, int | float) or isinstance(value, bool)):
+                raise AuthError(f"invalid token: the {claim!r} claim is not a number")
         return Identity(
             tenant=_tenant(claims.get("tenant"), self.default_tenant),
             user=_string_claim(claims, "sub"),

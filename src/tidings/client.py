@@ -11,19 +11,28 @@ The client reconnects by itself with exponential backoff when the connection
 drops, and resubscribes each topic from the last ``seq`` it delivered, so a
 consumer sees every event once, in order, as long as the server's history
 reaches back across the outage. When it does not, the subscription's
-:attr:`ClientSubscription.gaps` counts it and ``seq`` jumps.
+:attr:`ClientSubscription.gaps` counts it and ``seq`` jumps. A publish whose
+connection drops before its answer is sent again after the reconnect, under
+the same idempotency key, so it is published once.
+
+It runs under Trio only. Under asyncio, publish with
+:class:`tidings.publisher.AsyncPublisher` and subscribe with centrifuge-python
+(``docs/asyncio.md``).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import random
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Self
 
 import orjson
+import sniffio
 import trio
 from trio_websocket import (
     ConnectionClosed,
@@ -199,15 +208,45 @@ class Client:
 
     # --- commands -------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: Any, *, timeout: float = 10.0) -> Position:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        timeout: float = 10.0,
+        idempotency_key: str | None = None,
+    ) -> Position:
         """Publish an event; returns its position once the server sequenced it.
+
+        The publish carries an idempotency key (``idempotency_key``, or one
+        made for this call). When the connection drops before the answer, it
+        is sent again, with the same key, once the client has reconnected: the
+        server publishes it once and answers with the first position. Pass
+        your own key to also retry it yourself (after ``unavailable``,
+        ``unconfirmed``, or a timeout) without publishing twice.
 
         Raises:
             TidingsError: the server refused it.
-            ConnectionLostError: the connection dropped before the answer.
+            ConnectionLostError: the connection dropped before the answer and
+                the client does not reconnect (``reconnect=False``, or closing).
             trio.TooSlowError: no answer (or no connection) within ``timeout``.
         """
-        reply = await self._call({"type": "publish", "topic": topic, "payload": payload}, timeout)
+        message = {
+            "type": "publish",
+            "topic": topic,
+            "payload": payload,
+            "idempotencyKey": idempotency_key or uuid.uuid4().hex,
+        }
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    reply = await self._call(dict(message), math.inf)
+                except ConnectionLostError:
+                    if not self.reconnect or self._closed:
+                        raise
+                    LOGGER.info("publish to %r lost with its connection; sending it again", topic)
+                    continue
+                break
         body = reply["payload"]
         return Position(body["seq"], body["epoch"])
 
@@ -463,6 +502,20 @@ class Client:
             waiter.fail(ConnectionLostError("the connection closed before the server answered"))
 
 
+def _require_trio() -> None:
+    """Fail at once, with a way out, rather than deep inside Trio under another loop."""
+    try:
+        library = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        library = "no async library"
+    if library != "trio":
+        raise RuntimeError(
+            f"tidings.client runs under Trio only, and this is {library}. Under asyncio,"
+            " publish with tidings.publisher.AsyncPublisher and subscribe with"
+            " centrifuge-python at /connection/websocket (docs/asyncio.md)"
+        )
+
+
 def _describe_close(ws: WebSocketConnection) -> str:
     reason = ws.closed
     return f"closed with {reason.code} {reason.reason or ''}".strip() if reason else "closed"
@@ -511,7 +564,11 @@ async def connect(
     exponential backoff between ``min_backoff`` and ``max_backoff`` seconds and
     every subscription resumes where it left off. ``token`` authenticates the
     client (``Authorization: Bearer``).
+
+    Raises:
+        RuntimeError: not running under Trio (under asyncio, see ``docs/asyncio.md``).
     """
+    _require_trio()
     client = Client(
         url,
         reconnect=reconnect,

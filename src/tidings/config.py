@@ -101,6 +101,10 @@ def _optional_duration(value: Any) -> float | None:
     return None if value is None else parse_duration(value)
 
 
+def _optional_size(value: Any) -> int | None:
+    return None if value is None else parse_size(value)
+
+
 @attrs.frozen(kw_only=True)
 class NamespaceConfig:
     """One ``[namespaces.NAME]`` table: settings for topics ``NAME:...``.
@@ -111,6 +115,7 @@ class NamespaceConfig:
 
     history_size: int | None = None
     history_ttl: Seconds | None = attrs.field(default=None, converter=_optional_duration)
+    history_max_bytes: Bytes | None = attrs.field(default=None, converter=_optional_size)
     client_publish: bool | None = None
     presence: bool | None = None
     join_leave: bool | None = None
@@ -220,15 +225,93 @@ class Config:
         converter=parse_duration,
         metadata=_help("age after which an event leaves history"),
     )
+    history_max_bytes: Bytes = attrs.field(
+        default=Bytes(16 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("bytes one topic's history holds at most; 0: no byte bound"),
+    )
+    history_node_bytes: Bytes = attrs.field(
+        default=Bytes(256 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("bytes all history of the node holds at most; 0: no byte bound"),
+    )
     max_topics: int = attrs.field(default=100_000, metadata=_help("topics one node holds at most"))
+    idempotency_window: Seconds = attrs.field(
+        default=Seconds(300.0),
+        converter=parse_duration,
+        metadata=_help("how long a publish's idempotency key is remembered"),
+    )
+    idempotency_max_keys: int = attrs.field(
+        default=10_000,
+        metadata=_help("idempotency keys remembered per tenant (per topic with Redis); oldest go"),
+    )
+    idempotency_max_bytes: Bytes = attrs.field(
+        default=Bytes(4 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("memory the idempotency keys of one tenant may take; oldest go"),
+    )
     max_connections: int = attrs.field(
         default=100_000, metadata=_help("WebSocket connections one node accepts at most")
+    )
+    tenant_max_topics: int = attrs.field(
+        default=50_000,
+        metadata=_help(
+            "topics one tenant's clients may hold on a node (idle ones make room); 0: no limit"
+        ),
+    )
+    tenant_max_connections: int = attrs.field(
+        default=50_000, metadata=_help("connections of one tenant on a node; 0: no limit")
+    )
+    tenant_history_bytes: Bytes = attrs.field(
+        default=Bytes(128 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("bytes of history one tenant's topics hold on a node; 0: no limit"),
+    )
+    max_partial_bytes: Bytes = attrs.field(
+        default=Bytes(64 * 1024 * 1024),
+        converter=parse_size,
+        metadata=_help("bytes of unfinished (fragmented) messages the node holds for all clients"),
+    )
+    max_pending_handshakes: int = attrs.field(
+        default=4096,
+        metadata=_help(
+            "connections accepted and not yet upgraded; at the limit, accepting pauses"
+            " (never more than half the process's file descriptors)"
+        ),
+    )
+    max_pending_handshakes_per_ip: int = attrs.field(
+        default=256,
+        metadata=_help("pending handshakes from one address; more are closed at once; 0: none"),
     )
     max_subscriptions: int = attrs.field(
         default=1000, metadata=_help("subscriptions per connection")
     )
     max_pending_requests: int = attrs.field(
         default=16, metadata=_help("requests one connection may have in flight")
+    )
+    max_queued_bytes: Bytes = attrs.field(
+        default=Bytes(1024 * 1024),
+        converter=parse_size,
+        metadata=_help(
+            "byte budget of everything queued toward one client (events, replies, replays,"
+            " pongs); events beyond it meet the overflow policy"
+        ),
+    )
+    max_commands_per_frame: int = attrs.field(
+        default=1000,
+        metadata=_help("commands one frame may carry (Centrifugo batches); more close it"),
+    )
+    connect_timeout: Seconds = attrs.field(
+        default=Seconds(10.0),
+        converter=parse_duration,
+        metadata=_help("time a Centrifugo client gets to send connect after the upgrade"),
+    )
+    history_max_reply: int = attrs.field(
+        default=100,
+        metadata=_help("events one history answer or subscribe-with-recovery may carry"),
+    )
+    presence_max_reply: int = attrs.field(
+        default=1000, metadata=_help("clients one presence answer may list")
     )
     topics: tuple[str, ...] = attrs.field(
         default=(),
@@ -360,6 +443,7 @@ class Config:
             name="",
             history_size=self.history_size,
             history_ttl=self.history_ttl,
+            history_max_bytes=self.history_max_bytes,
             publish=self.client_publish,
             presence=self.presence,
             join_leave=self.join_leave,
@@ -440,6 +524,13 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_subscriptions",
         "max_pending_requests",
         "backplane_buffer",
+        "max_queued_bytes",
+        "max_commands_per_frame",
+        "history_max_reply",
+        "presence_max_reply",
+        "max_pending_handshakes",
+        "idempotency_max_keys",
+        "idempotency_max_bytes",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -453,14 +544,28 @@ def _semantic_problems(config: Config) -> list[str]:
         "handshake_timeout",
         "shutdown_timeout",
         "request_timeout",
+        "connect_timeout",
         "history_ttl",
+        "idempotency_window",
         "backplane_timeout",
         "backplane_max_lag",
         "rate_period",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
-    for name in ("rate_limit", "rate_burst", "rate_limit_violations", "max_connections_per_ip"):
+    for name in (
+        "rate_limit",
+        "rate_burst",
+        "rate_limit_violations",
+        "max_connections_per_ip",
+        "history_max_bytes",
+        "history_node_bytes",
+        "tenant_max_topics",
+        "tenant_max_connections",
+        "tenant_history_bytes",
+        "max_partial_bytes",
+        "max_pending_handshakes_per_ip",
+    ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
     if config.backplane != "memory":

@@ -11,6 +11,11 @@ Catch :class:`TidingsError` to handle them all::
     ├── AuthError      a token is missing, invalid or expired
     ├── HttpError      an HTTP API or application route answers with a status
     ├── RemoteError    a server answered the Python client with an error
+    ├── ApiCallError   a call of tidings.publisher failed (status, code, retryable)
+    │   ├── ApiUnavailableError  the node is unreachable, busy or unsure: retryable
+    │   ├── ApiAuthError         the API key is wrong, or the API is off
+    │   ├── ApiConflictError     the idempotency key was used with another payload
+    │   └── ApiRejectedError     anything else the API refused (a bad field, ...)
     └── ConfigError    the configuration is invalid (also a ValueError)
 
 Errors of the wire itself (a peer that closed, a write that timed out) are the
@@ -25,6 +30,11 @@ from collections.abc import Sequence
 from .protocol.codes import ErrorCode
 
 __all__ = [
+    "ApiAuthError",
+    "ApiCallError",
+    "ApiConflictError",
+    "ApiRejectedError",
+    "ApiUnavailableError",
     "AuthError",
     "BrokerError",
     "ConfigError",
@@ -80,6 +90,50 @@ class RemoteError(TidingsError):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+
+class ApiCallError(TidingsError):
+    """A call of :mod:`tidings.publisher` to the HTTP API failed.
+
+    ``status`` is the HTTP status (None when no answer came: the node was
+    unreachable or too slow), ``code`` the API's stable error code (or
+    ``unreachable``, ``timeout``, ``http_<status>``), ``retryable`` whether
+    the publisher retries it (it did, ``attempts`` times in all, before
+    raising).
+    """
+
+    retryable = False
+
+    def __init__(self, status: int | None, code: str, message: str, *, attempts: int = 1) -> None:
+        super().__init__(code, message)
+        self.status = status
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        if not self.attempts:
+            return f"{self.code} (not sent): {self.message}"
+        status = "no answer" if self.status is None else f"HTTP {self.status}"
+        return f"{self.code} ({status}, after {self.attempts} attempts): {self.message}"
+
+
+class ApiUnavailableError(ApiCallError):
+    """The node could not be reached, timed out, or answered 5xx (``unavailable``,
+    ``unconfirmed``, ``too_many_topics``): safe to retry with the same idempotency key."""
+
+    retryable = True
+
+
+class ApiAuthError(ApiCallError):
+    """401 ``unauthorized`` (a missing or wrong API key) or 403 ``api_disabled``."""
+
+
+class ApiConflictError(ApiCallError):
+    """409 ``idempotency_conflict``: the key was used within the window with another payload."""
+
+
+class ApiRejectedError(ApiCallError):
+    """Any other refusal (400 ``invalid_field``, ``unknown_namespace``, 404, 413, ...):
+    sending the same call again would be refused again."""
 
 
 class ConfigError(TidingsError, ValueError):

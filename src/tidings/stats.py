@@ -38,7 +38,7 @@ class Histogram:
 class NodeCounters:
     """What connections and the server count, read by the metrics collector."""
 
-    __slots__ = ("auth_failures", "disconnects", "flush_delay", "outbox_depth", "rate_limited")
+    __slots__ = ("auth_failures", "disconnects", "outbox_depth", "rate_limited", "write_delay")
 
     def __init__(self) -> None:
         self.rate_limited = 0
@@ -49,5 +49,6 @@ class NodeCounters:
         """Connections that ended, by (close code, reason)."""
         self.outbox_depth = Histogram((0, 1, 4, 16, 64, 128, 256, 512, 1024))
         """Messages queued per connection, sampled by the heartbeat."""
-        self.flush_delay = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
-        """Seconds from a message being queued to the flusher writing it."""
+        self.write_delay = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
+        """Per write of a client's writer: seconds from the oldest message it
+        carries being queued to the end of the write."""

@@ -44,6 +44,7 @@ from ..broker.broker import Broker, Delivery
 from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.idempotency import fingerprint
 from ..protocol.messages import ClientInfo, Event, Position
 from .url import parse_url, redacted
 
@@ -87,6 +88,12 @@ end"""
 # KEYS[3] remembers this node's recent publications (a ring of DEDUPE_RING
 # slots, ARGV[9] being the node's publication number): a batch retried after
 # a broken connection must not publish twice what Redis had already applied.
+#
+# A publication with an idempotency key (ARGV[11]; absent otherwise, and so is
+# all of this) is checked against the topic's window, for every node at once:
+# KEYS[4] a hash key -> "seq epoch fingerprint ms", KEYS[5] the same keys by
+# time. ARGV[12] is the payload's fingerprint, ARGV[13] the window (ms),
+# ARGV[14] the most keys kept per topic (the oldest go first).
 PUBLISH_SCRIPT: Final = (
     """
 local slot = tostring(tonumber(ARGV[9]) % tonumber(ARGV[10]))
@@ -94,6 +101,23 @@ local seen = redis.call('HGET', KEYS[3], slot)
 if seen then
   local number, seen_seq, seen_epoch = string.match(seen, '^(%d+) (%d+) (%S+)$')
   if number == ARGV[9] then return {tonumber(seen_seq), seen_epoch} end
+end
+local key = ARGV[11]
+if key then
+  local cutoff = tonumber(ARGV[7]) - tonumber(ARGV[13])
+  local expired = redis.call('ZRANGEBYSCORE', KEYS[5], '-inf', cutoff, 'LIMIT', 0, 64)
+  if #expired > 0 then
+    redis.call('HDEL', KEYS[4], unpack(expired))
+    redis.call('ZREM', KEYS[5], unpack(expired))
+  end
+  local known = redis.call('HGET', KEYS[4], key)
+  if known then
+    local known_seq, known_epoch, print, at = string.match(known, '^(%d+) (%S+) (%S+) (%d+)$')
+    if tonumber(at) > cutoff then
+      if print == ARGV[12] then return {tonumber(known_seq), known_epoch, 'replayed'} end
+      return {tonumber(known_seq), known_epoch, 'conflict'}
+    end
+  end
 end
 """
     + _START_STREAM.replace("NEW_EPOCH", "ARGV[6]")
@@ -109,6 +133,17 @@ end
 redis.call('PUBLISH', ARGV[1], message)
 redis.call('HSET', KEYS[3], slot, ARGV[9] .. ' ' .. seq .. ' ' .. epoch)
 redis.call('PEXPIRE', KEYS[3], 60000)
+if key then
+  redis.call('HSET', KEYS[4], key, seq .. ' ' .. epoch .. ' ' .. ARGV[12] .. ' ' .. ARGV[7])
+  redis.call('ZADD', KEYS[5], ARGV[7], key)
+  local excess = redis.call('ZCARD', KEYS[5]) - tonumber(ARGV[14])
+  if excess > 0 then
+    local oldest = redis.call('ZPOPMIN', KEYS[5], excess)
+    for i = 1, #oldest, 2 do redis.call('HDEL', KEYS[4], oldest[i]) end
+  end
+  redis.call('PEXPIRE', KEYS[4], ARGV[13])
+  redis.call('PEXPIRE', KEYS[5], ARGV[13])
+end
 return {seq, epoch}
 """
 )
@@ -243,6 +278,10 @@ class RedisBackplane:
         """Times a topic's events arrived with a hole that had to be filled from history."""
         self.lost = 0
         """Times a hole could not be filled: subscribers were closed with 4010."""
+        self.replayed = 0
+        """Publications whose idempotency key Redis already held: answered, not published."""
+        self.conflicts = 0
+        """Publications refused: their idempotency key was held for another payload."""
         self._client: Any = None
         self._pubsub: Any = None
         self._script: Any = None
@@ -783,13 +822,12 @@ class RedisBackplane:
                 with trio.move_on_after(BACKOFF_FIRST * 4):
                     await trio.sleep_forever()
                 continue
-            self.sequenced += len(batch)
             for item, result in zip(batch, results, strict=True):
                 on_done = item.publication.on_done
                 if on_done is not None:
                     on_done(result)
 
-    async def _publish_batch(self, batch: list[_Pending]) -> list[Position]:
+    async def _publish_batch(self, batch: list[_Pending]) -> list[Position | BrokerError]:
         now_ms = str(int(time.time() * 1000))
         timestamp = rfc3339_now()
         # The epoch a topic gets if this publication starts its stream: one per
@@ -804,7 +842,15 @@ class RedisBackplane:
                     for item in batch
                 ]
             results = [await request for request in requests]
-        return [Position(int(seq), _text(epoch)) for seq, epoch in results]
+        outcomes = [_outcome(result) for result in results]
+        for result in results:
+            if len(result) == 2:
+                self.sequenced += 1
+            elif _text(result[2]) == "replayed":
+                self.replayed += 1
+            else:
+                self.conflicts += 1
+        return outcomes
 
     def _script_call(
         self, item: _Pending, new_epoch: str, now_ms: str, timestamp: str
@@ -832,6 +878,16 @@ class RedisBackplane:
             item.number,
             DEDUPE_RING,
         ]
+        key = publication.idempotency_key
+        if key is not None:
+            window = self.broker.idempotency
+            keys += [f"{PREFIX}:{tid}:idem", f"{PREFIX}:{tid}:idem-at"]
+            args += [
+                key,
+                fingerprint(publication.payload_json),
+                int(window.window * 1000) or 1,
+                window.max_keys,
+            ]
         return keys, args
 
     def _expire_pending(self) -> None:
@@ -921,6 +977,18 @@ class RedisBackplane:
 
     def _channel(self, tenant: str, topic: str) -> bytes:
         return f"{PREFIX}:topic:{topic_id(tenant, topic)}".encode()
+
+
+def _outcome(result: list[Any]) -> Position | BrokerError:
+    """What PUBLISH_SCRIPT answered: a position, the first one of a key seen
+    before (``replayed``), or the key's conflict with another payload."""
+    position = Position(int(result[0]), _text(result[1]))
+    if len(result) > 2 and _text(result[2]) == "conflict":
+        return BrokerError(
+            ErrorCode.IDEMPOTENCY_CONFLICT,
+            "the idempotency key was used for another payload on this topic within the window",
+        )
+    return position
 
 
 def _decode(topic: str, data: bytes) -> Event:

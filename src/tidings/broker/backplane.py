@@ -32,6 +32,12 @@ class Publication:
     payload: Any
     payload_json: bytes
     on_done: DoneCallback | None
+    idempotency_key: str | None = None
+    """Set on every retry of one publication: it is published once
+    (:mod:`tidings.broker.idempotency`)."""
+    trusted: bool = True
+    """From the node's own side (the HTTP API, in-process code): exempt from the
+    tenant's topic quota. A client's publication is not."""
 
 
 class Backplane(Protocol):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from enum import StrEnum
 from typing import Any, Final
 
@@ -33,11 +33,14 @@ import trio
 from ..errors import BrokerError
 from ..protocol.clock import rfc3339_now
 from ..protocol.codes import ErrorCode
+from ..protocol.idempotency import fingerprint
 from ..protocol.messages import ClientInfo, Event, Position, PresenceChange
 from .backplane import Backplane, Publication
 from .history import History
+from .idempotency import IdempotencyWindow
 from .namespaces import Namespace, Namespaces
-from .outbox import Outbox
+from .outbox import Outbox, Replay
+from .quotas import Ledger
 from .subscription import as_event
 
 LOGGER = logging.getLogger("tidings.broker")
@@ -96,6 +99,82 @@ class Subscriber:
         """Names of the topics this subscriber is subscribed to (kept by the broker)."""
 
 
+class HistoryReplay(Replay[Any]):
+    """The events a resume must replay, read from the topic's history when wanted.
+
+    Made by :meth:`Broker.subscribe`; it holds no event, only where the replay
+    starts and ends. Queue it in the subscriber's outbox with an encoder
+    (:meth:`queue`), and the writer pulls the frames as the client's budget
+    allows; or take the events at once (:meth:`events`) where a protocol puts
+    them in its subscribe reply.
+    """
+
+    __slots__ = ("_encode", "_next", "_topic", "epoch", "last")
+
+    def __init__(self, topic: _Topic | None, first: int, last: int) -> None:
+        self._topic = topic
+        self._next = first
+        self.last = last
+        self.epoch = topic.epoch if topic is not None else ""
+        self._encode: Encoder | None = None
+
+    def __len__(self) -> int:
+        """How many events the replay carries."""
+        return max(0, self.last - self._next + 1)
+
+    @property
+    def done(self) -> bool:
+        return self._next > self.last
+
+    def events(self, limit: int | None = None) -> list[Event]:
+        """The events, read now (at most ``limit``); the cursor does not move."""
+        topic = self._topic
+        if topic is None or self.done:
+            return []
+        count = len(self) if limit is None else min(len(self), limit)
+        events, _ = topic.history.after(self._next - 1, trio.current_time(), count)
+        return events
+
+    def queue(self, outbox: Outbox[Any], encode: Encoder) -> None:
+        """Queue the replay in ``outbox``: ahead of every live event after it."""
+        if self.done:
+            return
+        self._encode = encode
+        outbox.put_replay(self)
+
+    def pull(self, max_bytes: int) -> tuple[list[Any], int, int]:
+        topic, encode = self._topic, self._encode
+        assert topic is not None and encode is not None
+        if topic.epoch != self.epoch:  # the stream restarted: the rest is gone
+            missed = len(self)
+            self._next = self.last + 1
+            return [], 0, missed
+        history = topic.history
+        first = history.first_seq
+        missed = 0
+        if first is None or first > self._next:
+            skip_to = self.last + 1 if first is None else min(first, self.last + 1)
+            missed = skip_to - self._next
+            self._next = skip_to
+        frames: list[Any] = []
+        size = 0
+        if not self.done:
+            events, _ = history.after(self._next - 1, trio.current_time(), len(self))
+            for event in events:
+                frame = encode(event)
+                frames.append(frame)
+                size += len(frame)
+                self._next = event.seq + 1
+                if size >= max_bytes or self.done:
+                    break
+            else:
+                if not events or self._next <= self.last:
+                    # Expired meanwhile: the rest of the replay is gone too.
+                    missed += len(self)
+                    self._next = self.last + 1
+        return frames, size, missed
+
+
 @attrs.frozen(slots=True)
 class SubscribeResult:
     """What ``subscribe`` found: where the stream stands and what to replay first.
@@ -106,7 +185,7 @@ class SubscribeResult:
 
     position: Position
     recovered: bool | None
-    replay: list[Event]
+    replay: HistoryReplay
 
 
 @attrs.frozen(slots=True)
@@ -131,6 +210,9 @@ class BrokerStats:
     dropped: int
     inbox_depth: int
     inbox_capacity: int
+    history_bytes: int = 0
+    evicted_topics: int = 0
+    """Idle topics forgotten to make room for new ones (their history with them)."""
 
 
 class _Topic:
@@ -150,7 +232,9 @@ class _Topic:
         "tenant",
     )
 
-    def __init__(self, tenant: str, name: str, namespace: Namespace) -> None:
+    def __init__(
+        self, tenant: str, name: str, namespace: Namespace, ledgers: Sequence[Ledger[Any, Any]] = ()
+    ) -> None:
         self.tenant = tenant
         self.name = name
         self.namespace = namespace
@@ -158,7 +242,12 @@ class _Topic:
         self.policy = namespace.overflow_policy
         self.epoch = secrets.token_hex(4)
         self.seq = 0
-        self.history = History(namespace.history_size, namespace.history_ttl)
+        self.history = History(
+            namespace.history_size,
+            namespace.history_ttl,
+            namespace.history_max_bytes,
+            ledgers=tuple(ledgers),
+        )
         # Subscribers grouped by encoder, so each event is encoded once per group.
         self.groups: dict[Encoder, dict[Outbox[Any], Subscriber]] = {}
         self.subscribers = 0
@@ -216,10 +305,21 @@ class Broker:
         namespaces: Namespaces | None = None,
         max_topics: int = 100_000,
         inbox_size: int = 1024,
+        tenant_max_topics: int = 0,
+        history_node_bytes: int = 0,
+        tenant_history_bytes: int = 0,
+        idempotency: IdempotencyWindow | None = None,
     ) -> None:
         self.namespaces = namespaces or Namespaces()
+        self.idempotency = idempotency or IdempotencyWindow()
+        """Keys of recent publications; with a backplane, its bounds apply in Redis."""
         self.max_topics = max_topics
+        self.tenant_max_topics = tenant_max_topics
+        self.tenant_history_bytes = tenant_history_bytes
         self._topics: dict[tuple[str, str], _Topic] = {}
+        self._node: Ledger[tuple[str, str], _Topic] = Ledger(max_topics, history_node_bytes)
+        self._tenants: dict[str, Ledger[tuple[str, str], _Topic]] = {}
+        self._evicted = 0
         self._inbox_send, self._inbox_receive = trio.open_memory_channel[Publication](inbox_size)
         self._inbox_capacity = inbox_size
         self._queued = 0  # publications in the inbox, or handed to the broker task and not applied
@@ -241,18 +341,32 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
+        trusted: bool = True,
     ) -> None:
         """Queue an event for ``topic``, waiting only while the inbox is full.
 
         ``on_done`` is called from the broker task with the event's position, or
         the reason it was refused. The payload is serialized here, in the
         caller's task, so that a value JSON cannot carry fails where it was
-        published.
+        published. A client's publication is not ``trusted``: it counts
+        against its tenant's topic quota.
+        With ``idempotency_key``, a key already seen for the topic
+        within the window answers with the first publication's position and
+        publishes nothing.
 
         Raises:
             TypeError: ``payload`` is not JSON-serializable.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        publication = Publication(
+            tenant,
+            topic,
+            payload,
+            orjson.dumps(payload),
+            on_done,
+            idempotency_key=idempotency_key,
+            trusted=trusted,
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
             await trio.lowlevel.checkpoint()
@@ -273,13 +387,23 @@ class Broker:
         on_done: Callable[[Position | BrokerError], None] | None = None,
         *,
         tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
+        trusted: bool = True,
     ) -> None:
         """Like :meth:`submit`, but raise ``trio.WouldBlock`` when the inbox is full.
 
         It does not yield either, so a reader can hand over every publication of
-        one socket read before its writes are flushed, which then carry them all.
+        one socket read before its writers run, which then carry them all.
         """
-        publication = Publication(tenant, topic, payload, orjson.dumps(payload), on_done)
+        publication = Publication(
+            tenant,
+            topic,
+            payload,
+            orjson.dumps(payload),
+            on_done,
+            idempotency_key=idempotency_key,
+            trusted=trusted,
+        )
         if self.backplane is not None and self._shared(topic):
             self.backplane.send(publication)
         elif not self._apply_now(publication):
@@ -298,11 +422,20 @@ class Broker:
         self._apply(publication)
         return True
 
-    async def publish(self, topic: str, payload: Any, *, tenant: str = DEFAULT_TENANT) -> Position:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        tenant: str = DEFAULT_TENANT,
+        idempotency_key: str | None = None,
+        trusted: bool = True,
+    ) -> Position:
         """Publish and wait until the event is sequenced; returns its position.
 
         Raises:
-            BrokerError: the broker refused the event (e.g. too many topics).
+            BrokerError: the broker refused the event (e.g. too many topics, or
+                ``idempotency_conflict``).
             TypeError: ``payload`` is not JSON-serializable.
         """
         done = trio.Event()
@@ -312,7 +445,9 @@ class Broker:
             outcome.append(result)
             done.set()
 
-        await self.submit(topic, payload, on_done, tenant=tenant)
+        await self.submit(
+            topic, payload, on_done, tenant=tenant, idempotency_key=idempotency_key, trusted=trusted
+        )
         await done.wait()
         result = outcome[0]
         if isinstance(result, BrokerError):
@@ -345,8 +480,12 @@ class Broker:
                 self._running = False
 
     def _apply(self, publication: Publication) -> None:
+        if publication.idempotency_key is not None and self._replayed(publication):
+            return
         try:
-            topic = self._topic(publication.tenant, publication.topic, create=True)
+            topic = self._topic(
+                publication.tenant, publication.topic, create=True, trusted=publication.trusted
+            )
         except BrokerError as exc:
             if publication.on_done is not None:
                 publication.on_done(exc)
@@ -361,16 +500,41 @@ class Broker:
             rfc3339_now(),
             publication.payload_json,
         )
-        topic.history.append(event, trio.current_time())
+        self._retain(topic, event)
+        if publication.idempotency_key is not None:
+            self.idempotency.remember(
+                publication.tenant,
+                publication.topic,
+                publication.idempotency_key,
+                fingerprint(publication.payload_json),
+                position=topic.position,
+                now=trio.current_time(),
+            )
         if publication.on_done is not None:
             # Before the fan-out, so a publisher subscribed to its own topic
             # reads the reply to its publish before the event itself.
             publication.on_done(Position(topic.seq, topic.epoch))
         self._fan_out(topic, event)
 
+    def _replayed(self, publication: Publication) -> bool:
+        """Answer a retry from the idempotency window; False: publish it."""
+        assert publication.idempotency_key is not None
+        seen = self.idempotency.check(
+            publication.tenant,
+            publication.topic,
+            publication.idempotency_key,
+            fingerprint(publication.payload_json),
+            trio.current_time(),
+        )
+        if seen is None:
+            return False
+        if publication.on_done is not None:
+            publication.on_done(seen)
+        return True
+
     def _fan_out(self, topic: _Topic, event: Event) -> None:
         # The hot loop: one method call per subscriber, counting only failures.
-        offered = dropped = 0
+        offered = dropped = closing = 0
         for encode, outboxes in topic.groups.items():
             frame = encode(event)
             offered += len(outboxes)
@@ -378,15 +542,47 @@ class Broker:
             # meet the namespace's limit and policy.
             capacity, policy = (0, None) if encode is as_event else (topic.capacity, topic.policy)
             for outbox in outboxes:
-                if not outbox.offer(frame, capacity, policy):
+                if outbox.closing is not None:
+                    closing += 1  # on its way out: neither delivered nor dropped
+                elif not outbox.offer(frame, capacity, policy):
                     dropped += 1
-        delivered = offered - dropped
+        delivered = offered - dropped - closing
         topic.published += 1
         topic.delivered += delivered
         topic.dropped += dropped
         self._published += 1
         self._delivered += delivered
         self._dropped += dropped
+
+    def _retain(self, topic: _Topic, event: Event) -> None:
+        """Append to the topic's history, charged to its tenant and the node."""
+        history = topic.history
+        if history.max_size == 0:
+            return
+        history.append(event, trio.current_time())
+        key = (topic.tenant, topic.name)
+        tenant = self._ledger(topic.tenant)
+        tenant.touch(key)
+        self._node.touch(key)
+        if tenant.over_history():
+            self._trim(tenant, topic)
+        if self._node.over_history():
+            self._trim(self._node, topic)
+
+    def _trim(self, ledger: Ledger[tuple[str, str], _Topic], current: _Topic) -> None:
+        """Make ``ledger`` fit its history bytes: oldest events of its least
+        recently appended topics first, ``current`` last (and never its newest event)."""
+        for _ in range(len(ledger.lru) + 1):
+            if not ledger.over_history():
+                return
+            key, topic = next(iter(ledger.lru.items()))
+            if topic is current or not len(topic.history):
+                ledger.touch(key)
+                if topic is not current:
+                    continue
+            while ledger.over_history() and len(topic.history) > (topic is current):
+                topic.history.pop_oldest()
+            ledger.touch(key)
 
     async def _sweep_forever(self) -> None:
         namespaces = [self.namespaces.default, *self.namespaces.named()]
@@ -404,6 +600,7 @@ class Broker:
             topic.history.expire(now)
             if self._idle(topic):
                 self._forget(key)
+        self.idempotency.sweep(now)
 
     # --- events sequenced elsewhere (a backplane) ------------------------------------
 
@@ -453,10 +650,9 @@ class Broker:
         assert topic is not None
         topic.seq = position.seq
         topic.epoch = position.epoch
-        topic.history = History(topic.namespace.history_size, topic.namespace.history_ttl)
-        now = trio.current_time()
+        topic.history.clear()
         for event in events:
-            topic.history.append(event, now)
+            self._retain(topic, event)
 
     def deliver(self, tenant: str, event: Event) -> Delivery:
         """Fan out an event the backplane sequenced, if it is the next one.
@@ -478,7 +674,7 @@ class Broker:
         else:
             return Delivery.GAP
         topic.seq = event.seq
-        topic.history.append(event, trio.current_time())
+        self._retain(topic, event)
         self._fan_out(topic, event)
         return Delivery.APPLIED
 
@@ -509,15 +705,18 @@ class Broker:
         *,
         since: int | None = None,
         epoch: str | None = None,
+        trusted: bool = False,
     ) -> SubscribeResult:
-        """Add ``subscriber`` to a topic; with ``since``, also return what it missed.
+        """Add ``subscriber`` to a topic; with ``since``, also say what it missed.
 
-        The replay holds the retained events after offset ``since`` in order.
-        Live events are offered to the subscriber's outbox from the next
-        fan-out on, so a caller that queues the replay before it next awaits
-        gets the stream with no gap and no duplicate. ``recovered`` is False
-        when ``epoch`` names another stream or history no longer reaches back to
-        ``since``.
+        The replay (a :class:`HistoryReplay`: a cursor, not the events) covers
+        the retained events after offset ``since`` in order. Live events are
+        offered to the subscriber's outbox from the next fan-out on, so a
+        caller that queues the replay before it next awaits gets the stream
+        with no gap and no duplicate. ``recovered`` is False when ``epoch``
+        names another stream or history no longer reaches back to ``since``.
+        A client's subscription is not ``trusted``: a new topic counts against
+        its tenant's quota.
 
         Raises:
             BrokerError: already subscribed, too many subscriptions or topics.
@@ -533,13 +732,13 @@ class Broker:
             subscriber.tenant,
             topic_name,
             create=self.backplane is None or not self._shared(topic_name),
+            trusted=trusted,
         )
         if topic is None:
             raise BrokerError(
                 ErrorCode.UNAVAILABLE, f"{topic_name!r} is not tracked here: call prepare() first"
             )
-        replay: list[Event] = []
-        recovered: bool | None = None
+        replay, recovered = HistoryReplay(None, 1, 0), None
         if since is not None:
             replay, recovered = self._replay(topic, since, epoch)
         self._announce(topic, "join", subscriber)
@@ -549,14 +748,18 @@ class Broker:
         subscriber.topics.add(topic_name)
         return SubscribeResult(topic.position, recovered, replay)
 
-    def _replay(self, topic: _Topic, since: int, epoch: str | None) -> tuple[list[Event], bool]:
+    def _replay(self, topic: _Topic, since: int, epoch: str | None) -> tuple[HistoryReplay, bool]:
+        nothing = HistoryReplay(None, 1, 0)
         if epoch is not None and epoch != topic.epoch:
-            return [], False
+            return nothing, False
         if since >= topic.seq:
             # Nothing missed; an offset from the future means another stream.
-            return [], since == topic.seq
-        events, complete = topic.history.after(since, trio.current_time())
-        return events, complete and bool(events)
+            return nothing, since == topic.seq
+        topic.history.expire(trio.current_time())
+        first = topic.history.first_seq
+        if first is None:
+            return nothing, False
+        return HistoryReplay(topic, max(since + 1, first), topic.seq), first <= since + 1
 
     def unsubscribe(self, subscriber: Subscriber, topic_name: str) -> bool:
         """Remove ``subscriber`` from a topic; False if it was not subscribed."""
@@ -655,6 +858,8 @@ class Broker:
             dropped=self._dropped,
             inbox_depth=self._inbox_send.statistics().current_buffer_used,
             inbox_capacity=self._inbox_capacity,
+            history_bytes=self._node.history_bytes,
+            evicted_topics=self._evicted,
         )
 
     # --- internals ----------------------------------------------------------------
@@ -671,27 +876,65 @@ class Broker:
         # History lives in the backplane: keep only what someone here follows.
         return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
 
+    def _evictable(self, topic: _Topic) -> bool:
+        """Whether a topic may be forgotten to make room: nobody here uses it."""
+        return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
+
     def _forget(self, key: tuple[str, str]) -> None:
         topic = self._topics.pop(key)
+        topic.history.clear()
+        self._node.remove(key)
+        tenant = self._tenants.get(topic.tenant)
+        if tenant is not None:
+            tenant.remove(key)
+            if not tenant.lru and tenant.history_bytes == 0:
+                del self._tenants[topic.tenant]
         if self.backplane is not None and not topic.namespace.local:
             self.backplane.untrack(*key)
 
-    def _topic(self, tenant: str, name: str, *, create: bool) -> _Topic | None:
+    def _evict(self, key: tuple[str, str]) -> None:
+        self._evicted += 1
+        LOGGER.info(
+            "forgetting idle topic %r of tenant %r to make room",
+            key[1][:200],
+            key[0],
+            extra={"event": "topic_evicted", "tenant": key[0], "topic": key[1][:200]},
+        )
+        self._forget(key)
+
+    def _ledger(self, tenant: str) -> Ledger[tuple[str, str], _Topic]:
+        ledger = self._tenants.get(tenant)
+        if ledger is None:
+            ledger = self._tenants[tenant] = Ledger(
+                self.tenant_max_topics, self.tenant_history_bytes
+            )
+        return ledger
+
+    def _topic(
+        self, tenant: str, name: str, *, create: bool, trusted: bool = True
+    ) -> _Topic | None:
         key = (tenant, name)
         topic = self._topics.get(key)
         if topic is None and create:
             namespace = self.namespaces.resolve(name)
             if namespace is None:
                 raise _unknown_namespace(name)
-            if len(self._topics) >= self.max_topics:
-                self.sweep()
-                if len(self._topics) >= self.max_topics:
-                    raise BrokerError(
-                        ErrorCode.TOO_MANY_TOPICS,
-                        f"this node holds its limit of {self.max_topics} topics",
-                    )
-            topic = _Topic(tenant, name, namespace)
+            ledger = self._ledger(tenant)
+            if not trusted and ledger.full() and not ledger.evict_one(self._evictable, self._evict):
+                raise BrokerError(
+                    ErrorCode.TOO_MANY_TOPICS,
+                    f"tenant {tenant!r} holds its limit of {ledger.max_topics} topics, all in use",
+                )
+            if self._node.full() and not self._node.evict_one(self._evictable, self._evict):
+                raise BrokerError(
+                    ErrorCode.TOO_MANY_TOPICS,
+                    f"this node holds its limit of {self.max_topics} topics, all in use",
+                )
+            ledger = self._ledger(tenant)  # eviction may have dropped an empty one
+            topic = _Topic(tenant, name, namespace, (ledger, self._node))
             self._topics[key] = topic
+            ledger.add(key, topic)
+            self._node.add(key, topic)
         return topic
 
 

@@ -26,6 +26,9 @@ class Namespace:
     """The prefix before ``:``; empty for the default namespace."""
     history_size: int = 1000
     history_ttl: float = 300.0
+    history_max_bytes: int = 16 * 1024 * 1024
+    """Bytes one topic's history may hold (see :func:`~tidings.broker.history.event_size`);
+    0: no byte bound of its own."""
     publish: bool | None = None
     """May clients publish? None: yes without authentication; with tokens, their
     ``publish`` claim decides. True: any client may. False: none may."""

@@ -1,23 +1,31 @@
-"""The bounded queue between the broker and one consumer.
+"""The bounded channel between the broker and one consumer (a client's writer).
 
-It is a memory channel cut to this one job:
+:func:`open_outbox` returns its two ends, as ``trio.open_memory_channel``
+does: the broker and the connection's reader hold the send side
+(:class:`Outbox`), the connection's writer the receive side
+(:class:`OutboxReceiver`). It is a memory channel cut to this job:
 
-* the broker must never wait: :meth:`Outbox.offer` is ``send_nowait`` that
-  answers False instead of raising, applying the overflow policy in place;
-* replies and replays must never be dropped and must stay in order with
-  events: :meth:`Outbox.put` queues past the capacity and does not use it up,
-  so a resume that replays 900 events still leaves room for 256 live ones
-  behind them (the reader waits in :meth:`Outbox.wait_writable` before reading
-  the next command, so the excess is bounded by what one command produces:
-  at most one topic's history);
-* whoever writes wants everything queued in one go, to coalesce it into one
-  socket write.
-
-An outbox is drained in one of two ways. An in-process subscriber is a task
-that waits in :meth:`receive`. A connection instead gives the outbox a
-``sink`` and a :class:`Flusher`: when something is queued, the outbox asks the
-flusher to call the sink, and one node-wide task then writes every outbox that
-has something queued, with no task switch per connection.
+* **the broker never waits**: :meth:`Outbox.offer` is ``send_nowait`` with
+  drop-on-full semantics: a full outbox refuses the event, counts the drop,
+  and under the ``disconnect`` policy closes itself with 1008, all in place;
+  :meth:`Outbox.send_nowait` is the same with Trio's signalling
+  (``trio.WouldBlock``);
+* **bounded in count and in bytes**: live events meet the count limit
+  (``capacity``, per topic if its namespace says so) and the byte budget
+  (``max_bytes``); everything queued toward the client is charged to that
+  budget, including what the writer has taken and not yet written;
+* **replies are never dropped** (:meth:`Outbox.put`), so a command always gets
+  its answer; they are charged to the budget all the same, and whoever reads
+  commands waits in :meth:`Outbox.wait_within_budget` before taking the next
+  one: a client that sends but never reads stops being read;
+* **pongs coalesce** (:meth:`Outbox.put_pong`): one pending pong at most, as
+  RFC 6455 allows, so a ping flood costs nothing to queue;
+* **replays are paced** (:meth:`Outbox.put_replay`): a resume queues a cursor
+  over the topic's history, not the events; the writer pulls from it as the
+  budget allows, so a replay is never held whole per client;
+* **the writer takes everything queued at once**
+  (:meth:`OutboxReceiver.receive_batch`), to write it in as few writes as
+  possible.
 """
 
 from __future__ import annotations
@@ -29,8 +37,6 @@ from typing import Final, Generic, TypeVar
 
 import attrs
 import trio
-
-from ..stats import Histogram
 
 LOGGER = logging.getLogger("tidings.broker")
 
@@ -55,111 +61,70 @@ class Closing:
     flush: bool
 
 
-OVERFLOW_CLOSE_CODE = 1008
+OVERFLOW_CLOSE_CODE: Final = 1008
+#: What a control frame (ping, pong, close) is charged, whatever its form.
+CONTROL_FRAME_BYTES: Final = 128
 
 
-#: With at least this many connections waiting to be written, the flusher waits
-#: up to COALESCE_PASSES scheduler passes (COALESCE_MAX_DELAY at most) for more.
-COALESCE_OUTBOXES: Final = 64
-COALESCE_PASSES: Final = 16
-COALESCE_MAX_DELAY: Final = 0.002
+class Replay(Generic[T]):
+    """A cursor over retained events, drained by the writer as the budget allows.
 
-
-class Flusher:
-    """Calls the sink of every outbox that has something to write, in one task.
-
-    Producers (the broker's fan-out, a connection's reader, the heartbeat)
-    only queue; the flusher runs after they yield, so everything one broker
-    batch queued for a connection goes out in one write, and a thousand
-    connections cost one task switch rather than a thousand.
+    The broker makes them (over a topic's history); the outbox only pulls.
     """
 
-    __slots__ = ("_pending", "_since", "_task", "coalesce", "delays")
+    __slots__ = ()
 
-    def __init__(self, delays: Histogram | None = None, *, coalesce: bool = False) -> None:
-        self._pending: list[Outbox[object]] = []
-        self._task: trio.lowlevel.Task | None = None
-        self._since = 0.0
-        self.delays = delays
-        self.coalesce = coalesce
-        """Wait briefly for more before writing many connections (see :meth:`_coalesce`).
-        Off for the broker's own batches, which need none; on under a backplane."""
-        """When set: per pass, seconds from the first thing queued to its write."""
+    def pull(self, max_bytes: int) -> tuple[list[T], int, int]:
+        """The next items, about ``max_bytes`` of them (at least one if any
+        remain), their size, and how many events that should have come first
+        are gone from history."""
+        raise NotImplementedError
 
-    def schedule(self, outbox: Outbox[object]) -> None:
-        if not self._pending and self.delays is not None:
-            self._since = trio.current_time()
-        self._pending.append(outbox)
-        task = self._task
-        if task is not None:
-            self._task = None
-            trio.lowlevel.reschedule(task)
-
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Flush until cancelled."""
-        task_status.started()
-        while True:
-            if not self._pending:
-                self._task = trio.lowlevel.current_task()
-
-                def abort(_: object) -> trio.lowlevel.Abort:
-                    self._task = None
-                    return trio.lowlevel.Abort.SUCCEEDED
-
-                await trio.lowlevel.wait_task_rescheduled(abort)
-            if self.coalesce and len(self._pending) >= COALESCE_OUTBOXES:
-                await self._coalesce()
-            self.flush_now()
-            await trio.lowlevel.checkpoint()
-
-    async def _coalesce(self) -> None:
-        """Let events that arrive one task switch apart join this write.
-
-        The broker hands over events in batches, but a backplane delivers them
-        one pub/sub message at a time, each after a few task switches: writing
-        after every one cost a write(2) per event per connection. A few
-        scheduler passes, bounded in time, gather them first.
-        """
-        deadline = trio.current_time() + COALESCE_MAX_DELAY
-        for _ in range(COALESCE_PASSES):
-            await trio.lowlevel.checkpoint()
-            if not self._pending or trio.current_time() >= deadline:
-                return
-
-    def flush_now(self) -> None:
-        """Flush every waiting outbox in the caller's task.
-
-        A reader calls this when it is about to wait for input: what its
-        commands queued goes out without waiting for the flusher's turn.
-        """
-        pending, self._pending = self._pending, []
-        for outbox in pending:
-            try:
-                outbox.flush()
-            except Exception:
-                # A sink's bug must cost its own connection, not the node's writes.
-                LOGGER.exception("flushing an outbox failed")
-        if pending and self.delays is not None:
-            self.delays.observe(trio.current_time() - self._since)
+    @property
+    def done(self) -> bool:
+        """Whether the whole replay was pulled."""
+        raise NotImplementedError
 
 
-class Outbox(Generic[T]):
-    """Bounded queue with a drop-or-disconnect overflow policy."""
+def open_outbox(
+    capacity: int,
+    policy: OverflowPolicy = OverflowPolicy.DROP,
+    *,
+    max_bytes: int = 0,
+    size: Callable[[T], int] = len,  # type: ignore[assignment]
+) -> tuple[Outbox[T], OutboxReceiver[T]]:
+    """A new outbox: its send side (broker, reader) and its receive side (writer).
+
+    ``capacity`` bounds the live events queued (replies and replays do not use
+    it up); ``max_bytes`` (0: unbounded) bounds the bytes of everything queued
+    toward the consumer, measured with ``size``.
+    """
+    outbox: Outbox[T] = Outbox(capacity, policy, max_bytes=max_bytes, size=size)
+    return outbox, outbox.receiver
+
+
+class Outbox(trio.abc.SendChannel[T], Generic[T]):
+    """The send side of an outbox, and the queue itself (see :func:`open_outbox`)."""
 
     __slots__ = (
         "_consumer",
-        "_flusher",
+        "_in_flight",
         "_items",
-        "_put_queued",
-        "_scheduled",
-        "_writer_waiting_for_space",
+        "_live",
+        "_pong",
+        "_queued",
+        "_replays",
+        "_room_waiter",
+        "_size",
         "capacity",
         "closing",
         "dropped",
         "lossless",
+        "max_bytes",
         "peak",
         "policy",
-        "sink",
+        "receiver",
+        "since",
     )
 
     def __init__(
@@ -167,70 +132,176 @@ class Outbox(Generic[T]):
         capacity: int,
         policy: OverflowPolicy = OverflowPolicy.DROP,
         *,
-        flusher: Flusher | None = None,
-        sink: Callable[[], None] | None = None,
+        max_bytes: int = 0,
+        size: Callable[[T], int] = len,  # type: ignore[assignment]
     ) -> None:
         if capacity < 1:
             raise ValueError("outbox capacity must be at least 1")
-        if (flusher is None) != (sink is None):
-            raise ValueError("an outbox needs both a flusher and a sink, or neither")
         self.capacity = capacity
         self.policy = policy
+        self.max_bytes = max_bytes
+        """The byte budget of everything queued toward the consumer; 0: none."""
         self.dropped = 0
-        """Events refused because the outbox was full."""
+        """Events refused because the outbox was full (or gone from history mid-replay)."""
         self.lossless = False
         """Whether overflow always closes the outbox (1008), whatever the policy says:
         for consumers that cannot tell that an event was dropped."""
         self.peak = 0
         """The most items ever queued at once (as seen by the consumer)."""
         self.closing: Closing | None = None
-        self.sink = sink
-        """Writes what is queued (:meth:`take`) without waiting; called by the flusher."""
-        self._flusher = flusher
-        self._scheduled = False
         # A list, not a deque: take() swaps it whole, and an empty list is a
         # tenth of an empty deque on every idle connection.
-        self._items: list[T] = []
-        self._put_queued = 0  # items queued by put(), which do not use up the capacity
+        self._items: list[T | Replay[T]] = []
+        self._live = 0  # events offered and queued: what meets the capacity
+        self._replays = 0  # replay cursors queued
+        self._pong: T | None = None
+        self._queued = 0  # bytes charged for what is queued
+        self._in_flight = 0  # ... and for what the consumer took and has not released
+        self._size = size
         self._consumer: trio.lowlevel.Task | None = None
-        self._writer_waiting_for_space: trio.lowlevel.Task | None = None
+        self._room_waiter: trio.lowlevel.Task | None = None
+        self.receiver: OutboxReceiver[T] = OutboxReceiver(self)
+        """The receive side (the writer's end)."""
+        self.since = 0.0
+        """``trio.current_time()`` when the oldest item now queued was queued."""
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._items) + (self._pong is not None)
 
-    # --- producers ----------------------------------------------------------
+    @property
+    def queued_bytes(self) -> int:
+        """Bytes charged toward the consumer: queued, and taken but not yet written."""
+        return self._queued + self._in_flight
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether more bytes are queued toward the consumer than its budget."""
+        return bool(self.max_bytes) and self._queued + self._in_flight > self.max_bytes
+
+    # --- the broker's side ----------------------------------------------------------
 
     def offer(self, item: T, capacity: int = 0, policy: OverflowPolicy | None = None) -> bool:
-        """Queue an event if there is room; never blocks. False means not queued.
+        """Queue a live event if there is room; never blocks. False means not queued.
 
+        This is ``send_nowait`` with drop-on-full semantics: a full outbox
+        counts a drop and, under the ``disconnect`` policy (or when
+        :attr:`lossless`), closes itself with 1008 so the client can resume.
         ``capacity`` and ``policy``, when given, replace the outbox's own for
-        this event (a topic's namespace sets them). A full outbox counts a drop
-        and, under the ``disconnect`` policy, closes itself with 1008 so the
-        connection ends and the client can resume.
+        this event (a topic's namespace sets them). A closing outbox refuses
+        the event without counting it: nobody will read it either way.
         """
-        items = self._items
-        if len(items) - self._put_queued >= (capacity or self.capacity) or self.closing is not None:
-            if self.closing is None:
-                self.dropped += 1
-                if self.lossless or (policy or self.policy) is OverflowPolicy.DISCONNECT:
-                    self.close(OVERFLOW_CLOSE_CODE, "outbox overflow", flush=False)
+        if self.closing is not None:
             return False
+        if self._live >= (capacity or self.capacity):
+            self._overflow(policy)
+            return False
+        max_bytes = self.max_bytes
+        if max_bytes:
+            size = self._size(item)
+            if self._queued + self._in_flight + size > max_bytes:
+                self._overflow(policy)
+                return False
+            self._queued += size
+        items = self._items
+        if not items:
+            self.since = trio.current_time()
         items.append(item)
-        if not self._scheduled:
-            self._notify()
+        self._live += 1
+        if self._consumer is not None:
+            self._wake_consumer()
         return True
 
-    def put(self, item: T) -> None:
-        """Queue a reply past the capacity: replies are never dropped.
+    def send_nowait(self, value: T) -> None:
+        """Queue a live event now, as a memory channel would.
 
-        The caller bounds the excess by awaiting :meth:`wait_writable` before it
-        takes on more work. Ignored once the outbox is closing.
+        Raises:
+            trio.WouldBlock: the outbox is full (the overflow policy was applied).
+            trio.ClosedResourceError: the outbox is closing.
+        """
+        if self.closing is not None:
+            raise trio.ClosedResourceError("the outbox is closing")
+        if not self.offer(value):
+            raise trio.WouldBlock
+
+    async def send(self, value: T) -> None:
+        """Queue a live event, waiting while the outbox is full (producers that may wait).
+
+        Raises:
+            trio.ClosedResourceError: the outbox is closing.
+        """
+        while True:
+            if self.closing is not None:
+                raise trio.ClosedResourceError("the outbox is closing")
+            if self._has_room(self._size(value) if self.max_bytes else 0):
+                break
+            await self._wait_for_room()
+        self.offer(value)
+        await trio.lowlevel.checkpoint()
+
+    def _has_room(self, size: int) -> bool:
+        return self._live < self.capacity and (
+            not self.max_bytes or self._queued + self._in_flight + size <= self.max_bytes
+        )
+
+    def _overflow(self, policy: OverflowPolicy | None) -> None:
+        self.dropped += 1
+        if self.lossless or (policy or self.policy) is OverflowPolicy.DISCONNECT:
+            self.close(OVERFLOW_CLOSE_CODE, "outbox overflow", flush=False)
+
+    # --- the reader's side ------------------------------------------------------------
+
+    def put(self, item: T) -> None:
+        """Queue a reply: never dropped, but charged to the byte budget.
+
+        The caller keeps the excess bounded: it awaits :meth:`wait_within_budget`
+        before it takes on more work. Ignored once the outbox is closing.
         """
         if self.closing is not None:
             return
+        if self.max_bytes:
+            self._queued += self._size(item)
+        if not self._items:
+            self.since = trio.current_time()
         self._items.append(item)
-        self._put_queued += 1
-        self._notify()
+        self._wake_consumer()
+
+    def put_control(self, item: T) -> None:
+        """Queue a ping (or another control frame) of the server's own."""
+        if self.closing is not None:
+            return
+        if self.max_bytes:
+            self._queued += CONTROL_FRAME_BYTES
+        self._items.append(item)
+        self._wake_consumer()
+
+    def put_pong(self, item: T) -> None:
+        """Queue the answer to the peer's ping, replacing one not yet taken.
+
+        RFC 6455 lets a pong answer only the latest of several pings; so a
+        ping flood holds one pong, not one per ping.
+        """
+        if self.closing is not None:
+            return
+        if self._pong is None and self.max_bytes:
+            self._queued += CONTROL_FRAME_BYTES
+        self._pong = item
+        self._wake_consumer()
+
+    def put_replay(self, replay: Replay[T]) -> None:
+        """Queue a replay cursor: its events go out, as the budget allows, ahead
+        of whatever is queued after it (the live events of the topic)."""
+        if self.closing is not None:
+            return
+        self._items.append(replay)
+        self._replays += 1
+        self._wake_consumer()
+
+    async def wait_within_budget(self) -> None:
+        """Wait until the bytes queued are back within the budget (or the outbox closes)."""
+        while self.over_budget and self.closing is None:
+            await self._wait_for_room()
+
+    # --- closing ---------------------------------------------------------------------
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         """Stop accepting items; the first close wins.
@@ -243,99 +314,184 @@ class Outbox(Generic[T]):
             return
         self.closing = Closing(code, reason, flush)
         if not flush:
+            # What the consumer took and has not released stays charged until it does.
             self._items.clear()
-            self._put_queued = 0
-        self._notify()
-        self._wake_producer()
+            self._live = self._replays = self._queued = 0
+            self._pong = None
+        self._wake_consumer()
+        self._wake_room_waiter()
 
-    # --- consumers ----------------------------------------------------------
+    async def aclose(self) -> None:
+        """Close with 1000 (what is queued still goes out)."""
+        self.close(1000, "")
+        await trio.lowlevel.checkpoint()
+
+    # --- the consumer's side (through OutboxReceiver) -------------------------------
 
     def take(self) -> list[T]:
-        """Everything queued, now (for a sink)."""
-        # The queue only grows between takes, so its length is at a peak now:
-        # measured here rather than on every offer, which is the hot path.
-        self._note_peak()
-        batch, self._items = self._items, []
-        self._put_queued = 0
-        self._wake_producer()
+        """Everything the consumer may have now, in order.
+
+        Items queued behind an unfinished replay wait for it; the replay
+        yields what the remaining budget allows (at least one event). What is
+        taken stays charged to the budget until :meth:`release`.
+        """
+        items = self._items
+        # Measured here, not on every offer (the hot path): the queue only
+        # grows between takes, so its length is at a peak now.
+        self.peak = max(self.peak, len(items))
+        if self._replays:
+            batch = self._take_through_replays()
+        else:
+            self._items = []
+            self._live = 0
+            self._in_flight += self._queued
+            self._queued = 0
+            batch = items  # type: ignore[assignment]  # no replay in it
+        pong = self._pong
+        if pong is not None:
+            self._pong = None
+            batch.insert(0, pong)
+        if self._room_waiter is not None:
+            self._wake_room_waiter()
         return batch
 
-    def flush(self) -> None:
-        """Run the sink (the flusher calls this after producers have yielded)."""
-        self._scheduled = False
-        if self.sink is not None:
-            self.sink()
+    def _take_through_replays(self) -> list[T]:
+        batch: list[T] = []
+        items = self._items
+        sized = bool(self.max_bytes)
+        charged = taken = 0
+        for index, item in enumerate(items):
+            if not isinstance(item, Replay):
+                batch.append(item)
+                if sized:
+                    charged += _charge(self._size, item)
+                taken = index + 1
+                continue
+            room = self.max_bytes - self.queued_bytes if sized else 1 << 62
+            events, size, missed = item.pull(max(room, 1))
+            if missed:
+                self._missed(missed)
+                if self.closing is not None and not self.closing.flush:
+                    return []
+            batch.extend(events)
+            if sized:
+                self._queued += size  # charged as it is pulled ...
+                charged += size
+            if not item.done:
+                break  # what is behind it waits for the rest of the replay
+            self._replays -= 1
+            taken = index + 1
+        del items[:taken]
+        self._queued -= charged  # ... and handed over with the rest
+        self._in_flight += charged
+        # Replies behind a replay count as live here: that errs toward dropping sooner.
+        self._live = sum(1 for item in items if not isinstance(item, Replay))
+        return batch
+
+    def _missed(self, missed: int) -> None:
+        """Events a replay should have carried left history before it got to them."""
+        self.dropped += missed
+        if self.lossless or self.policy is OverflowPolicy.DISCONNECT:
+            self.close(OVERFLOW_CLOSE_CODE, "outbox overflow (a replay fell behind history)")
+
+    def release(self) -> None:
+        """The consumer wrote everything it took: those bytes leave the budget."""
+        self._in_flight = 0
+        if self._room_waiter is not None:
+            self._wake_room_waiter()
+
+    # --- waiting ---------------------------------------------------------------------
+
+    def _wake_consumer(self) -> None:
+        task = self._consumer
+        if task is not None:
+            self._consumer = None
+            trio.lowlevel.reschedule(task)
+
+    def _wake_room_waiter(self) -> None:
+        task = self._room_waiter
+        if task is not None and (self.closing is not None or not self.over_budget):
+            self._room_waiter = None
+            trio.lowlevel.reschedule(task)
+
+    async def _wait_for_room(self) -> None:
+        if self._room_waiter is not None:
+            raise trio.BusyResourceError("another task is already waiting for room")
+        self._room_waiter = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort_room_wait)
+
+    def _abort_room_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._room_waiter = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    def _abort_consumer_wait(self, _: object) -> trio.lowlevel.Abort:
+        self._consumer = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+
+class OutboxReceiver(trio.abc.ReceiveChannel[T], Generic[T]):
+    """The receive side of an outbox: the writer's end."""
+
+    __slots__ = ("_outbox",)
+
+    def __init__(self, outbox: Outbox[T]) -> None:
+        self._outbox = outbox
 
     async def receive_batch(self) -> list[T]:
         """Everything queued, waiting until there is something.
 
-        Returns an empty batch once the outbox is closing and drained.
+        Returns an empty batch once the outbox is closing and drained (or
+        closing without flush). Call :meth:`release` once the batch is written.
         """
-        while not self._items:
-            if self.closing is not None:
-                await trio.lowlevel.checkpoint()
+        outbox = self._outbox
+        while not outbox._items and outbox._pong is None:
+            if outbox.closing is not None:
                 return []
-            await self._wait_for_items()
-        return self.take()
+            if outbox._consumer is not None:
+                raise trio.BusyResourceError("another task is already receiving from this outbox")
+            outbox._consumer = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(outbox._abort_consumer_wait)
+        return outbox.take()
+
+    def release(self) -> None:
+        """Everything taken so far is written: it leaves the budget."""
+        self._outbox.release()
 
     async def receive(self) -> T:
-        """The next item, waiting until there is one.
+        """The next item, waiting until there is one (for in-process subscribers,
+        which queue no replay cursor and no pong).
 
         Raises:
             trio.EndOfChannel: the outbox is closing and drained.
         """
-        while not self._items:
-            if self.closing is not None:
+        outbox = self._outbox
+        while not outbox._items:
+            if outbox.closing is not None:
                 raise trio.EndOfChannel
-            await self._wait_for_items()
-        self._note_peak()
-        item = self._items.pop(0)  # at most capacity + one replay long
-        # Which kind of item left is not recorded; assuming a put() one errs
-        # towards dropping sooner, never towards growing past the bound.
-        self._put_queued = max(0, self._put_queued - 1)
-        self._wake_producer()
+            if outbox._consumer is not None:
+                raise trio.BusyResourceError("another task is already receiving from this outbox")
+            outbox._consumer = trio.lowlevel.current_task()
+            await trio.lowlevel.wait_task_rescheduled(outbox._abort_consumer_wait)
+        outbox.peak = max(outbox.peak, len(outbox._items))
+        item = outbox._items.pop(0)  # at most capacity + replies long
+        if isinstance(item, Replay):
+            raise TypeError("receive() cannot take a replay cursor: use receive_batch()")
+        # Which kind of item left is not recorded; counting it as live errs
+        # toward accepting sooner, never toward growing past the bound.
+        outbox._live = max(0, outbox._live - 1)
+        if outbox._room_waiter is not None:
+            outbox._wake_room_waiter()
         await trio.lowlevel.checkpoint()
         return item
 
-    async def wait_writable(self) -> None:
-        """Wait until fewer than ``capacity`` items are queued (or the outbox closes)."""
-        while len(self._items) >= self.capacity and self.closing is None:
-            self._writer_waiting_for_space = trio.lowlevel.current_task()
+    async def aclose(self) -> None:
+        """The consumer is gone: close the outbox without flushing."""
+        self._outbox.close(1000, "", flush=False)
+        await trio.lowlevel.checkpoint()
 
-            def abort(_: object) -> trio.lowlevel.Abort:
-                self._writer_waiting_for_space = None
-                return trio.lowlevel.Abort.SUCCEEDED
 
-            await trio.lowlevel.wait_task_rescheduled(abort)
-
-    # --- internals ----------------------------------------------------------
-
-    def _note_peak(self) -> None:
-        self.peak = max(self.peak, len(self._items))
-
-    def _notify(self) -> None:
-        """Something changed for whoever drains this outbox."""
-        if self._consumer is not None:
-            task = self._consumer
-            self._consumer = None
-            trio.lowlevel.reschedule(task)
-        elif self._flusher is not None and not self._scheduled:
-            self._scheduled = True
-            self._flusher.schedule(self)  # type: ignore[arg-type]
-
-    async def _wait_for_items(self) -> None:
-        if self._consumer is not None:
-            raise trio.BusyResourceError("another task is already receiving from this outbox")
-        self._consumer = trio.lowlevel.current_task()
-
-        def abort(_: object) -> trio.lowlevel.Abort:
-            self._consumer = None
-            return trio.lowlevel.Abort.SUCCEEDED
-
-        await trio.lowlevel.wait_task_rescheduled(abort)
-
-    def _wake_producer(self) -> None:
-        task = self._writer_waiting_for_space
-        if task is not None and (len(self._items) < self.capacity or self.closing is not None):
-            self._writer_waiting_for_space = None
-            trio.lowlevel.reschedule(task)
+def _charge(size: Callable[[T], int], item: T) -> int:
+    try:
+        return size(item)
+    except TypeError:  # a control frame object (ASGI)
+        return CONTROL_FRAME_BYTES

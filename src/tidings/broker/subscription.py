@@ -46,6 +46,6 @@ class Subscription:
 
     async def __anext__(self) -> Event:
         try:
-            return await self._outbox.receive()
+            return await self._outbox.receiver.receive()
         except trio.EndOfChannel:
             raise StopAsyncIteration from None

@@ -68,6 +68,11 @@ class Endpoint:
         lossless: for protocols whose clients cannot tell that an event was
             dropped: a full outbox closes the connection (1008, so the client
             resumes) whatever the topic's overflow policy says.
+        authenticates_after_upgrade: for protocols whose clients prove who
+            they are in a message after the upgrade (Centrifugo's ``connect``):
+            a client that has not (:meth:`Session.authenticate`) within
+            ``connect_timeout`` is closed with ``connect_timeout_code``, and
+            nothing it sends before counts as activity.
     """
 
     def __init__(
@@ -79,6 +84,8 @@ class Endpoint:
         app_ping: bytes | None = None,
         lossless: bool = False,
         limits: Mapping[str, Any] | None = None,
+        authenticates_after_upgrade: bool = False,
+        connect_timeout_code: int = 1008,
     ) -> None:
         if not path.startswith("/"):
             raise ValueError(f"an endpoint path starts with '/': {path!r}")
@@ -87,6 +94,8 @@ class Endpoint:
         self.authenticate = authenticate
         self.app_ping = app_ping
         self.lossless = lossless
+        self.authenticates_after_upgrade = authenticates_after_upgrade
+        self.connect_timeout_code = connect_timeout_code
         self.limits: dict[str, Any] = dict(limits or {})
         self.handlers: dict[str, MessageHandler] = {}
         self.connect_hooks: list[ConnectHook] = []

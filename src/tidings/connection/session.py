@@ -164,6 +164,8 @@ class Session:
         Raises:
             RuntimeError: the session holds subscriptions and ``identity`` is of
                 another tenant (they belong to the tenant it had).
+            BrokerError: ``too_many_connections``: the new tenant holds its
+                limit of connections on this node.
         """
         self._connection.adopt(identity)
 

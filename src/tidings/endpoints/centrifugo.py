@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeAlias
@@ -54,6 +55,8 @@ DEFAULT_PATH: Final = "/connection/websocket"
 SendHandler: TypeAlias = Callable[[Session, Any], Awaitable[None]]
 """``async def on_send(session, data)``: a client's ``send`` (no answer goes back)."""
 
+#: Answers collected past this many bytes go to the outbox before the frame ends.
+PENDING_FLUSH_BYTES: Final = 64 * 1024
 #: ``subscribe.flag`` bit: answer error 112 rather than ``recovered: false``.
 REJECT_UNRECOVERED: Final = 2
 #: Methods whose handler may wait: a subscribe answer collected before them goes out
@@ -68,7 +71,11 @@ class CentrifugoState:
 
     connected: bool = False
     pending: list[bytes] = attrs.Factory(list)
-    """Answers to the commands of the frame being handled, sent as one frame."""
+    """Answers to the commands of the frame being handled, sent as one frame
+    (or several, once they pass :data:`PENDING_FLUSH_BYTES`)."""
+    pending_bytes: int = 0
+    failed: bool = False
+    """A command of this client failed in a handler: logged once, not per command."""
     urgent: bool = False
     """``pending`` holds a subscribe answer: send it before anything awaits."""
 
@@ -96,12 +103,16 @@ class _Centrifugo:
         self.on_send = on_send
         self.endpoint = Endpoint(
             path,
-            wire.CentrifugoDialect(),
+            wire.CentrifugoDialect(server.config.max_commands_per_frame),
             authenticate=self._admit,
             app_ping=wire.PING,
             # The SDKs trust offsets: an event dropped for a slow client would be
             # a gap they never see, so a full outbox closes it and it recovers.
             lossless=True,
+            # The token comes in the connect command: a socket that never sends
+            # one is closed as Centrifugo does (3502), whatever else it sends.
+            authenticates_after_upgrade=True,
+            connect_timeout_code=wire.DisconnectCode.STALE,
         )
         self.methods: dict[str, Method] = {
             "connect": self._connect,
@@ -157,12 +168,19 @@ class _Centrifugo:
         except (RequestError, BrokerError) as exc:
             reply = wire.encode_tidings_error(command_id, exc.code, exc.message)
         except Exception:
-            LOGGER.exception("centrifugo %s of %s failed", kind, session.id)
+            if not state.failed:  # a client that keeps failing is not a log flood
+                state.failed = True
+                LOGGER.exception("centrifugo %s of %s failed", kind, session.id)
             reply = wire.encode_tidings_error(
                 command_id, ErrorCode.REQUEST_FAILED, f"{kind} failed"
             )
         if reply is not None and command_id:
             state.pending.append(reply)
+            state.pending_bytes += len(reply)
+            if state.pending_bytes >= PENDING_FLUSH_BYTES:
+                # Into the outbox now, where the client's byte budget sees them,
+                # rather than after a frame of a thousand commands.
+                self._flush(session)
 
     def _flush(self, session: Session) -> None:
         """Send the answers collected so far, as one frame."""
@@ -171,6 +189,7 @@ class _Centrifugo:
             return
         frame = wire.join_frames(state.pending)
         state.pending.clear()
+        state.pending_bytes = 0
         state.urgent = False
         session.reply(frame)
 
@@ -191,7 +210,12 @@ class _Centrifugo:
         self, session: Session, state: CentrifugoState, body: dict[str, Any]
     ) -> dict[str, Any]:
         identity = self._verify(body.get("token"))
-        session.authenticate(identity)
+        try:
+            session.authenticate(identity)
+        except BrokerError as exc:
+            raise _Disconnect(
+                wire.DisconnectCode.CONNECTION_LIMIT, "connection limit", exc.message
+            ) from None
         state.connected = True
         ping = max(1, math.ceil(self.server.config.ping_interval))
         return {
@@ -305,6 +329,8 @@ class _Centrifugo:
         self, session: Session, state: CentrifugoState, body: dict[str, Any]
     ) -> dict[str, Any]:
         clients = await self._who(session, _channel(body))
+        # Bounded at the source: presence_stats counts them all.
+        clients = clients[: self.server.config.presence_max_reply]
         info = {client.id: wire.client_info(client.id, client.user) for client in clients}
         return {"presence": info}
 
@@ -339,11 +365,14 @@ class _Centrifugo:
         since_offset = _offset(since.get("offset"), "since.offset") if since else 0
         since_epoch = _epoch(since.get("epoch"), "since.epoch") if since else ""
         tenant = session.identity.tenant
+        # Bounded at the source: "all" (a negative limit) or more than the
+        # maximum is the maximum, as in Centrifugo; the client pages with since.
+        most = self.server.config.history_max_reply
+        wanted = most if limit < 0 or limit > most else limit
         if limit == 0:  # the position alone
             events, position = await self.server.history(channel, 0, 1, tenant=tenant)
             events = []
         elif not reverse:
-            wanted = limit if limit > 0 else None
             events, position = await self.server.history(
                 channel, since_offset, wanted, tenant=tenant
             )
@@ -351,9 +380,7 @@ class _Centrifugo:
             events, position = await self.server.history(channel, 0, None, tenant=tenant)
             if since is not None:
                 events = [event for event in events if event.seq < since_offset]
-            events.reverse()
-            if limit > 0:
-                events = events[:limit]
+            events = events[: -wanted - 1 : -1]  # the newest, newest first
         top, epoch = (position.seq, position.epoch) if position is not None else (0, "")
         if since_epoch and since_epoch != epoch:
             raise RequestError(
@@ -490,11 +517,18 @@ def _channel(body: dict[str, Any]) -> str:
 def _int(value: Any, name: str) -> int:
     if value is None:
         return 0
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        return int(value)  # protobuf's JSON writes 64-bit integers as strings
+    if isinstance(value, str) and _INTEGER.fullmatch(value):
+        value = int(value)  # protobuf's JSON writes 64-bit integers as strings
     if not isinstance(value, int) or isinstance(value, bool):
         raise RequestError(ErrorCode.INVALID_FIELD, f"{name} is an integer")
+    if not -(2**63) <= value < 2**64:
+        raise RequestError(ErrorCode.INVALID_FIELD, f"{name} is out of range")
     return value
+
+
+#: What a 64-bit integer written as a string looks like: ASCII digits only
+#: (``str.isdigit`` also takes "²", which ``int`` refuses).
+_INTEGER: Final = re.compile(r"-?[0-9]{1,20}")
 
 
 def _offset(value: Any, name: str) -> int:

@@ -22,6 +22,7 @@ from .._version import __version__
 from ..errors import BrokerError, HttpError
 from ..node.server import Server
 from ..protocol.codes import ErrorCode
+from ..protocol.idempotency import idempotency_key_problem
 from ..protocol.messages import Event
 from ..protocol.native import presence_entry
 from ..protocol.topics import topic_problem
@@ -72,7 +73,8 @@ class Api:
         tenant = self._tenant(body)
         if "payload" not in body:
             raise _missing("payload")
-        position = await self._publish(topic, body["payload"], tenant)
+        key = _idempotency_key(body)
+        position = await self._publish(topic, body["payload"], tenant, key)
         return {"topic": topic, "seq": position.seq, "epoch": position.epoch}
 
     async def broadcast(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -88,10 +90,13 @@ class Api:
         if "payload" not in body:
             raise _missing("payload")
         tenant = self._tenant(body)
+        # One key for the call: each topic is published once under it, so a
+        # retried broadcast publishes only to the topics that failed before.
+        key = _idempotency_key(body)
         results: list[dict[str, Any]] = []
         for topic in topics:
             try:
-                position = await self._publish(topic, body["payload"], tenant)
+                position = await self._publish(topic, body["payload"], tenant, key)
             except HttpError as exc:
                 results.append(
                     {"topic": topic, "error": {"code": exc.code, "message": exc.message}}
@@ -179,9 +184,9 @@ class Api:
 
     # --- helpers -------------------------------------------------------------------
 
-    async def _publish(self, topic: str, payload: Any, tenant: str) -> Any:
+    async def _publish(self, topic: str, payload: Any, tenant: str, key: str | None) -> Any:
         try:
-            return await self.server.publish(topic, payload, tenant=tenant)
+            return await self.server.publish(topic, payload, tenant=tenant, idempotency_key=key)
         except BrokerError as exc:
             raise _broker_error(exc) from None
         except TypeError as exc:  # a value orjson cannot write back
@@ -214,7 +219,19 @@ def _broker_error(exc: BrokerError) -> HttpError:
         ErrorCode.UNAVAILABLE,
         ErrorCode.UNCONFIRMED,
     )
+    if exc.code == ErrorCode.IDEMPOTENCY_CONFLICT:
+        return HttpError(409, exc.code, exc.message)
     return HttpError(503 if unavailable else 400, exc.code, exc.message)
+
+
+def _idempotency_key(body: dict[str, Any]) -> str | None:
+    key = body.get("idempotency_key")
+    if key is None:
+        return None
+    problem = idempotency_key_problem(key)
+    if problem is not None:
+        raise _invalid("idempotency_key", problem)
+    return str(key)
 
 
 def _missing(name: str) -> HttpError:

@@ -1,7 +1,7 @@
 """``GET /metrics``: the node's counters in the Prometheus text format.
 
 Nothing is counted through prometheus-client on a hot path: the broker,
-the connections and the flusher keep plain integers and histograms
+the connections and their writers keep plain integers and histograms
 (``stats.py``), and a collector reads them when ``/metrics`` is scraped.
 Each server has its own registry, so several servers in one process (tests,
 embedding) do not mix their figures.
@@ -106,6 +106,26 @@ class NodeCollector(Collector):
                 "Publications waiting for Redis",
                 value=backplane.status()["pending"],
             )
+        idempotency = server.broker.idempotency
+        keyed = CounterMetricFamily(
+            "tidings_idempotent_publications",
+            "Publications whose idempotency key was known: replayed (answered with the first"
+            " position, nothing published) or conflict (refused: another payload)",
+            labels=["outcome"],
+        )
+        keyed.add_metric(
+            ["replayed"], idempotency.replayed + (backplane.replayed if backplane else 0)
+        )
+        keyed.add_metric(
+            ["conflict"], idempotency.conflicts + (backplane.conflicts if backplane else 0)
+        )
+        yield keyed
+        yield CounterMetricFamily(
+            "tidings_idempotency_evicted",
+            "Idempotency keys a node forgot before their window ended, to stay within"
+            " idempotency_max_keys or idempotency_max_bytes (not counted with Redis)",
+            value=idempotency.evicted,
+        )
         disconnects = CounterMetricFamily(
             "tidings_disconnects", "Connections that ended", labels=["code", "reason"]
         )
@@ -124,13 +144,13 @@ class NodeCollector(Collector):
         )
         yield _histogram(
             "tidings_outbox_depth",
-            "Messages queued per connection, sampled each heartbeat",
+            "Messages queued per connection, sampled when its pinger wakes",
             counters.outbox_depth,
         )
         yield _histogram(
-            "tidings_flush_delay_seconds",
+            "tidings_write_delay_seconds",
             "Seconds from a message being queued (an event fanned out) to its write",
-            counters.flush_delay,
+            counters.write_delay,
         )
 
 

@@ -37,6 +37,16 @@ INTEGER_RULE = "A JSON integer without a fraction or exponent (`3.0` is `invalid
 SEQ = {"type": "integer", "minimum": 0, "description": "The topic's offset."}
 EPOCH = {"type": "string", "description": "Identifies the topic's stream; offsets restart with it."}
 ANY_JSON: dict[str, Any] = {"description": "Any JSON value."}
+IDEMPOTENCY_KEY = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": 256,
+    "pattern": PRINTABLE,
+    "description": "Send the same key with every retry of one publication: a key seen for the"
+    " topic within the node's `idempotency_window` answers with the first publication's"
+    " position and publishes nothing (another payload under it: 409 `idempotency_conflict`)."
+    f" 1 to 256 {PRINTABLE_RULE} (`invalid_field` otherwise).",
+}
 
 ERROR_BODY: dict[str, Any] = {
     "type": "object",
@@ -112,7 +122,15 @@ def _request(required: list[str], properties: dict[str, Any], **extra: Any) -> d
 METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "publish": (
         "Publish one event to one topic; answers with its position.",
-        _request(["topic", "payload"], {"topic": TOPIC, "payload": ANY_JSON, "tenant": TENANT}),
+        _request(
+            ["topic", "payload"],
+            {
+                "topic": TOPIC,
+                "payload": ANY_JSON,
+                "tenant": TENANT,
+                "idempotency_key": IDEMPOTENCY_KEY,
+            },
+        ),
         POSITION,
     ),
     "broadcast": (
@@ -123,6 +141,12 @@ METHODS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
                 "topics": {"type": "array", "items": TOPIC, "minItems": 1, "maxItems": 1000},
                 "payload": ANY_JSON,
                 "tenant": TENANT,
+                "idempotency_key": {
+                    **IDEMPOTENCY_KEY,
+                    "description": "One key for the whole call: each topic is published once"
+                    " under it, so a retried broadcast publishes only where it failed before. "
+                    + str(IDEMPOTENCY_KEY["description"]),
+                },
             },
         ),
         _obj(
@@ -289,7 +313,13 @@ ERRORS = {
     "403": "The API is off: no key is configured (`api_disabled`).",
     "413": "The body is larger than 1 MiB.",
     "503": "The node holds its limit of topics (`too_many_topics`), or its cluster backplane"
-    " cannot be reached (`unavailable`): nothing was done, retry later.",
+    " cannot be reached (`unavailable`): nothing was done, retry later; or the backplane did not"
+    " confirm a publication (`unconfirmed`): retry it with the same `idempotency_key`.",
+}
+#: Errors only the publishing methods answer.
+PUBLISH_ERRORS = {
+    "409": "The `idempotency_key` was used within the window with another payload"
+    " (`idempotency_conflict`); nothing was published.",
 }
 
 
@@ -317,7 +347,9 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                     **{
                         status: {"description": text, **error_response}
-                        for status, text in ERRORS.items()
+                        for status, text in (
+                            ERRORS | PUBLISH_ERRORS if name in ("publish", "broadcast") else ERRORS
+                        ).items()
                     },
                 },
             }

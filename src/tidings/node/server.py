@@ -31,14 +31,17 @@ from ..app import ClientInfo, CloseInfo, RequestHandler
 from ..auth import Authenticator
 from ..backplane.redis import RedisBackplane
 from ..broker.broker import Broker, BrokerStats, Subscriber
-from ..broker.outbox import Flusher, Outbox, OverflowPolicy
+from ..broker.idempotency import IdempotencyWindow
+from ..broker.outbox import Outbox, OverflowPolicy
 from ..broker.subscription import Subscription, as_event
 from ..config import Config
+from ..connection.alarms import AlarmClock
 from ..connection.connection import Connection, ConnectionStats
 from ..connection.endpoint import Endpoint
-from ..connection.limits import ConnectionLimits
+from ..connection.limits import ConnectionLimits, TenantSeats
 from ..errors import AuthError
-from ..protocol.codes import CloseCode
+from ..protocol.codes import CloseCode, ErrorCode
+from ..protocol.idempotency import idempotency_key_problem
 from ..protocol.messages import Event, Position
 from ..protocol.native import NativeDialect
 from ..protocol.topics import topic_problem
@@ -59,9 +62,6 @@ SHUTDOWN_REASON: Final = "server shutting down"
 #: Pending connections the kernel queues per listener. hypercorn's default of 100
 #: overflowed (connection resets) while 10,000 clients connected at once.
 LISTEN_BACKLOG: Final = 4096
-#: Seconds between passes of the heartbeat, at most: the read timeout is
-#: enforced within this much.
-HEARTBEAT_TICK: Final = 1.0
 
 
 HttpHandler: TypeAlias = Callable[[Any], Awaitable[Any]]
@@ -102,6 +102,14 @@ class Server:
             namespaces=self.namespaces,
             max_topics=config.max_topics,
             inbox_size=config.inbox_size,
+            tenant_max_topics=config.tenant_max_topics,
+            history_node_bytes=config.history_node_bytes,
+            tenant_history_bytes=config.tenant_history_bytes,
+            idempotency=IdempotencyWindow(
+                config.idempotency_window,
+                config.idempotency_max_keys,
+                config.idempotency_max_bytes,
+            ),
         )
         self.backplane: RedisBackplane | None = None
         """The Redis backplane, when ``config.backplane`` names one."""
@@ -135,11 +143,12 @@ class Server:
         """WebSocket endpoints by path: the native one at ``ws_path``, Centrifugo's
         protocol at ``centrifugo_path``, and the application's."""
         self.counters = NodeCounters()
-        # Under a backplane events arrive one pub/sub message at a time: the
-        # flusher gathers them (bench/cluster.py: 3.4x the deliveries/s).
-        self.flusher = Flusher(
-            delays=self.counters.flush_delay, coalesce=self.backplane is not None
-        )
+        self.alarms = AlarmClock()
+        """Wakes every connection's pinger at its deadline (one task for the node)."""
+        self.seats = TenantSeats(config.tenant_max_connections)
+        """Connections per tenant."""
+        self.builtin: BuiltinServer | None = None
+        """The built-in transport, while it listens."""
         self.addresses: list[tuple[str, int]] = []
         """Where the server listens, once it does: ``[(host, port), ...]``."""
         self._origins = OriginPolicy(config.allowed_origins)
@@ -177,19 +186,32 @@ class Server:
 
     # --- publishing -----------------------------------------------------------------
 
-    async def publish(self, topic: str, payload: Any, *, tenant: str | None = None) -> Position:
+    async def publish(
+        self,
+        topic: str,
+        payload: Any,
+        *,
+        tenant: str | None = None,
+        idempotency_key: str | None = None,
+    ) -> Position:
         """Publish an event; returns its position (``seq`` and ``epoch``) once sequenced.
 
         Waits only while the broker's inbox is full. ``tenant`` defaults to the
-        configured default tenant.
+        configured default tenant. An ``idempotency_key`` seen for the topic
+        within ``idempotency_window`` returns the first publication's position
+        and publishes nothing.
 
         Raises:
-            ValueError: ``topic`` is not a valid topic name.
+            ValueError: ``topic`` or ``idempotency_key`` is not valid.
             TypeError: ``payload`` is not JSON-serializable.
-            tidings.BrokerError: an unknown namespace, or the node's limit of topics.
+            tidings.BrokerError: an unknown namespace, the node's limit of topics,
+                or ``idempotency_conflict`` (the key was used with another payload).
         """
         _check_topic(topic)
-        return await self.broker.publish(topic, payload, tenant=self._tenant(tenant))
+        _check_idempotency_key(idempotency_key)
+        return await self.broker.publish(
+            topic, payload, tenant=self._tenant(tenant), idempotency_key=idempotency_key
+        )
 
     def publish_nowait(self, topic: str, payload: Any, *, tenant: str | None = None) -> None:
         """Queue an event without waiting (for code that cannot await).
@@ -234,8 +256,9 @@ class Server:
             outbox, as_event, tenant=self._tenant(tenant), label=f"in-process:{topic}"
         )
         await self.broker.prepare(topic, subscriber.tenant)
-        result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch)
-        for event in result.replay:
+        result = self.broker.subscribe(subscriber, topic, since=since, epoch=epoch, trusted=True)
+        # In-process: the events themselves, shared with history (no copies).
+        for event in result.replay.events():
             outbox.put(event)
         try:
             yield Subscription(topic, outbox, result.position, result.recovered)
@@ -508,8 +531,7 @@ class Server:
             await nursery.start(self.broker.run)
             if self.backplane is not None:
                 await nursery.start(self.backplane.run)
-            await nursery.start(self.flusher.run)
-            nursery.start_soon(self._heartbeat)
+            await nursery.start(self.alarms.run)
             async with trio.open_nursery() as connections:
                 if listen:
                     await self._listen(nursery, connections)
@@ -578,7 +600,11 @@ class Server:
             )
             return Rejection(401, str(exc), "unauthorized")
         # Reserved now, not when serve() starts: upgrades admitted together
-        # must not all pass the per-address cap.
+        # must not all pass the caps.
+        if not self.seats.take(identity.tenant):
+            return Rejection(
+                429, "too many connections for this tenant", ErrorCode.TOO_MANY_CONNECTIONS
+            )
         host = _host(request.remote)
         self._per_host[host] = self._per_host.get(host, 0) + 1
         self._admitted += 1
@@ -587,6 +613,8 @@ class Server:
     def release(self, admission: Admission) -> None:
         self._admitted -= 1
         self._release_host(_host(admission.request.remote))
+        _endpoint, identity = admission.context
+        self.seats.give_back(identity.tenant)
 
     def _release_host(self, host: str) -> None:
         remaining = self._per_host.pop(host, 1) - 1
@@ -604,11 +632,12 @@ class Server:
             broker=self.broker,
             limits=self._endpoint_limits(endpoint),
             handlers=self._handlers,
-            flusher=self.flusher,
+            alarms=self.alarms,
             identity=identity,
             namespaces=self.namespaces,
             authenticator=self.authenticator,
             counters=self.counters,
+            seats=self.seats,
         )
         del request  # its headers need not live as long as the connection
         info = connection.info
@@ -636,6 +665,7 @@ class Server:
         finally:
             del self._connections[info.id]
             self._release_host(host)
+            self.seats.give_back(connection.identity.tenant)
             if self._draining and not self._connections:
                 self._drained.set()
             closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
@@ -662,23 +692,6 @@ class Server:
             )
             for disconnect_hook in self._on_disconnect:
                 _call_hook(disconnect_hook, info, closed)
-
-    async def _heartbeat(self) -> None:
-        """Ping every connection when due, and close the silent ones: one task for all.
-
-        A pinger task per connection cost memory on every idle connection; this
-        costs one pass over the connections per tick.
-        """
-        limits = self._limits
-        tick = min(HEARTBEAT_TICK, limits.ping_interval / 4, limits.read_timeout / 4)
-        while True:
-            await trio.sleep(tick)
-            now = trio.current_time()
-            for connection in list(self._connections.values()):
-                try:
-                    connection.heartbeat(now)
-                except Exception:  # one connection's bug must not stop every heartbeat
-                    LOGGER.exception("heartbeat of %s failed", connection.id)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """The status and JSON body ``GET /health`` answers."""
@@ -717,12 +730,15 @@ class Server:
         *,
         task_status: trio.TaskStatus[list[tuple[str, int]]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        builtin = BuiltinServer(
+        builtin = self.builtin = BuiltinServer(
             self,
             self._serve_http,
             max_message_size=self.config.max_message_size,
             handshake_timeout=self.config.handshake_timeout,
             backlog=LISTEN_BACKLOG,
+            max_pending=self.config.max_pending_handshakes,
+            max_pending_per_ip=self.config.max_pending_handshakes_per_ip,
+            max_partial_bytes=self.config.max_partial_bytes,
         )
         with self._stop_listening:
             await builtin.serve(
@@ -796,6 +812,12 @@ def _check_topic(topic: str) -> None:
     problem = topic_problem(topic) if isinstance(topic, str) else "topic must be a string"
     if problem is not None:
         raise ValueError(problem)
+
+
+def _check_idempotency_key(key: str | None) -> None:
+    problem = None if key is None else idempotency_key_problem(key)
+    if problem is not None:
+        raise ValueError(f"idempotency_key {problem}")
 
 
 def _call_hook(hook: Callable[..., None], *args: Any) -> None:

@@ -71,6 +71,9 @@ class DisconnectCode(IntEnum):
 
     INVALID_TOKEN = 3500
     BAD_REQUEST = 3501
+    STALE = 3502
+    """No ``connect`` within ``connect_timeout`` of the upgrade."""
+    CONNECTION_LIMIT = 3504
 
 
 class CentrifugoError:
@@ -98,6 +101,7 @@ ERROR_CODES: Final[Mapping[str, tuple[int, bool]]] = {
     ErrorCode.ALREADY_SUBSCRIBED: (105, False),
     ErrorCode.TOO_MANY_SUBSCRIPTIONS: (106, False),
     ErrorCode.TOO_MANY_TOPICS: (106, False),
+    ErrorCode.TOO_MANY_CONNECTIONS: (106, False),
     ErrorCode.UNAUTHORIZED: (101, False),
     ErrorCode.NOT_FOUND: (104, False),
     ErrorCode.RATE_LIMITED: (111, True),
@@ -106,6 +110,7 @@ ERROR_CODES: Final[Mapping[str, tuple[int, bool]]] = {
     ErrorCode.UNAVAILABLE: (100, True),
     # It may have been published: not 'temporary', so nothing retries it blindly.
     ErrorCode.UNCONFIRMED: (100, False),
+    ErrorCode.IDEMPOTENCY_CONFLICT: (107, False),
     CentrifugoError.NOT_AVAILABLE: (108, False),
     CentrifugoError.TOKEN_EXPIRED: (109, False),
     CentrifugoError.UNRECOVERABLE_POSITION: (112, False),
@@ -134,12 +139,14 @@ def centrifugo_error(code: str) -> tuple[int, bool, bool]:
 # --- decoding ------------------------------------------------------------------------
 
 
-def decode_frame(frame: str | bytes) -> list[AppMessage]:
+def decode_frame(frame: str | bytes, max_commands: int = 0) -> list[AppMessage]:
     """The commands of one client frame, in order.
 
     Lines are separated by ``\\n``; blank lines (and a trailing newline) are
     skipped. A line that is not a valid command ends the list with a
-    :data:`BAD_REQUEST` message: the commands before it stand.
+    :data:`BAD_REQUEST` message: the commands before it stand. So does a
+    frame of more than ``max_commands`` commands (0: no limit), which is
+    decoded no further.
     """
     if isinstance(frame, bytes):
         try:
@@ -147,9 +154,18 @@ def decode_frame(frame: str | bytes) -> list[AppMessage]:
         except UnicodeDecodeError:
             return [_bad_request("a frame is not UTF-8")]
     decoded: list[AppMessage] = []
-    for line in frame.split("\n"):
+    start, end = 0, len(frame)
+    while start < end:
+        stop = frame.find("\n", start)
+        if stop < 0:
+            stop = end
+        line = frame[start:stop]
+        start = stop + 1
         if not line or line.isspace():
             continue
+        if max_commands and len(decoded) >= max_commands:
+            decoded.append(_bad_request(f"a frame carries at most {max_commands} commands"))
+            return decoded
         try:
             command = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -297,8 +313,12 @@ class CentrifugoDialect:
     name = "centrifugo"
     text = True
 
+    def __init__(self, max_commands: int = 0) -> None:
+        self.max_commands = max_commands
+        """Commands one frame may carry; 0: no limit."""
+
     def decode(self, frame: str | bytes) -> list[Command | Error]:
-        return list(decode_frame(frame))
+        return list(decode_frame(frame, self.max_commands))
 
     def encode_event(self, event: Event) -> bytes:
         return encode_publication_push(event)

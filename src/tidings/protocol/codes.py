@@ -35,7 +35,9 @@ class ErrorCode(StrEnum):
     TOO_MANY_SUBSCRIPTIONS = "too_many_subscriptions"
     """The connection holds ``max_subscriptions`` subscriptions already."""
     TOO_MANY_TOPICS = "too_many_topics"
-    """The node holds ``max_topics`` topics already."""
+    """The node, or the client's tenant, holds its limit of topics, all in use."""
+    TOO_MANY_CONNECTIONS = "too_many_connections"
+    """The node, the client's address or its tenant holds its limit of connections."""
     UNKNOWN_NAMESPACE = "unknown_namespace"
     """The topic's prefix (``ns:`` in ``ns:topic``) names no configured namespace."""
     FORBIDDEN = "forbidden"
@@ -54,6 +56,8 @@ class ErrorCode(StrEnum):
     """The backplane (Redis) cannot be reached: nothing was done; retry later."""
     UNCONFIRMED = "unconfirmed"
     """A publication reached Redis but was not confirmed in time: it may have been published."""
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    """A publish reused an idempotency key of the window with another payload."""
 
 
 class CloseCode(IntEnum):

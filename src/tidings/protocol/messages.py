@@ -39,6 +39,19 @@ class Event:
     payload_json: bytes = attrs.field(default=b"", repr=False, eq=False)
     """``payload`` serialized once by the broker; dialects embed it as is.
     Empty in events a client received."""
+    _frame_key: Any = attrs.field(default=None, init=False, repr=False, eq=False)
+    _frame: Any = attrs.field(default=None, init=False, repr=False, eq=False)
+
+    def frame_for(self, key: Any) -> Any:
+        """The wire form kept by :meth:`keep_frame` under ``key``, or None."""
+        return self._frame if self._frame_key is key else None
+
+    def keep_frame(self, key: Any, frame: Any) -> None:
+        """Keep one wire form of this event (the first kept stays), so that
+        fan-out and every replay of it share the same bytes."""
+        if self._frame_key is None:
+            object.__setattr__(self, "_frame_key", key)
+            object.__setattr__(self, "_frame", frame)
 
 
 @attrs.frozen(slots=True)
@@ -90,6 +103,8 @@ class Publish:
     topic: str
     payload: Any
     request_id: RequestId = None
+    idempotency_key: str | None = None
+    """The same on every retry of one publication: the node publishes it once."""
 
 
 @attrs.frozen(slots=True)

@@ -18,6 +18,7 @@ import orjson
 
 from .clock import rfc3339_now
 from .codes import ErrorCode
+from .idempotency import idempotency_key_problem
 from .messages import (
     Ack,
     Acked,
@@ -193,7 +194,10 @@ class NativeDialect:
         if kind == "publish":
             if "payload" not in message:
                 raise _Invalid(ErrorCode.MISSING_FIELD, "field 'payload' is required")
-            return Publish(topic, message["payload"], request_id)
+            key = message.get("idempotencyKey")
+            if key is not None and (problem := idempotency_key_problem(key)) is not None:
+                raise _Invalid(ErrorCode.INVALID_FIELD, f"field 'idempotencyKey' {problem}")
+            return Publish(topic, message["payload"], request_id, key)
         if kind == "request":
             return Request(topic, message.get("payload"), request_id)
         if kind == "presence":

@@ -43,7 +43,6 @@ class AsgiWebSocket:
     """A :class:`~tidings.transport.base.Transport` over ASGI ``receive``/``send``."""
 
     supports_ping = False
-    writes_without_waiting = False
 
     def __init__(
         self, receive: Receive, send: Send, remote: str, peer_close: PeerCloseFrame | None = None
@@ -54,12 +53,9 @@ class AsgiWebSocket:
         self._peer_close = peer_close
         self._close_answered = False
         self.last_received = trio.current_time()
-        self.on_idle: Callable[[], None] | None = None
         self._closed = False
 
     async def receive(self) -> str | bytes | PingFrame:
-        if self.on_idle is not None:
-            self.on_idle()
         message = await self._receive()
         self.last_received = trio.current_time()
         kind = message["type"]

@@ -71,8 +71,9 @@ class WriteTimeout(TransportError):
 class Transport(Protocol):
     """One accepted WebSocket connection, as the connection code sees it.
 
-    ``receive`` is called by one task (the reader) and ``send`` by one other
-    (the writer); a transport need not be safe for more.
+    ``receive`` is called by one task (the reader) and the writing methods
+    by one other (the writer, the only code that writes); a transport need
+    not be safe for more.
     """
 
     remote: str
@@ -81,11 +82,6 @@ class Transport(Protocol):
     """``trio.current_time()`` when bytes last arrived from the peer."""
     supports_ping: bool
     """Whether protocol pings can be sent and their pongs observed."""
-    writes_without_waiting: bool
-    """Whether :meth:`try_send` usually writes everything at once (a socket), or
-    never does (an ASGI server, which is only reached through awaits)."""
-    on_idle: Callable[[], None] | None
-    """Called, when set, each time :meth:`receive` is about to wait for the peer."""
 
     async def receive(self) -> str | bytes | PingFrame:
         """The next message (text as str, binary as bytes), or a ping to answer.
@@ -108,10 +104,11 @@ class Transport(Protocol):
         ...
 
     def try_send(self, items: Iterable[Outgoing]) -> object | None:
-        """Write ``items`` (framed by :meth:`framer`) now, without waiting, in one write.
+        """Write ``items`` (framed by :meth:`framer`) now, in one write, without waiting.
 
         Returns None when everything went out, else what is left, to hand to
-        :meth:`send_rest`. Nothing else may be sent before the rest is.
+        :meth:`send_rest` before anything else is sent. (A transport that can
+        only write by waiting returns everything.)
 
         Raises:
             ConnectionLost.
@@ -121,10 +118,13 @@ class Transport(Protocol):
     async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         """Write what :meth:`try_send` left, waiting for the peer to take it.
 
+        ``write_timeout`` bounds a *stall*: the time the peer takes nothing at
+        all. A peer that keeps reading, however slowly, is waited for.
+
         Raises:
-            WriteTimeout: the peer did not take it within ``write_timeout``
-                seconds; part of a frame may be on the wire, so the caller must
-                drop the connection.
+            WriteTimeout: the peer took nothing for ``write_timeout`` seconds;
+                part of a frame may be on the wire, so the caller must drop the
+                connection.
             ConnectionLost.
         """
         ...

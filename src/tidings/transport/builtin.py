@@ -15,9 +15,11 @@ the same routes serve here and under any ASGI server.
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import logging
 import os
+import resource
 import struct
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from http import HTTPStatus
@@ -54,6 +56,10 @@ ASGIApp = Callable[
 ]
 
 RECEIVE_SIZE: Final = 65536
+#: Errors of accept() that mean "out of resources for now", not "broken".
+ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_BACKOFF: Final = 0.1
+OVERLOAD_LOG_INTERVAL: Final = 10.0
 MAX_REQUEST_HEAD: Final = 16 * 1024
 MAX_REQUEST_BODY: Final = 1024 * 1024
 MAX_REQUESTS_PER_CONNECTION: Final = 100
@@ -107,23 +113,44 @@ def _close_payload(code: int, reason: str) -> bytes:
     return struct.pack("!H", code) + encoded
 
 
+class PartialBudget:
+    """Bytes of unfinished messages (fragments, frames still arriving) held for all
+    clients of a server: a node-wide cap, so that many clients each holding part
+    of a large message cannot add up to more than the node allows."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        """0: no node-wide cap (each message is still bounded by its own limit)."""
+        self.held = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        if self.limit and self.held + nbytes > self.limit:
+            return False
+        self.held += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        self.held -= nbytes
+
+
 class WebSocketStream:
     """A :class:`~tidings.transport.base.Transport` over a Trio stream."""
 
     supports_ping = True
-    writes_without_waiting = True
 
     __slots__ = (
-        "_buffered",
+        "_budget",
         "_closed",
         "_fd",
         "_frames",
-        "_parts",
+        "_partial",
+        "_partial_text",
         "_skipping",
         "_stream",
         "last_received",
         "max_message_size",
-        "on_idle",
         "remote",
     )
 
@@ -134,6 +161,7 @@ class WebSocketStream:
         *,
         max_message_size: int,
         trailing_data: bytes = b"",
+        partial_budget: PartialBudget | None = None,
     ) -> None:
         self._stream = stream
         self._fd = stream.socket.fileno()
@@ -146,9 +174,11 @@ class WebSocketStream:
         self.remote = remote
         self.max_message_size = max_message_size
         self.last_received = trio.current_time()
-        self.on_idle: Callable[[], None] | None = None
-        self._parts: list[Any] | None = None  # a fragmented message so far
-        self._buffered = 0
+        # An unfinished message, as UTF-8 or raw bytes: one buffer, not a
+        # Python object per fragment (2-byte fragments cost 30x their size so).
+        self._partial: bytearray | None = None
+        self._partial_text = False
+        self._budget = partial_budget or _NO_BUDGET
         self._skipping = False
         self._closed = False
 
@@ -181,8 +211,6 @@ class WebSocketStream:
             except OSError as exc:
                 raise ConnectionLost from exc
             if data is None:
-                if self.on_idle is not None:
-                    self.on_idle()
                 # Waited for outside the except block: an exception being
                 # handled stays alive, with its traceback, for the whole wait.
                 await trio.lowlevel.wait_readable(self._fd)
@@ -195,30 +223,38 @@ class WebSocketStream:
             await trio.lowlevel.checkpoint()  # a peer that never stops sending still yields
 
     def _assemble(self, data: Any, finished: bool) -> str | bytes | None:
-        """Reassemble a fragmented message, enforcing the size limit as it grows."""
+        """Reassemble a fragmented message, within its size limit and the node's budget."""
         if self._skipping:
             self._skipping = not finished
             return None
-        if isinstance(data, str):
-            size = len(data) if data.isascii() else len(data.encode())
-        else:
-            size = len(data)
-        self._buffered += size
-        if self._buffered > self.max_message_size:
-            self._parts = None
-            self._buffered = 0
-            self._skipping = not finished
-            raise MessageTooBig
-        if finished and self._parts is None:
-            self._buffered = 0
-            return data if isinstance(data, str) else bytes(data)
-        if self._parts is None:
-            self._parts = []
-        self._parts.append(data)
+        partial = self._partial
+        if partial is None:
+            if finished:  # a whole message in one frame: the common case
+                if _size(data) > self.max_message_size:
+                    raise MessageTooBig
+                return data  # type: ignore[no-any-return]
+            partial = self._partial = bytearray()
+            self._partial_text = isinstance(data, str)
+        chunk = data.encode() if isinstance(data, str) else data
+        if len(partial) + len(chunk) > self.max_message_size:
+            self._drop_partial(finished)
+            raise MessageTooBig("message too big")
+        if not self._budget.reserve(len(chunk)):
+            self._drop_partial(finished)
+            raise MessageTooBig("the server holds too many unfinished messages")
+        partial += chunk
         if not finished:
             return None
-        parts, self._parts, self._buffered = self._parts, None, 0
-        return "".join(parts) if isinstance(data, str) else b"".join(parts)
+        self._partial = None
+        self._budget.release(len(partial))
+        # wsproto checked the UTF-8 as it arrived.
+        return partial.decode() if self._partial_text else bytes(partial)
+
+    def _drop_partial(self, finished: bool) -> None:
+        if self._partial is not None:
+            self._budget.release(len(self._partial))
+            self._partial = None
+        self._skipping = not finished
 
     def framer(self, text: bool) -> Framer:
         return frame_text if text else frame_binary
@@ -242,24 +278,36 @@ class WebSocketStream:
 
     async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         assert isinstance(rest, memoryview)
-        with trio.move_on_after(write_timeout):
-            while rest:
+        while rest:
+            # The timeout is for a stall: renewed whenever the peer takes something.
+            with trio.move_on_after(write_timeout) as waited:
                 await trio.lowlevel.wait_writable(self._fd)
-                if self._closed:
-                    raise ConnectionLost
-                try:
-                    rest = rest[os.write(self._fd, rest) :]
-                except BlockingIOError:
-                    continue
-                except OSError as exc:
-                    raise ConnectionLost from exc
-            return
-        raise WriteTimeout
+            if waited.cancelled_caught:
+                raise WriteTimeout
+            if self._closed:
+                raise ConnectionLost
+            try:
+                rest = rest[os.write(self._fd, rest) :]
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                raise ConnectionLost from exc
 
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._drop_partial(True)
             await trio.aclose_forcefully(self._stream)
+
+
+def _size(data: Any) -> int:
+    """The size of a message in bytes (a str: as UTF-8)."""
+    if isinstance(data, str):
+        return len(data) if data.isascii() else len(data.encode())
+    return len(data)
+
+
+_NO_BUDGET: Final = PartialBudget(0)
 
 
 def _remote(stream: trio.abc.Stream) -> tuple[str, int]:
@@ -274,6 +322,11 @@ def _accept_key(key: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + WEBSOCKET_GUID).digest())
 
 
+def _ambiguous_length(request: h11.Request) -> bool:
+    names = {name for name, _ in request.headers}
+    return b"content-length" in names and b"transfer-encoding" in names
+
+
 def _is_upgrade(request: h11.Request) -> bool:
     upgrade = connection = b""
     for name, value in request.headers:
@@ -285,7 +338,16 @@ def _is_upgrade(request: h11.Request) -> bool:
 
 
 class BuiltinServer:
-    """Accepts TCP connections, upgrades the handler's endpoints to WebSocket, serves HTTP."""
+    """Accepts TCP connections, upgrades the handler's endpoints to WebSocket, serves HTTP.
+
+    Before the upgrade a connection costs a descriptor and a task; so
+    connections still in their handshake are bounded too: at
+    ``max_pending`` (never more than half the process's descriptors)
+    accepting pauses and the kernel's backlog holds the rest, and an address
+    with ``max_pending_per_ip`` handshakes already pending has its new
+    connections closed at once. When the process runs out of descriptors,
+    accepting backs off, with one log line per interval.
+    """
 
     def __init__(
         self,
@@ -295,12 +357,28 @@ class BuiltinServer:
         max_message_size: int,
         handshake_timeout: float,
         backlog: int = 4096,
+        max_pending: int = 4096,
+        max_pending_per_ip: int = 0,
+        max_partial_bytes: int = 0,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
         self.http_app = http_app
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        descriptors = soft // 2 if soft != resource.RLIM_INFINITY else max_pending
+        self.max_pending = max(1, min(max_pending, descriptors))
+        self.max_pending_per_ip = max_pending_per_ip
+        self.partial_budget = PartialBudget(max_partial_bytes)
+        self.pending = 0
+        """Connections accepted and not yet upgraded (or done with plain HTTP)."""
+        self.refused = 0
+        """Connections closed at once: their address had too many pending."""
+        self._pending_by_host: dict[str, int] = {}
+        self._room: trio.Event | None = None
+        self._overload_logged = -OVERLOAD_LOG_INTERVAL
+        self._overloads = 0
 
     async def serve(
         self,
@@ -317,16 +395,71 @@ class BuiltinServer:
         """
         listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.backlog)
         task_status.started([_address(listener) for listener in listeners])
-        await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=handler_nursery)
+        async with trio.open_nursery() as nursery:
+            for listener in listeners:
+                nursery.start_soon(self._accept_loop, listener, handler_nursery)
 
-    async def handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        async with listener:
+            while True:
+                while self.pending >= self.max_pending:
+                    self._room = self._room or trio.Event()
+                    await self._room.wait()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                        raise
+                    self._overloaded(exc)
+                    await trio.sleep(ACCEPT_BACKOFF)
+                    continue
+                remote = _remote(stream)
+                host = remote[0]
+                cap = self.max_pending_per_ip
+                if cap and self._pending_by_host.get(host, 0) >= cap:
+                    self.refused += 1
+                    stream.socket.close()  # no task, no handshake: gone at once
+                    continue
+                self.pending += 1
+                self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
+                connections.start_soon(self.handle_stream, stream, remote)
+
+    def _overloaded(self, exc: OSError) -> None:
+        """Out of descriptors (or memory): one line per interval, not per accept."""
+        self._overloads += 1
+        now = trio.current_time()
+        if now - self._overload_logged >= OVERLOAD_LOG_INTERVAL:
+            LOGGER.error(
+                "cannot accept connections: %s (%d times since the last report); backing off",
+                exc.strerror or exc,
+                self._overloads,
+                extra={"event": "accept_overload", "errno": exc.errno, "count": self._overloads},
+            )
+            self._overload_logged = now
+            self._overloads = 0
+
+    def _handshake_done(self, host: str) -> None:
+        self.pending -= 1
+        left = self._pending_by_host.pop(host, 1) - 1
+        if left > 0:
+            self._pending_by_host[host] = left
+        if self._room is not None and self.pending < self.max_pending:
+            self._room.set()
+            self._room = None
+
+    async def handle_stream(
+        self, stream: trio.SocketStream, remote: tuple[str, int] | None = None
+    ) -> None:
         """Serve one TCP connection: HTTP requests, or one WebSocket."""
-        remote = _remote(stream)
+        remote = remote or _remote(stream)
         try:
-            # The handshake returns before the WebSocket is served, so that the
-            # h11 objects die with its frame instead of living as long as the
-            # connection.
-            accepted = await self._http(stream, remote)
+            try:
+                # The handshake returns before the WebSocket is served, so that the
+                # h11 objects die with its frame instead of living as long as the
+                # connection.
+                accepted = await self._http(stream, remote)
+            finally:
+                self._handshake_done(remote[0])
             if accepted is not None:
                 transport, admission = accepted
                 del accepted
@@ -337,6 +470,8 @@ class BuiltinServer:
             # One connection's failure must never reach the nursery all
             # connections share.
             LOGGER.exception("error while serving %s:%s", *remote)
+        finally:
+            await trio.aclose_forcefully(stream)
 
     async def _http(
         self, stream: trio.SocketStream, remote: tuple[str, int]
@@ -349,6 +484,17 @@ class BuiltinServer:
                 with trio.move_on_after(self.handshake_timeout):
                     request = await self._read_request(stream, http)
                 if request is None:  # closed, or idle past the handshake timeout
+                    return None
+                if _ambiguous_length(request):
+                    # RFC 9112 6.3: both headers may be a smuggling attempt; answer and close.
+                    with trio.move_on_after(1):
+                        await self._respond(
+                            stream,
+                            http,
+                            Rejection(
+                                400, "both Content-Length and Transfer-Encoding", "bad_request"
+                            ),
+                        )
                     return None
                 path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
                 if self.handler.accepts(path) and _is_upgrade(request):
@@ -436,6 +582,7 @@ class BuiltinServer:
             upgrade.remote,
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
+            partial_budget=self.partial_budget,
         )
         return transport, admission
 

@@ -1,0 +1,1 @@
+"""Publishing to tidings from the Python backends people run (docs/publishing.md)."""
