@@ -138,7 +138,8 @@ def test_a_configuration_as_toml_loads_back_unchanged(tmp_path: Path) -> None:
         topics=("deploys", "app.*"),
         client_publish=False,
         allowed_origins=("https://app.example.com",),
-        namespaces={"chat": {"presence": True, "history_ttl": "90s", "topics": ["chat:x"]},
+        namespaces={"chat": {"presence": True, "history_ttl": "90s", "topics": ["chat:x"],
+                             "history_max_bytes": "1MiB"},
                     "dotted.name": {"local": True}},
         jwt_audience="tidings",
     )  # fmt: skip
@@ -148,6 +149,7 @@ def test_a_configuration_as_toml_loads_back_unchanged(tmp_path: Path) -> None:
     text = path.read_text()
     assert 'max_message_size = "1MiB"' in text
     assert 'write_timeout = "250ms"' in text
+    assert 'history_max_bytes = "1MiB"' in text  # the namespace's, written as the docs do
 
 
 def test_show_redacts_secrets_and_the_redaction_cannot_become_a_secret(tmp_path: Path) -> None:

@@ -969,7 +969,7 @@ def _toml_value(value: Any, kind: Any) -> str:
     if kind is Seconds or kind == Seconds | None:
         text = format_duration(value)
         return json.dumps(text) if parse_duration(text) == value else repr(float(value))
-    if kind is Bytes:
+    if kind is Bytes or kind == Bytes | None:
         text = format_size(value)
         return json.dumps(text) if text != str(value) else text
     if isinstance(value, int):
