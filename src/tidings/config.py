@@ -48,6 +48,7 @@ OTHER_VARIABLES: dict[str, str] = {
     "TIDINGS_CONFIG": "the TOML config file",
     "TIDINGS_DEBUG": "1: errors of the tidings command show their traceback",
     "TIDINGS_CLIENT_TOKEN": "the token watch, publish and request present",
+    "TIDINGS_URL": "the node's HTTP address, where the publisher examples read it",
     # The test suite's switches (.ci/run sets them): skipping is then a failure.
     "TIDINGS_REQUIRE_REDIS": "tests: the Redis tests must run",
     "TIDINGS_REQUIRE_NODE": "tests: the Node SDK tests must run",
