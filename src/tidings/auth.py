@@ -74,6 +74,8 @@ class Authenticator:
             self._keys["RS256"] = _load_public_key(jwt_public_key)
         self._audience = audience
         self._issuer = issuer
+        # Frozen, so every anonymous client can share it.
+        self._anonymous = Identity(default_tenant)
 
     def authenticate(self, request: UpgradeRequest) -> Identity:
         """The identity of the client making ``request``.
@@ -82,7 +84,7 @@ class Authenticator:
             AuthError: no token where one is needed, or a token that does not verify.
         """
         if self.mode == "none":
-            return Identity(self.default_tenant)
+            return self._anonymous
         token = token_of(request)
         if token is None:
             raise AuthError("a token is required (Authorization: Bearer, or ?token=)")

@@ -437,6 +437,28 @@ class OutboxReceiver(trio.abc.ReceiveChannel[T], Generic[T]):
     def __init__(self, outbox: Outbox[T]) -> None:
         self._outbox = outbox
 
+    def ready(self) -> bool:
+        """Whether :meth:`take` has something (or the outbox is closing)."""
+        outbox = self._outbox
+        return bool(outbox._items) or outbox._pong is not None or outbox.closing is not None
+
+    def park(self) -> Callable[[object], trio.lowlevel.Abort]:
+        """Make the calling task the one woken when something is queued; returns the
+        abort function to pass to ``trio.lowlevel.wait_task_rescheduled``.
+
+        :meth:`receive_batch` in two steps, for a consumer that would rather
+        not have a frame of its own on the stack while it waits.
+        """
+        outbox = self._outbox
+        if outbox._consumer is not None:
+            raise trio.BusyResourceError("another task is already receiving from this outbox")
+        outbox._consumer = trio.lowlevel.current_task()
+        return outbox._abort_consumer_wait
+
+    def take(self) -> list[T]:
+        """Everything queued now (possibly nothing); see :meth:`Outbox.take`."""
+        return self._outbox.take()
+
     async def receive_batch(self) -> list[T]:
         """Everything queued, waiting until there is something.
 

@@ -22,12 +22,19 @@ IDLE_CHECK = 3600.0
 
 
 class _Alarm:
-    __slots__ = ("task",)
+    """One parked task and its deadline; called, it is the abort function of the wait."""
 
-    def __init__(self, task: trio.lowlevel.Task) -> None:
+    __slots__ = ("deadline", "sequence", "task")
+
+    def __init__(self, deadline: float, sequence: int, task: trio.lowlevel.Task) -> None:
+        self.deadline = deadline
+        self.sequence = sequence
         self.task: trio.lowlevel.Task | None = task
 
-    def abort(self, _: object) -> trio.lowlevel.Abort:
+    def __lt__(self, other: _Alarm) -> bool:
+        return (self.deadline, self.sequence) < (other.deadline, other.sequence)
+
+    def __call__(self, _: object) -> trio.lowlevel.Abort:
         self.task = None  # left in the heap; skipped when its time comes
         return trio.lowlevel.Abort.SUCCEEDED
 
@@ -38,7 +45,7 @@ class AlarmClock:
     __slots__ = ("_heap", "_scope", "_sequence")
 
     def __init__(self) -> None:
-        self._heap: list[tuple[float, int, _Alarm]] = []
+        self._heap: list[_Alarm] = []
         self._sequence = itertools.count()
         self._scope: trio.CancelScope | None = None
 
@@ -48,13 +55,13 @@ class AlarmClock:
         Await what it returns at once. Cancellable like any wait; what the task
         is sent on waking is ignored.
         """
-        alarm = _Alarm(trio.lowlevel.current_task())
+        alarm = _Alarm(deadline, next(self._sequence), trio.lowlevel.current_task())
         heap = self._heap
-        heapq.heappush(heap, (deadline, next(self._sequence), alarm))
+        heapq.heappush(heap, alarm)
         scope = self._scope
-        if scope is not None and deadline < scope.deadline and heap[0][2] is alarm:
+        if scope is not None and deadline < scope.deadline and heap[0] is alarm:
             scope.deadline = deadline  # the clock sleeps too long: wake it sooner
-        return trio.lowlevel.wait_task_rescheduled(alarm.abort)  # noqa: ASYNC105 - awaited by the caller
+        return trio.lowlevel.wait_task_rescheduled(alarm)  # noqa: ASYNC105 - the caller awaits
 
     def __len__(self) -> int:
         """Alarms waiting (cancelled ones included until their time)."""
@@ -66,13 +73,13 @@ class AlarmClock:
         task_status.started()
         while True:
             now = trio.current_time()
-            while heap and heap[0][0] <= now:
-                alarm = heapq.heappop(heap)[2]
+            while heap and heap[0].deadline <= now:
+                alarm = heapq.heappop(heap)
                 task = alarm.task
                 if task is not None:
                     alarm.task = None
                     trio.lowlevel.reschedule(task)
-            deadline = heap[0][0] if heap else now + IDLE_CHECK
+            deadline = heap[0].deadline if heap else now + IDLE_CHECK
             with trio.CancelScope(deadline=deadline) as scope:
                 self._scope = scope
                 await trio.sleep_forever()

@@ -200,6 +200,8 @@ class Commands:
                 )
             )
             return
+        if not self.acked:
+            self.acked = {}  # its own, not the shared empty one
         self.acked[command.topic] = command.seq
         if command.request_id is not None:
             self.reply(Acked(command.topic, command.request_id, command.seq))

@@ -29,7 +29,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import attrs
 import trio
@@ -57,6 +57,11 @@ from .session import Session, SessionSubscription
 from .writer import run_writer
 
 LOGGER = logging.getLogger("tidings.connection")
+
+#: The names of a connection's tasks (``trio.lowlevel.Task.name``).
+READER: Final = "tidings.connection.reader"
+WRITER: Final = "tidings.connection.writer"
+PINGER: Final = "tidings.connection.pinger"
 
 M = TypeVar("M")
 
@@ -181,7 +186,7 @@ class Connection(Commands):
             presence=self.info,
             encode_presence=wire_encoder(dialect.encode_presence, self._frame),
         )
-        self.acked: dict[str, int] = {}
+        self.acked: dict[str, int] = _NOTHING_ACKED  # a dict of its own once used
         """Last offset the client acknowledged, per topic."""
         self.endpoint = endpoint
         # Kept only for application endpoints, whose hooks read parameters from
@@ -242,9 +247,10 @@ class Connection(Commands):
                 self._nursery = nursery
                 if self.endpoint is not None and self.endpoint.connect_hooks:
                     await self._connected()
-                nursery.start_soon(self._reader, name=f"tidings reader {self.info.id}")
-                nursery.start_soon(self._writer, name=f"tidings writer {self.info.id}")
-                nursery.start_soon(self._pinger, name=f"tidings pinger {self.info.id}")
+                # Named by constants: a name per task would be a string per client.
+                nursery.start_soon(run_reader, self, name=READER)
+                nursery.start_soon(run_writer, self, name=WRITER)
+                nursery.start_soon(run_pinger, self, self._alarms, name=PINGER)
         finally:
             self.lifecycle.lost("cancelled", "server")  # no-op if it ended properly
             self.outbox.close(CloseCode.ABNORMAL, "connection ended", flush=False)
@@ -257,15 +263,6 @@ class Connection(Commands):
             if self.endpoint is not None and self.endpoint.disconnect_hooks:
                 await self._disconnected(closed)
         return closed
-
-    async def _reader(self) -> None:
-        await run_reader(self)
-
-    async def _writer(self) -> None:
-        await run_writer(self)
-
-    async def _pinger(self) -> None:
-        await run_pinger(self, self._alarms)
 
     def end(self) -> None:
         """The connection is over: cancel its nursery (the pinger, request handlers)."""
@@ -483,6 +480,8 @@ class Connection(Commands):
 
 _NOTHING_DELIVERED: dict[str, Position] = {}
 """Shared by every connection that tracks nothing; never written to."""
+_NOTHING_ACKED: dict[str, int] = {}
+"""Shared by every connection that acknowledged nothing; never written to."""
 
 
 class _MarkedBytes(bytes):

@@ -82,16 +82,14 @@ class Readable(Protocol):
 
 async def run_reader(connection: Readable) -> None:
     """Read and handle the client's messages until the peer closes or is lost."""
+    # Few locals, and none holding a message while it waits: every idle
+    # client's reader is parked in receive() with this frame under it.
     transport = connection.transport
     outbox = connection.outbox
-    lifecycle = connection.lifecycle
-    limits = connection.limits
-    decode = connection.dialect.decode
-    execute = connection.execute
     endpoint = connection.endpoint
     frame_hooks = endpoint is not None and bool(endpoint.frame_hooks)
-    rate = _RateLimit(connection) if limits.rate_limit else None
-    pings = TokenBucket(PING_RATE, PING_BURST, trio.current_time())
+    rate = _RateLimit(connection) if connection.limits.rate_limit else None
+    pings: TokenBucket | None = None  # made on the first ping
     try:
         while True:
             try:
@@ -101,6 +99,8 @@ async def run_reader(connection: Readable) -> None:
                 connection.close(CloseCode.MESSAGE_TOO_BIG, reason, flush=False)
                 continue
             if isinstance(message, PingFrame):
+                if pings is None:
+                    pings = TokenBucket(PING_RATE, PING_BURST, trio.current_time())
                 if not pings.take(trio.current_time()):
                     if outbox.closing is None:
                         LOGGER.info("closing %s: ping flood", connection.info.id)
@@ -110,21 +110,24 @@ async def run_reader(connection: Readable) -> None:
                 continue
             if outbox.closing is not None:
                 continue  # closing: read on only to see the peer's close frame
-            for item in decode(message):
+            items = connection.dialect.decode(message)
+            message = None  # type: ignore[assignment]
+            for item in items:
                 if outbox.over_budget:
                     await _wait_for_budget(connection)
                 if outbox.closing is not None:
                     break
                 if rate is not None and not rate.allows(item):
                     break
-                await execute(item)
+                await connection.execute(item)
+            items = item = None  # type: ignore[assignment]
             if frame_hooks:
                 connection.frame_handled()
     except PeerClosed as exc:
         connection.peer_closed(exc.code, exc.reason)
     except ProtocolViolation as exc:
         connection.close(exc.code, exc.reason, flush=False)
-        lifecycle.stopped_reading()
+        connection.lifecycle.stopped_reading()
     except ConnectionLost:
         connection.lose("connection lost", "client")
 

@@ -63,9 +63,14 @@ async def run_writer(connection: Writable) -> None:
     limits = connection.limits
     stall = limits.write_timeout
     delays = connection.counters.write_delay
+    wait = trio.lowlevel.wait_task_rescheduled
     try:
         while True:
-            batch = await receiver.receive_batch()
+            if not receiver.ready():
+                # receive_batch(), without its frame on every idle client's stack.
+                await wait(receiver.park())
+                continue
+            batch = receiver.take()
             if not batch:
                 break  # closing, and everything that was to go out went out
             queued_at = outbox.since
@@ -76,6 +81,8 @@ async def run_writer(connection: Writable) -> None:
             delays.observe(trio.current_time() - queued_at)
             if connection.tracks_positions:
                 connection.note_written(batch)
+            # Not held while idle: an idle client's writer keeps no frame alive.
+            batch = rest = None  # type: ignore[assignment]
             # No checkpoint here: back to the outbox, which parks if it is empty.
         closing = outbox.closing
         assert closing is not None

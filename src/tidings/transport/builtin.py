@@ -20,7 +20,9 @@ import hashlib
 import logging
 import os
 import resource
+import socket
 import struct
+import sys
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from http import HTTPStatus
 from typing import Any, Final, cast
@@ -56,6 +58,8 @@ ASGIApp = Callable[
 ]
 
 RECEIVE_SIZE: Final = 65536
+#: The name of every connection's first task (the handshake, then the connection).
+CONNECTION_TASK: Final = "tidings.transport.connection"
 #: Errors of accept() that mean "out of resources for now", not "broken".
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF: Final = 0.1
@@ -148,7 +152,7 @@ class WebSocketStream:
         "_partial",
         "_partial_text",
         "_skipping",
-        "_stream",
+        "_socket",
         "last_received",
         "max_message_size",
         "remote",
@@ -163,8 +167,10 @@ class WebSocketStream:
         trailing_data: bytes = b"",
         partial_budget: PartialBudget | None = None,
     ) -> None:
-        self._stream = stream
-        self._fd = stream.socket.fileno()
+        # The bare socket, taken from trio's stream and its wrappers: they would
+        # live as long as the connection, and nothing here needs them.
+        self._socket = socket.socket(fileno=stream.socket.detach())
+        self._fd = self._socket.fileno()
         # wsproto's frame parser without its Connection wrapper: we send our
         # own frames, so only parsing is needed, and the wrapper costs memory
         # on every connection.
@@ -297,7 +303,9 @@ class WebSocketStream:
         if not self._closed:
             self._closed = True
             self._drop_partial(True)
-            await trio.aclose_forcefully(self._stream)
+            trio.lowlevel.notify_closing(self._socket)
+            self._socket.close()
+            await trio.lowlevel.checkpoint()
 
 
 def _size(data: Any) -> int:
@@ -422,7 +430,7 @@ class BuiltinServer:
                     continue
                 self.pending += 1
                 self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
-                connections.start_soon(self.handle_stream, stream, remote)
+                connections.start_soon(self.handle_stream, stream, remote, name=CONNECTION_TASK)
 
     def _overloaded(self, exc: OSError) -> None:
         """Out of descriptors (or memory): one line per interval, not per accept."""
@@ -460,6 +468,8 @@ class BuiltinServer:
                 accepted = await self._http(stream, remote)
             finally:
                 self._handshake_done(remote[0])
+                await trio.aclose_forcefully(stream)  # upgraded: the transport owns the socket
+            del stream
             if accepted is not None:
                 transport, admission = accepted
                 del accepted
@@ -470,8 +480,6 @@ class BuiltinServer:
             # One connection's failure must never reach the nursery all
             # connections share.
             LOGGER.exception("error while serving %s:%s", *remote)
-        finally:
-            await trio.aclose_forcefully(stream)
 
     async def _http(
         self, stream: trio.SocketStream, remote: tuple[str, int]
@@ -555,7 +563,11 @@ class BuiltinServer:
         target = request.target.decode("latin-1")
         path, _, query = target.partition("?")
         upgrade = UpgradeRequest.build(
-            unquote(path), query, request.headers, f"{remote[0]}:{remote[1]}"
+            # Interned: every client of an endpoint shares its path's string.
+            sys.intern(unquote(path)),
+            query,
+            request.headers,
+            f"{remote[0]}:{remote[1]}",
         )
         admission = self.handler.admit(upgrade)
         if isinstance(admission, Rejection):
