@@ -559,14 +559,25 @@ async def test_refresh_without_authentication_answers_without_an_expiry(server: 
 # --- choosing the mode -------------------------------------------------------------------
 
 
-def test_jwt_secret_alone_turns_on_jwt_and_token_alone_the_static_token() -> None:
+def test_jwt_secret_alone_turns_on_jwt_and_token_alone_the_static_token(
+    rsa_keys: tuple[bytes, str], tmp_path: Path
+) -> None:
     assert Config.load(env={}).auth_mode == "none"
     assert Config.load(env={"TIDINGS_JWT_SECRET": SECRET}).auth_mode == "jwt"
     assert Config.load(env={"TIDINGS_TOKEN": "s3cret"}).auth_mode == "token"
-    pem = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n"
-    assert Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": pem}).auth_mode == "jwt"
+    assert Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": rsa_keys[1]}).auth_mode == "jwt"
     with pytest.raises(ConfigError, match="neither a PEM key nor a readable file"):
         Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": "/nonexistent/key.pem"})
+    # A key that is not one is refused at start, not at each client's token.
+    garbage = tmp_path / "key.pem"
+    garbage.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="is not a PEM public key"):
+        Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": str(garbage)})
+    fake = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----\n"
+    with pytest.raises(ConfigError, match="is not a PEM public key"):
+        Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": fake})
+    with pytest.raises(ConfigError, match="is not a PEM public key"):
+        Config.load(env={"TIDINGS_JWT_PUBLIC_KEY": rsa_keys[0].decode()})  # the private key
     with pytest.raises(ConfigError, match="jwt_secret"):
         Config.load(env={"TIDINGS_AUTH": "jwt"})
     with pytest.raises(ConfigError, match="token"):

@@ -6,7 +6,7 @@ import pytest
 import trio
 
 from tidings import CloseCode, Endpoint, RequestContext, Session
-from tidings.client import TidingsError, connect
+from tidings.client import ConnectionRejectedError, TidingsError, connect
 from tidings.protocol.json_dialect import JsonDialect
 from tidings.protocol.messages import AppMessage
 
@@ -90,6 +90,33 @@ async def test_a_resume_beyond_history_is_counted_as_a_gap() -> None:
                 resumed = [await events.__anext__() for _ in range(2)]
             assert [e.seq for e in resumed] == [5, 6]
             assert (events.recovered, events.gaps) == (False, 1)
+
+
+async def test_a_resume_from_beyond_the_topic_carries_on_with_its_next_events() -> None:
+    """``since`` past the topic's last seq (another stream's offset) must not hide
+    the events that follow as duplicates."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server() as server:
+            for n in range(3):
+                await server.publish("t", n)
+            async with connect(server.url) as client, client.subscribe("t", since=99) as events:
+                assert events.recovered is False
+                assert events.answer["seq"] == 3
+                await server.publish("t", "next")
+                event = await events.__anext__()
+                assert (event.seq, event.payload) == (4, "next")
+
+
+async def test_a_refused_connection_says_the_status_and_the_servers_reason() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(token="s3cret-s3cret-s3cret") as server:
+            with pytest.raises(ConnectionRejectedError) as refused:
+                async with connect(server.url, reconnect=False):
+                    pass
+            assert refused.value.status == 401
+            assert refused.value.code == "unauthorized"
+            assert refused.value.message.startswith("a token is required")
+            assert "a token is required" in str(refused.value)
 
 
 async def test_commands_issued_during_an_outage_wait_for_the_reconnect() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from tidings import Config, ConfigError, OverflowPolicy
 from tidings.cli import main
+from tidings.config import check, format_duration, format_size, parse_duration, parse_size, to_toml
 
 
 def test_defaults_follow_the_design() -> None:
@@ -101,7 +102,7 @@ def test_config_command_prints_the_effective_settings(
     out = capsys.readouterr().out
     assert "port = 9100" in out
     assert "outbox_size = 77" in out
-    assert "write_timeout = 3.0" in out
+    assert 'write_timeout = "3s"' in out
 
 
 def test_serve_with_a_bad_flag_exits_2_with_the_reason(capsys: pytest.CaptureFixture[str]) -> None:
@@ -115,3 +116,124 @@ def test_direct_construction_converts_and_validates_like_the_loader() -> None:
     assert (config.write_timeout, config.max_message_size) == (0.5, 1024 * 1024)
     with pytest.raises(ConfigError, match="transport must be one of builtin, hypercorn"):
         Config(transport="nginx")  # type: ignore[arg-type]
+
+
+# --- show, init, check ---------------------------------------------------------------
+
+
+def test_the_defaults_as_toml_load_back_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "init.toml"
+    path.write_text(to_toml(Config(), redact=False))
+    assert Config.load(path, env={}) == Config()
+    assert "None" not in path.read_text()
+
+
+def test_a_configuration_as_toml_loads_back_unchanged(tmp_path: Path) -> None:
+    config = Config(
+        port=9100,
+        write_timeout="250ms",
+        history_ttl="1h",
+        max_message_size="1MiB",
+        outbox_size=3,
+        topics=("deploys", "app.*"),
+        client_publish=False,
+        allowed_origins=("https://app.example.com",),
+        namespaces={"chat": {"presence": True, "history_ttl": "90s", "topics": ["chat:x"],
+                             "history_max_bytes": "1MiB"},
+                    "dotted.name": {"local": True}},
+        jwt_audience="tidings",
+    )  # fmt: skip
+    path = tmp_path / "show.toml"
+    path.write_text(to_toml(config, redact=False))
+    assert Config.load(path, env={}) == config
+    text = path.read_text()
+    assert 'max_message_size = "1MiB"' in text
+    assert 'write_timeout = "250ms"' in text
+    assert 'history_max_bytes = "1MiB"' in text  # the namespace's, written as the docs do
+
+
+def test_show_redacts_secrets_and_the_redaction_cannot_become_a_secret(tmp_path: Path) -> None:
+    config = Config(token="t0ps3cret-t0ps3cret", api_key="k3y-k3y-k3y-k3y-k3y")
+    text = to_toml(config)
+    assert "t0ps3cret" not in text
+    assert "k3y-k3y" not in text
+    assert 'api_key = "***"' in text
+    # Unset keys are commented out, not written as "None".
+    assert "# jwt_secret =" in text
+    assert "None" not in text
+    path = tmp_path / "copy.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="placeholder"):
+        Config.load(path, env={})
+
+
+@pytest.mark.parametrize("name", ["token", "jwt_secret", "api_key", "jwt_audience"])
+@pytest.mark.parametrize("value", ["None", "***", "null"])
+def test_placeholders_are_refused_as_values(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} = '.*' is a placeholder"):
+        Config.load(env={f"TIDINGS_{name.upper()}": value})
+
+
+def test_an_environment_error_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match=r"TIDINGS_PORT: 'abc' is not an integer"):
+        Config.load(env={"TIDINGS_PORT": "abc"})
+    with pytest.raises(ConfigError, match=r"TIDINGS_DEMO: 'maybe' is not a boolean"):
+        Config.load(env={"TIDINGS_DEMO": "maybe"})
+    with pytest.raises(ConfigError, match=r"between 0 and 65535, not 70000 \(from TIDINGS_PORT\)"):
+        Config.load(env={"TIDINGS_PORT": "70000"})
+    with pytest.raises(ConfigError, match=r"--port: 'abc' is not an integer"):
+        Config.load(env={}, overrides={"port": "abc"})
+
+
+def test_an_unknown_key_in_a_namespace_table_gets_a_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text("[namespaces.chat]\npresense = true\n")
+    with pytest.raises(
+        ConfigError, match=r"namespaces.chat: unknown key 'presense' \(did you mean 'presence'\?\)"
+    ):
+        Config.load(path, env={})
+    with pytest.raises(ConfigError, match="did you mean 'presence'"):
+        Config(namespaces={"chat": {"presense": True}})
+
+
+def test_check_reports_every_problem_of_every_layer(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text("outbox_sise = 3\nhistory_size = -1\n")
+    env = {"TIDINGS_PORT": "abc", "TIDINGS_OUTBOX_SIZ": "5", "TIDINGS_CLIENT_TOKEN": "mine"}
+    report = check(path, env=env, overrides={"write_timeout": "soon"})
+    assert report.config is None
+    assert len(report.errors) == 4, report.errors
+    errors = "\n".join(report.errors)
+    assert "unknown key 'outbox_sise'" in errors
+    assert "TIDINGS_PORT: 'abc' is not an integer" in errors
+    assert "--write-timeout: 'soon' is not a duration" in errors
+    assert "TIDINGS_OUTBOX_SIZ (did you mean TIDINGS_OUTBOX_SIZE?)" in errors
+    # Only at start: an unknown variable does not stop Config.load.
+    assert Config.load(env={"TIDINGS_OUTBOX_SIZ": "5"}).outbox_size == 256
+
+
+def test_check_warns_of_weak_secrets_but_accepts_them() -> None:
+    report = check(env={"TIDINGS_JWT_SECRET": "...", "TIDINGS_API_KEY": "k"})
+    assert report.config is not None
+    assert report.errors == ()
+    assert any("jwt_secret is 3 bytes" in warning for warning in report.warnings)
+    assert any("api_key is 1 characters" in warning for warning in report.warnings)
+    strong = check(env={"TIDINGS_JWT_SECRET": "x" * 32})
+    assert strong.warnings == ()
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"), [(30.0, "30s"), (0.5, "500ms"), (300.0, "300s"), (3600.0, "1h"),
+                          (1.5, "1.5s"), (0.001, "1ms")]
+)  # fmt: skip
+def test_durations_are_written_as_the_docs_write_them(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [(512 * 1024, "512KiB"), (1024**2, "1MiB"), (1000, "1000"), (1, "1")]
+)
+def test_sizes_are_written_as_the_docs_write_them(size: int, text: str) -> None:
+    assert format_size(size) == text
+    assert parse_size(text) == size

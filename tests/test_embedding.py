@@ -14,8 +14,10 @@ from tidings import Config, RequestContext, open_server
 
 from .conftest import (
     TEST_TIMEOUT,
+    Disconnects,
     call,
     http_request,
+    raw_client,
     receive,
     running_server,
     subscribe,
@@ -177,3 +179,21 @@ async def test_serve_with_the_hypercorn_transport() -> None:
             assert status == 200
             plain, _, _ = await http_request(server.port, "GET", "/ws")
             assert plain == 426
+
+
+@pytest.mark.parametrize("transport", ["builtin", "hypercorn"])
+async def test_a_clean_close_is_told_from_a_lost_connection(transport: str) -> None:
+    """hypercorn reports 1006 after a client's close frame (its issue 127): the
+    close a client asked for must be logged and counted as what it said."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(transport=transport) as server:
+            disconnects = Disconnects(server)
+            async with ws_client(server) as ws:
+                await subscribe(ws, "t")
+                await ws.aclose(code=1001, reason="leaving")
+            clean = (await disconnects.wait(1))[0]
+            assert (clean.code, clean.reason, clean.initiated_by) == (1001, "leaving", "client")
+            raw = await raw_client(server)
+            await raw.aclose()  # no close frame: the connection is lost
+            lost = (await disconnects.wait(2))[1]
+            assert (lost.code, lost.initiated_by) == (1006, "client")

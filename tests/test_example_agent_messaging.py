@@ -29,6 +29,7 @@ from trio_websocket import (
 
 from examples.agent_messaging import AgentMessaging
 from examples.agent_messaging.__main__ import build, options
+from examples.agent_messaging.demo import THREAD, run_demo
 from tidings import Server
 
 from .rawws import Closed, RawWebSocket
@@ -315,7 +316,7 @@ async def test_started_as_the_readme_says_with_an_agent_writing_to_its_file(
 ) -> None:
     db, port = str(tmp_path / "agents.db"), free_port()
     command = [sys.executable, "-m", "examples.agent_messaging", "--port", str(port)]
-    command += ["--token", "T0K", "--db", db, "--poll-interval", "0.1"]
+    command += ["--token", "T0K", "--db", db, "--poll-interval", "0.1", "--no-demo"]
     process = await trio.lowlevel.open_process(command, cwd=ROOT, stdout=subprocess.PIPE)
     try:
         with trio.fail_after(TIMEOUT):
@@ -340,3 +341,69 @@ async def test_started_as_the_readme_says_with_an_agent_writing_to_its_file(
         process.terminate()
         with trio.move_on_after(5):
             await process.wait()
+
+
+async def test_the_demo_shows_every_kind_of_traffic() -> None:
+    """Simulated agents: thread messages (posted, and written into the store), then
+    telemetry, inbox messages and every task-stream type to every client."""
+    kinds = {"batch", "message", "thread_state", "telemetry", "inbox_message", "task_stream"}
+    authors = {"newcomer", "coordinator", "design-doc-creator", "code-reviewer"}
+    seen: set[str] = set()
+    streams: set[str] = set()
+    wrote: set[str] = set()
+    sent = 0
+    with trio.fail_after(TIMEOUT):
+        async with (
+            agent_server() as (app, server),
+            client(server) as ws,
+            trio.open_nursery() as nursery,
+        ):
+            nursery.start_soon(run_demo, app, 0.001)
+            await send(ws, "subscribe", {"thread_id": THREAD, "from_seq": 0})
+            while not (kinds <= seen and set(STREAM_TYPES) <= streams and authors <= wrote):
+                frame = await receive(ws)
+                seen.add(frame["type"])
+                data = frame["data"]
+                messages = (
+                    data.get("messages", [data]) if frame["type"] in {"batch", "message"} else []
+                )
+                for message in messages:  # in order, each seq once
+                    assert message["message_seq"] == sent + 1
+                    sent = message["message_seq"]
+                    wrote.add(message["from_id"])
+                if frame["type"] == "task_stream":
+                    streams.add(data["stream_type"])
+                if messages:
+                    await send(ws, "ack", {"thread_id": THREAD, "ack_seq": sent})
+            nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_a_newcomer_starts_it_and_watches_the_demo() -> None:
+    port = free_port()
+    server = [sys.executable, "-m", "examples.agent_messaging", "--port", str(port)]
+    server += ["--demo-interval", "0.02"]
+    process = await trio.lowlevel.open_process(server, cwd=ROOT, stdout=subprocess.PIPE)
+    watcher: trio.Process | None = None
+    try:
+        with trio.fail_after(TIMEOUT):
+            assert process.stdout is not None
+            said = b""
+            while b"examples.agent_messaging watch" not in said:  # it says how to watch
+                said += await process.stdout.receive_some(65536)
+            command = [sys.executable, "-m", "examples.agent_messaging", "watch"]
+            command += ["--url", f"ws://127.0.0.1:{port}/ws"]
+            watcher = await trio.lowlevel.open_process(command, cwd=ROOT, stdout=subprocess.PIPE)
+            assert watcher.stdout is not None
+            shown, lines = set(), b""
+            wanted = {"thread_state", "message", "telemetry", "inbox_message", "task_stream"}
+            while not wanted <= shown:
+                lines += await watcher.stdout.receive_some(65536)
+                *complete, lines = lines.split(b"\n")
+                shown |= {line.split()[1].decode() for line in complete if line.strip()} - {"batch"}
+    finally:
+        for child in (watcher, process):
+            if child is not None:
+                child.terminate()
+                with trio.move_on_after(5):
+                    await child.wait()

@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),
     ("connection",),  # one client: reader, writer, pinger; endpoints, sessions
     ("node",),  # the core server
-    ("http", "endpoints", "demo"),  # around the core
+    ("http", "endpoints", "demo", "tokens"),  # around the core; tokens for the CLI
     ("server",),  # the composition root
     ("client", "publisher"),  # outside: the Python clients need no server
     ("cli",),

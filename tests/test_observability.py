@@ -469,41 +469,43 @@ async def test_metrics_can_be_turned_off() -> None:
 @pytest.mark.slow
 async def test_serve_with_log_format_json_writes_one_json_object_per_line() -> None:
     with trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "tidings", "serve", "--port", "0", "--token", TOKEN,
-                 "--log-format", "json", "--log-level", "info"],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-            )  # fmt: skip
-            assert process.stdout is not None
-            assert process.stderr is not None
-            stderr = bytearray()
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tidings", "serve", "--port", "0", "--token", TOKEN,
+             "--log-format", "json", "--log-level", "info"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        assert process.stdout is not None
+        assert process.stderr is not None
+        stderr = bytearray()
+        try:
+            # The banner is a log line too, and nothing goes to stdout.
+            while b'"event":"listening"' not in stderr or not stderr.endswith(b"\n"):
+                chunk = await process.stderr.receive_some(65536)
+                assert chunk, f"tidings serve ended: {stderr.decode(errors='replace')}"
+                stderr.extend(chunk)
+            banner = next(
+                json.loads(line) for line in stderr.decode().splitlines() if '"listening"' in line
+            )
+            url = banner["url"]
+            assert banner["auth"] == "token"
+            assert banner["websocket"] == {"/ws": "native", "/connection/websocket": "centrifugo"}
+            assert (banner["api"], banner["backplane"]) == (False, "memory")
 
-            async def drain(stream: trio.abc.ReceiveStream) -> None:
-                while chunk := await stream.receive_some(65536):
-                    stderr.extend(chunk)
-
-            nursery.start_soon(drain, process.stderr)
-            try:
-                stdout = b""
-                while b"listening on " not in stdout or not stdout.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some(65536)
-                    assert chunk, f"tidings serve ended: {stderr.decode(errors='replace')}"
-                    stdout += chunk
-                url = stdout.split(b"listening on ", 1)[1].split()[0].decode()
-
-                headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
-                async with open_websocket_url(url, extra_headers=headers) as ws:
-                    await subscribe(ws, "t")
-                with pytest.raises(ConnectionRejected):
-                    async with open_websocket_url(url):
-                        pass
-                process.send_signal(signal.SIGTERM)
-                assert await process.wait() == 0
-            finally:
-                if process.returncode is None:
-                    process.kill()
-                    await process.wait()
+            headers = [(b"authorization", f"Bearer {TOKEN}".encode())]
+            async with open_websocket_url(url, extra_headers=headers) as ws:
+                await subscribe(ws, "t")
+            with pytest.raises(ConnectionRejected):
+                async with open_websocket_url(url):
+                    pass
+            process.send_signal(signal.SIGTERM)
+            while chunk := await process.stderr.receive_some(65536):
+                stderr.extend(chunk)
+            assert await process.wait() == 0
+            assert await process.stdout.receive_some(65536) == b""
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
         lines = [line for line in stderr.decode().splitlines() if line.strip()]
         entries = [json.loads(line) for line in lines]  # every line is one JSON object

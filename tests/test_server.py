@@ -457,3 +457,36 @@ async def test_a_keep_alive_client_is_told_before_the_connection_closes(server: 
         seen = await trio.to_thread.run_sync(hundred_and_one_requests)
     assert seen.index("close") == 99  # the 100th; the 101st went over a new connection
     assert seen.count("close") == 1
+
+
+async def test_a_plain_get_of_the_websocket_path_is_answered_as_protocol_md_says(
+    server: Server,
+) -> None:
+    """426 ``upgrade_required`` without ``connection: close``: a keep-alive connection
+    stays open for the next request."""
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            received = b""
+
+            async def response() -> bytes:
+                nonlocal received
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(65536)
+                head, _, received = received.partition(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                while len(received) < length:
+                    received += await stream.receive_some(65536)
+                body, received = received[:length], received[length:]
+                return head + b"\r\n\r\n" + body
+
+            await stream.send_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = await response()
+            assert first.startswith(b"HTTP/1.1 426 ")
+            assert b"upgrade: websocket" in first.lower()
+            assert b"connection: close" not in first.lower()
+            assert orjson.loads(first.partition(b"\r\n\r\n")[2])["error"]["code"] == (
+                "upgrade_required"
+            )
+            await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await response()).startswith(b"HTTP/1.1 200 ")

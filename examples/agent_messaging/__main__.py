@@ -1,15 +1,20 @@
-"""``python -m examples.agent_messaging --port 8080 [--token T] [--db messages.db]``."""
+"""``python -m examples.agent_messaging --port 8080 [--token T] [--db messages.db] [--no-demo]``
+and ``python -m examples.agent_messaging watch [--thread demo] [--url ws://HOST:PORT/ws]``.
+"""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import sys
 
 import trio
 
 from tidings import Config
 
 from .app import AgentMessaging, Store
+from .demo import THREAD, run_demo
+from .watch import watch
 
 
 def options(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +30,13 @@ def options(argv: list[str] | None = None) -> argparse.Namespace:
     add("--ping-interval", type=float, default=54.0, help="seconds between pings")
     add("--pong-wait", type=float, default=60.0, help="silence after which a client is closed")
     add("--write-wait", type=float, default=10.0, help="seconds a write may take")
+    add(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="simulated agents: thread messages, telemetry, inbox, task streams (default: on)",
+    )
+    add("--demo-interval", type=float, default=0.5, help="seconds between the demo's steps")
     return parser.parse_args(argv)
 
 
@@ -50,11 +62,22 @@ def build(args: argparse.Namespace) -> tuple[AgentMessaging, Config]:
 
 async def main(args: argparse.Namespace) -> None:
     app, config = build(args)
-    async with app.running(config) as server:
+    async with app.running(config) as server, trio.open_nursery() as nursery:
         print(f"agent messaging server on {server.url}", flush=True)
+        if args.demo:
+            nursery.start_soon(run_demo, app, args.demo_interval)
+            print(
+                f"demo: simulated agents post to thread '{THREAD}' and broadcast telemetry, "
+                "inbox messages and task streams (--no-demo: off). Watch them with:\n"
+                f"  python -m examples.agent_messaging watch --url {server.url}"
+                + (" --token TOKEN" if args.token else ""),
+                flush=True,
+            )
         await trio.sleep_forever()
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["watch"]:
+        sys.exit(watch(sys.argv[2:]))
     with contextlib.suppress(KeyboardInterrupt):
         trio.run(main, options())

@@ -37,6 +37,7 @@ import trio
 from trio_websocket import (
     ConnectionClosed,
     ConnectionRejected,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
@@ -62,6 +63,19 @@ DEFAULT_URL = "ws://127.0.0.1:8800/ws"
 
 class ConnectionLostError(ConnectionError):
     """The connection dropped before the server answered; the command may or may not have run."""
+
+
+class ConnectionRejectedError(ConnectionError):
+    """The server refused the first connection with an HTTP status (401: the token).
+
+    ``code`` and ``message`` come from the refusal's JSON body, when it has one.
+    """
+
+    def __init__(self, text: str, status: int, code: str = "", message: str = "") -> None:
+        super().__init__(text)
+        self.status = status
+        self.code = code
+        self.message = message
 
 
 _Callback = Callable[[dict[str, Any]], None]
@@ -111,6 +125,9 @@ class ClientSubscription:
         self.resumes = 0
         self.confirmed = False
         """The server answered a subscribe for it (on some connection)."""
+        self.answer: dict[str, Any] = {}
+        """The payload of the last subscribe response: ``seq``, ``epoch``, and with
+        a resume ``recovered`` and ``replayed`` (how many events follow it)."""
         self._send, self._receive = trio.open_memory_channel[Event](buffer)
 
     def __aiter__(self) -> Self:
@@ -125,14 +142,20 @@ class ClientSubscription:
     def _on_subscribe_reply(self, reply: dict[str, Any]) -> None:
         self.confirmed = True
         payload = reply.get("payload") or {}
+        self.answer = payload
         epoch = payload.get("epoch")
         recovered = payload.get("recovered")
         self.recovered = recovered
         if recovered is False:
             self.gaps += 1
+        start = payload.get("seq", 0) - payload.get("replayed", 0)
         if epoch != self.epoch and (self.epoch is not None or self.last_seq is None):
             # A new stream (or a first subscribe): positions restart from here.
-            self.last_seq = payload.get("seq", 0) - payload.get("replayed", 0)
+            self.last_seq = start
+        elif recovered is False and self.last_seq is not None and self.last_seq > start:
+            # An offset beyond the topic's (from another stream): kept, it would
+            # hide every event up to it as a duplicate.
+            self.last_seq = start
         self.epoch = epoch
 
     def _accepts(self, event: Event) -> bool:
@@ -392,9 +415,11 @@ class Client:
                         LOGGER.info("connection to %s lost (%s)", self.url, _describe_close(ws))
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
                 if not started:
-                    raise ConnectionError(
-                        f"cannot connect to {self.url}: {_describe(exc)}"
-                    ) from exc
+                    text = f"cannot connect to {self.url}: {_describe(exc)}"
+                    if isinstance(exc, ConnectionRejected):
+                        code, message = _refusal(exc.body)
+                        raise ConnectionRejectedError(text, exc.status_code, code, message) from exc
+                    raise ConnectionError(text) from exc
                 LOGGER.info("connection to %s lost (%s); reconnecting", self.url, _describe(exc))
             finally:
                 self._ws = None
@@ -500,11 +525,24 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, ConnectionClosed) and exc.reason is not None:
         return f"closed with {exc.reason.code} {exc.reason.reason or ''}".strip()
     if isinstance(exc, ConnectionRejected):
-        return f"rejected with HTTP {exc.status_code}"
+        code, message = _refusal(exc.body)
+        reason = f" {code}: {message}" if code else ""
+        return f"rejected with HTTP {exc.status_code}{reason}"
+    if isinstance(exc, ConnectionTimeout | trio.TooSlowError):
+        return "no answer to the WebSocket handshake in time"
     if not str(exc) and (exc.__cause__ or exc.__context__):
         # trio-websocket's HandshakeError says nothing; the OSError under it does.
         return _describe(exc.__cause__ or exc.__context__)  # type: ignore[arg-type]
     return str(exc) or type(exc).__name__
+
+
+def _refusal(body: bytes | None) -> tuple[str, str]:
+    """``(code, message)`` of a refused upgrade's ``{"error": {...}}`` body, if it has one."""
+    try:
+        error = orjson.loads(body or b"")["error"]
+        return str(error["code"]), str(error["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return "", ""
 
 
 @asynccontextmanager

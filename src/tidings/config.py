@@ -13,12 +13,14 @@ Durations are seconds, as numbers or with a unit (``"500ms"``, ``"30s"``,
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import json
 import os
 import re
+import time
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin
@@ -26,6 +28,7 @@ from typing import Any, Literal, NewType, get_args, get_origin
 import attrs
 import cattrs
 
+from ._version import __version__
 from .backplane.url import parse_url as parse_backplane_url
 from .broker.namespaces import Namespace, Namespaces
 from .broker.outbox import OverflowPolicy
@@ -40,6 +43,20 @@ LogFormat = Literal["text", "json"]
 AuthMode = Literal["auto", "none", "token", "jwt"]
 
 ENV_PREFIX = "TIDINGS_"
+#: ``TIDINGS_*`` variables that are not settings, and so not unknown.
+OTHER_VARIABLES: dict[str, str] = {
+    "TIDINGS_CONFIG": "the TOML config file",
+    "TIDINGS_DEBUG": "1: errors of the tidings command show their traceback",
+    "TIDINGS_CLIENT_TOKEN": "the token watch, publish and request present",
+    "TIDINGS_URL": "the node's HTTP address, where the publisher examples read it",
+    # The test suite's switches (.ci/run sets them): skipping is then a failure.
+    "TIDINGS_REQUIRE_REDIS": "tests: the Redis tests must run",
+    "TIDINGS_REQUIRE_NODE": "tests: the Node SDK tests must run",
+}
+#: Keys whose values are credentials: redacted by ``tidings config show``.
+SECRETS = ("token", "jwt_secret", "api_key")
+#: What ``tidings config show`` prints for a secret that is set.
+REDACTED = "***"
 
 
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s|m|h)?\s*$")
@@ -121,6 +138,10 @@ def _namespace_tables(value: Any) -> dict[str, NamespaceConfig]:
         if isinstance(table, NamespaceConfig):
             tables[str(name)] = table
         elif isinstance(table, Mapping):
+            for key in table:
+                if key not in NAMESPACE_KEYS:
+                    hint = _suggest(str(key), NAMESPACE_KEYS)
+                    raise ConfigError(f"namespaces.{name}: unknown key {key!r}{hint}")
             try:
                 tables[str(name)] = _converter.structure(dict(table), NamespaceConfig)
             except Exception as exc:
@@ -415,7 +436,7 @@ class Config:
     def __attrs_post_init__(self) -> None:
         problems = list(_semantic_problems(self))
         if problems:
-            raise ConfigError("; ".join(problems))
+            raise ConfigError("; ".join(problems), problems=problems)
 
     @property
     def auth_mode(self) -> Literal["none", "token", "jwt"]:
@@ -471,20 +492,23 @@ class Config:
         Raises:
             ConfigError: a file that cannot be read, an unknown key, a bad value.
         """
-        env = os.environ if env is None else env
-        layers: dict[str, Any] = {}
-        path = path or env.get(ENV_PREFIX + "CONFIG")
-        if path:
-            layers.update(_from_toml(Path(path)))
-        layers.update(_from_env(env))
-        for key, value in (overrides or {}).items():
-            _check_key(key, "command line")
-            layers[key] = _parse_text(key, value) if isinstance(value, str) else value
-        return structure(layers)
+        layers = _Layers.gather(path, os.environ if env is None else env, overrides or {})
+        config = layers.build()
+        if layers.problems:
+            raise ConfigError("; ".join(layers.problems), problems=layers.problems)
+        assert config is not None
+        return config
 
 
 attrs.resolve_types(Config)  # the annotations are strings (PEP 563); cattrs needs the types
 FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.fields(Config)}
+attrs.resolve_types(NamespaceConfig)
+_NAMESPACE_FIELDS = {field.name: field for field in attrs.fields(NamespaceConfig)}
+NAMESPACE_KEYS: tuple[str, ...] = tuple(_NAMESPACE_FIELDS)
+#: Keys that hold text or nothing (unset): secrets, JWT claims required.
+OPTIONAL_TEXT: tuple[str, ...] = tuple(
+    name for name, field in FIELDS.items() if field.type == str | None
+)
 
 
 def _semantic_problems(config: Config) -> list[str]:
@@ -561,9 +585,18 @@ def _semantic_problems(config: Config) -> list[str]:
             parse_backplane_url(config.backplane)
         except ValueError as exc:
             problems.append(str(exc))
-    key = config.jwt_public_key
-    if key and not key.lstrip().startswith("-----BEGIN") and not Path(key).is_file():
-        problems.append(f"jwt_public_key is neither a PEM key nor a readable file: {key[:200]!r}")
+    for name in OPTIONAL_TEXT:
+        value = getattr(config, name)
+        if value is not None and value.strip() in ("None", "null", REDACTED):
+            # Earlier versions of `tidings config` printed unset keys as "None", and
+            # `config show` prints secrets as ***: neither may become a credential.
+            problems.append(
+                f"{name} = {value!r} is a placeholder, not a value: leave {name} out to unset it"
+            )
+    if config.jwt_public_key:
+        problem = _public_key_problem(config.jwt_public_key)
+        if problem is not None:
+            problems.append(problem)
     if config.auth == "jwt" and not (config.jwt_secret or config.jwt_public_key):
         problems.append("auth jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
     if config.auth == "token" and not config.token:
@@ -611,14 +644,14 @@ def _parse_text(key: str, text: str) -> Any:
             return True
         if lowered in _FALSE:
             return False
-        raise ConfigError(f"{key}: {text!r} is not a boolean (use true or false)")
+        raise ConfigError(f"{text!r} is not a boolean (use true or false)")
     if kind == tuple[str, ...]:
         return tuple(part.strip() for part in text.split(",") if part.strip())
     if kind == dict[str, NamespaceConfig]:
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{key}: not valid JSON: {exc}") from None
+            raise ConfigError(f"not valid JSON: {exc}") from None
     return text
 
 
@@ -636,7 +669,10 @@ def _structure_bytes(value: Any, _: Any) -> int:
 def _structure_int(value: Any, _: Any) -> int:
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise ValueError(f"{value!r} is not an integer")
-    return int(value)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{value!r} is not an integer") from None
 
 
 def _structure_bool(value: Any, _: Any) -> bool:
@@ -658,10 +694,18 @@ _converter.register_structure_hook(Bytes, _structure_bytes)
 _converter.register_structure_hook(int, _structure_int)
 _converter.register_structure_hook(bool, _structure_bool)
 _converter.register_structure_hook_func(lambda kind: kind == tuple[str, ...], _structure_str_tuple)
+# Namespace tables are checked by the field's converter, whose messages name the
+# table and suggest a key; cattrs' own would say "expected None (Extra fields ...)".
+_converter.register_structure_hook_func(
+    lambda kind: kind == dict[str, NamespaceConfig], lambda value, _: _namespace_tables(value)
+)
 
 
-def structure(values: Mapping[str, Any]) -> Config:
+def structure(values: Mapping[str, Any], sources: Mapping[str, str] | None = None) -> Config:
     """A :class:`Config` from a flat mapping of keys to values.
+
+    ``sources`` names where each key's value came from (``TIDINGS_PORT``,
+    ``--port``), for the messages.
 
     Raises:
         ConfigError: an unknown key or a value of the wrong kind.
@@ -673,8 +717,16 @@ def structure(values: Mapping[str, Any]) -> Config:
     except ConfigError:
         raise
     except cattrs.BaseValidationError as exc:
-        messages = cattrs.transform_error(exc, path="config", format_exception=_describe)
-        raise ConfigError("; ".join(_readable(m) for m in messages)) from None
+        # Config's own checks (__attrs_post_init__) come as one ConfigError of many
+        # problems, without a field: keep them apart, one line each.
+        checks = [e for e in exc.exceptions if isinstance(e, ConfigError)]
+        rest = [e for e in exc.exceptions if not isinstance(e, ConfigError)]
+        problems = [problem for error in checks for problem in error.problems]
+        if rest:
+            group = cattrs.ClassValidationError(str(exc), rest, Config)
+            messages = cattrs.transform_error(group, path="config", format_exception=_describe)
+            problems.extend(_readable(m, sources or {}) for m in messages)
+        raise ConfigError("; ".join(problems), problems=problems) from None
 
 
 def _describe(exc: BaseException, kind: Any) -> str:
@@ -695,11 +747,13 @@ def _choices(kind: Any) -> tuple[str, ...]:
     return ()
 
 
-def _readable(message: str) -> str:
-    # cattrs says "<problem> @ config.port"; lead with the key.
+def _readable(message: str, sources: Mapping[str, str]) -> str:
+    # cattrs says "<problem> @ config.port"; lead with the key, or where it was set.
     text, _, where = message.partition(" @ ")
     key = where.removeprefix("config").removeprefix(".") if where else ""
-    return f"{key}: {text}" if key else text
+    if not key or text.startswith(key + "."):  # a namespace table names itself
+        return text
+    return f"{sources.get(key, key)}: {text}"
 
 
 def _is_loopback(host: str) -> bool:
@@ -711,37 +765,295 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def suggest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``word`` (a misspelt key, flag or variable), if any is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _suggest(word: str, candidates: Iterable[str], quote: bool = True) -> str:
+    """`` (did you mean 'x'?)`` for the closest candidate, or nothing."""
+    close = suggest(word, candidates)
+    if close is None:
+        return ""
+    return f" (did you mean {close!r}?)" if quote else f" (did you mean {close}?)"
+
+
 def _check_key(key: str, source: str) -> None:
     if key not in FIELDS:
-        close = [name for name in FIELDS if name.startswith(key[:4])]
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown key {key!r} in {source}{hint}")
+        raise ConfigError(f"unknown key {key!r} in {source}{_suggest(key, FIELDS)}")
 
 
-def _from_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
-            data = tomllib.load(file)
+            return tomllib.load(file)
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-    for key in data:
-        _check_key(key, str(path))
-    return data
 
 
-def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
-    values: dict[str, Any] = {}
-    for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
-            continue
-        key = name[len(ENV_PREFIX) :].lower()
-        if key in FIELDS:
-            values[key] = _parse_text(key, text)
-    return values
+def _env_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+@attrs.define
+class _Layers:
+    """Values from the file, the environment and the flags, where each came from,
+    and every problem found on the way (rather than only the first)."""
+
+    values: dict[str, Any] = attrs.Factory(dict)
+    sources: dict[str, str] = attrs.Factory(dict)
+    problems: list[str] = attrs.Factory(list)
+
+    @classmethod
+    def gather(
+        cls, path: str | Path | None, env: Mapping[str, str], overrides: Mapping[str, Any]
+    ) -> _Layers:
+        layers = cls()
+        path = path or env.get(ENV_PREFIX + "CONFIG")
+        if path:
+            try:
+                data = _read_toml(Path(path))
+            except ConfigError as exc:
+                layers.problems.append(str(exc))
+                data = {}
+            for key, value in data.items():
+                layers.set(key, value, f"{path}: {key}", str(path), text=False)
+        for name, text in sorted(env.items()):
+            key = name[len(ENV_PREFIX) :].lower()
+            if name.startswith(ENV_PREFIX) and name not in OTHER_VARIABLES and key in FIELDS:
+                layers.set(key, text, name, "environment")
+        for key, value in overrides.items():
+            layers.set(key, value, _flag(key), "command line")
+        return layers
+
+    def set(self, key: str, value: Any, label: str, where: str, *, text: bool = True) -> None:
+        """Record a value; ``text`` (environment, flags) is parsed by the key's type,
+        while TOML values have types of their own."""
+        try:
+            _check_key(key, where)
+            parse = text and isinstance(value, str)
+            self.values[key] = _parse_text(key, value) if parse else value
+            self.sources[key] = label
+        except ConfigError as exc:
+            self.problems.append(str(exc) if key not in FIELDS else f"{label}: {exc}")
+
+    def build(self) -> Config | None:
+        """The config, or None with the problems recorded.
+
+        Built from the values that parsed even when some did not, so that one
+        run reports the problems of every layer.
+        """
+        try:
+            config = structure(self.values, self.sources)
+        except ConfigError as exc:
+            self.problems.extend(self._attribute(problem) for problem in exc.problems)
+            return None
+        return None if self.problems else config
+
+    def _attribute(self, problem: str) -> str:
+        """``port must be ... (TIDINGS_PORT)``: a rule broken says who set the value."""
+        key = re.split(r"[ .:\[]", problem, maxsplit=1)[0]
+        source = self.sources.get(key)
+        if source is None or problem.startswith(source):
+            return problem
+        return f"{problem} (from {source.split(': ')[0]})"
 
 
 def choices(key: str) -> tuple[str, ...]:
     """The allowed values of a key with a fixed set of them (for ``--help``)."""
     return _choices(FIELDS[key].type)
+
+
+def _public_key_problem(value: str) -> str | None:
+    """Why ``jwt_public_key`` (PEM text or a file) cannot verify RS256 tokens, if it cannot."""
+    # Imported here: only nodes with a public key pay for loading cryptography.
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+    from cryptography.hazmat.primitives import serialization  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import rsa  # noqa: PLC0415
+
+    if value.lstrip().startswith("-----BEGIN"):
+        data, what = value.encode(), "the PEM text"
+    else:
+        try:
+            data = Path(value).read_bytes()
+        except OSError:
+            return f"jwt_public_key is neither a PEM key nor a readable file: {value[:200]!r}"
+        what = f"the file {value}"
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        return (
+            f"jwt_public_key: {what} is not a PEM public key"
+            " (-----BEGIN PUBLIC KEY----- ... -----END PUBLIC KEY-----)"
+        )
+    if not isinstance(key, rsa.RSAPublicKey):
+        return f"jwt_public_key: {what} is not an RSA key (RS256 verifies with RSA keys)"
+    return None
+
+
+# --- checking, showing, starting a file ------------------------------------------------
+
+
+@attrs.frozen
+class Report:
+    """What ``tidings config check`` found: the config if it is valid, errors, warnings."""
+
+    config: Config | None
+    errors: tuple[str, ...]
+    warnings: tuple[str, ...]
+
+
+def check(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Report:
+    """Validate file + environment + overrides as :meth:`Config.load` does, collecting
+    every problem; unknown ``TIDINGS_*`` variables are errors here (warnings at start)."""
+    env = os.environ if env is None else env
+    layers = _Layers.gather(path, env, overrides or {})
+    config = layers.build()
+    errors = [*layers.problems, *unknown_environment(env)]
+    if errors:
+        return Report(None, tuple(errors), ())
+    assert config is not None
+    return Report(config, (), tuple(warnings(config)))
+
+
+def unknown_environment(env: Mapping[str, str]) -> list[str]:
+    """A line for each ``TIDINGS_*`` variable that is no setting, with a suggestion."""
+    known = [_env_name(key) for key in FIELDS] + list(OTHER_VARIABLES)
+    return [
+        f"unknown environment variable {name}{_suggest(name, known, quote=False)}"
+        for name in sorted(env)
+        if name.startswith(ENV_PREFIX) and name not in known
+    ]
+
+
+#: Shortest secrets not worth a warning (bytes): HS256 keys as RFC 7518 asks,
+#: shared tokens long enough not to be guessed.
+MIN_JWT_SECRET = 32
+MIN_TOKEN = 16
+
+
+def warnings(config: Config) -> list[str]:
+    """What is valid but probably not meant: weak secrets, settings that take no effect."""
+    found = []
+    if config.jwt_secret and len(config.jwt_secret.encode()) < MIN_JWT_SECRET:
+        size = len(config.jwt_secret.encode())
+        found.append(
+            f"jwt_secret is {size} bytes: HS256 wants {MIN_JWT_SECRET} or more"
+            " (e.g. the output of: openssl rand -hex 32)"
+        )
+    for name in ("token", "api_key"):
+        value = getattr(config, name)
+        if value and len(value) < MIN_TOKEN:
+            found.append(f"{name} is {len(value)} characters: use {MIN_TOKEN} or more")
+    mode = config.auth_mode
+    if config.token and mode != "token":
+        found.append(f"token is set but ignored: client authentication is {mode}")
+    if (config.jwt_secret or config.jwt_public_key) and mode != "jwt":
+        found.append(f"the JWT keys are set but ignored: client authentication is {mode}")
+    if mode == "none" and not _is_loopback(config.host):
+        found.append(f"auth none on {config.host}: anyone who reaches the port may connect")
+    return found
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the docs write them: ``30s``, ``500ms``, ``1h``."""
+    if seconds and seconds % 3600 == 0:
+        return f"{int(seconds // 3600)}h"
+    if float(seconds).is_integer():
+        return f"{int(seconds)}s"
+    millis = seconds * 1000
+    if seconds < 1 and abs(millis - round(millis)) < 1e-9:
+        return f"{round(millis)}ms"
+    return f"{seconds!r}s"
+
+
+def format_size(size: int) -> str:
+    """Bytes as the docs write them: ``512KiB``, ``1MiB``, or a plain number."""
+    for unit in ("GiB", "MiB", "KiB"):
+        if size and size % _SIZE_UNITS[unit] == 0:
+            return f"{size // _SIZE_UNITS[unit]}{unit}"
+    return str(size)
+
+
+def _toml_value(value: Any, kind: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if kind is Seconds or kind == Seconds | None:
+        text = format_duration(value)
+        return json.dumps(text) if parse_duration(text) == value else repr(float(value))
+    if kind is Bytes or kind == Bytes | None:
+        text = format_size(value)
+        return json.dumps(text) if text != str(value) else text
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(item, str) for item in value) + "]"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def _comment(text: str) -> list[str]:
+    words, lines, line = text.split(), [], "#"
+    for word in words:
+        if len(line) + len(word) > 88:
+            lines.append(line)
+            line = "#"
+        line += " " + word
+    return [*lines, line]
+
+
+_NAMESPACE_EXAMPLE = """\
+# [namespaces.chat]    # topics chat:..., e.g. chat:lobby
+# presence = true
+# join_leave = true
+# history_ttl = "1h"
+"""
+
+
+def to_toml(config: Config, *, redact: bool = True, title: str = "") -> str:
+    """``config`` as a commented TOML file that loads back to the same config.
+
+    Unset keys are commented out (``# token =``); with ``redact``, secrets that
+    are set read ``"***"``, which the loader refuses, so a copy cannot start a
+    node with a placeholder for a credential.
+    """
+    lines = [f"# {title or 'tidings configuration'} (tidings {__version__}, "
+             f"{time.strftime('%Y-%m-%d')})",
+             "# Every key: docs/configuration.md. Durations: 500ms, 30s, 2m, 1h;"
+             " sizes: 512KiB, 1MiB.", ""]  # fmt: skip
+    for name, field in FIELDS.items():
+        if name == "namespaces":
+            continue  # tables come last: a key after one would belong to it
+        value = getattr(config, name)
+        lines.extend(_comment(field.metadata.get("help", name)))
+        if value is None:
+            lines.append(f"# {name} =    (unset)")
+        elif redact and name in SECRETS:
+            lines.append(f"{name} = {json.dumps(REDACTED)}    # set; not shown")
+        else:
+            lines.append(f"{name} = {_toml_value(value, field.type)}")
+        lines.append("")
+    lines.extend(_comment(FIELDS["namespaces"].metadata.get("help", "namespaces")))
+    if not config.namespaces:
+        lines.append(_NAMESPACE_EXAMPLE)
+    for table_name, table in config.namespaces.items():
+        bare = re.fullmatch(r"[A-Za-z0-9_-]+", table_name)
+        lines.append(f"[namespaces.{table_name if bare else json.dumps(table_name)}]")
+        for key, field in _NAMESPACE_FIELDS.items():
+            value = getattr(table, key)
+            if value is None or (key == "topics" and not value):
+                continue
+            lines.append(f"{key} = {_toml_value(value, field.type)}")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n") + "\n"

@@ -25,6 +25,8 @@ rather than answer a command.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from .protocol.codes import ErrorCode
 
 __all__ = [
@@ -135,7 +137,13 @@ class ApiRejectedError(ApiCallError):
 
 
 class ConfigError(TidingsError, ValueError):
-    """The configuration is invalid; the message says which key and why."""
+    """The configuration is invalid; the message says which key and why.
 
-    def __init__(self, message: str, code: str = "invalid_config") -> None:
+    ``problems`` holds each problem on its own; the message joins them.
+    """
+
+    def __init__(
+        self, message: str, code: str = "invalid_config", *, problems: Sequence[str] = ()
+    ) -> None:
         super().__init__(code, message)
+        self.problems: tuple[str, ...] = tuple(problems) or (message,)

@@ -50,3 +50,12 @@ def configure(level: str, fmt: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def announce(logger: logging.Logger, message: str, **fields: Any) -> None:
+    """Log ``message`` with ``fields`` whatever the level: the start-up banner of
+    ``--log-format json``, which must reach the log as the text banner reaches stdout."""
+    record = logger.makeRecord(
+        logger.name, logging.INFO, "(announce)", 0, message, (), None, extra=fields
+    )
+    logger.handle(record)

@@ -271,6 +271,7 @@ class RedisBackplane:
         self.unconfirmed = 0
         """Publications sent to Redis that it never confirmed (answered ``unconfirmed``)."""
         self.reconnects = 0
+        self._connections = 0
         self.sequenced = 0
         """Publications of this node that Redis sequenced (each event counted once, on its node)."""
         self.gaps = 0
@@ -530,12 +531,14 @@ class RedisBackplane:
                     await pubsub.subscribe(self._control_channel, self._reply_channel)
                 self._client, self._pubsub = client, pubsub
                 self._script = client.register_script(PUBLISH_SCRIPT)
-                if self.reconnects or self._tracked:
+                if self._connections or self._tracked:
                     LOGGER.info(
                         "backplane connected; resynchronising %d topics", len(self._tracked)
                     )
                 self.connected = True
-                self.reconnects += 1
+                # The first connection is no reconnect (/health said 1 after it).
+                self.reconnects = self._connections
+                self._connections += 1
                 self._connected.set()
                 self._wake_publisher.set()
                 for tracked in list(self._tracked.values()):

@@ -88,7 +88,7 @@ class NodeCollector(Collector):
             )
             yield CounterMetricFamily(
                 "tidings_backplane_reconnects",
-                "Connections made to Redis (the first one included)",
+                "Connections made to Redis again after a loss (the first one is not counted)",
                 value=backplane.reconnects,
             )
             yield CounterMetricFamily(

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
 import trio
+from wsproto.events import CloseConnection
 
 from .base import (
     CloseFrame,
@@ -43,10 +44,14 @@ class AsgiWebSocket:
 
     supports_ping = False
 
-    def __init__(self, receive: Receive, send: Send, remote: str) -> None:
+    def __init__(
+        self, receive: Receive, send: Send, remote: str, peer_close: PeerCloseFrame | None = None
+    ) -> None:
         self._receive = receive
         self._send = send
         self.remote = remote
+        self._peer_close = peer_close
+        self._close_answered = False
         self.last_received = trio.current_time()
         self._closed = False
 
@@ -59,9 +64,17 @@ class AsgiWebSocket:
             return text if text is not None else bytes(message.get("bytes") or b"")
         if kind == "websocket.disconnect":
             self._closed = True
-            # hypercorn reports 1006 even for a clean close (its issue 127), so
-            # the code cannot tell a close frame from a lost connection.
-            raise PeerClosed(int(message.get("code", 1005)))
+            code, reason = int(message.get("code", 1005)), ""
+            peer = self._peer_close
+            if code == 1006 and peer is not None and peer.code is not None:
+                # hypercorn says 1006 even after the client's close frame (its
+                # issue 127); the frame itself was seen, so report what it said.
+                code, reason = peer.code, peer.reason
+            if code == 1006:
+                raise ConnectionLost("closed without a close frame")
+            # The ASGI server has answered the close frame itself.
+            self._close_answered = True
+            raise PeerClosed(code, reason)
         raise ConnectionLost(f"unexpected ASGI message {kind!r}")
 
     def framer(self, text: bool) -> Framer:
@@ -73,15 +86,18 @@ class AsgiWebSocket:
 
     def try_send(self, items: Iterable[Outgoing]) -> list[Outgoing]:
         # ASGI has no write that does not wait: everything goes through send_rest.
-        if self._closed:
+        rest = list(items)
+        if self._closed and not self._answers_close(rest):
             raise ConnectionLost
-        return list(items)
+        return rest
 
     async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         # ``write_timeout`` cannot be honoured: the ASGI server owns the socket, and
         # hypercorn shields its writes from cancellation.
         assert isinstance(rest, list)
         if self._closed:
+            if self._answers_close(rest):
+                return  # the handshake the connection wants to finish is done
             raise ConnectionLost
         try:
             for item in rest:
@@ -99,9 +115,48 @@ class AsgiWebSocket:
             self._closed = True
             raise ConnectionLost from exc
 
+    def _answers_close(self, items: list[Outgoing]) -> bool:
+        """After the peer's close, which the ASGI server answered: our close frame."""
+        return self._close_answered and any(type(item) is CloseFrame for item in items)
+
     async def aclose(self) -> None:
         # The ASGI server closes the socket when the application returns.
         self._closed = True
+
+
+class PeerCloseFrame:
+    """The close frame a client sent, as hypercorn's WebSocket stream parsed it."""
+
+    __slots__ = ("code", "reason")
+
+    def __init__(self) -> None:
+        self.code: int | None = None
+        self.reason = ""
+
+    @classmethod
+    def watch(cls, send: Send) -> PeerCloseFrame | None:
+        """Record the client's close frame on hypercorn's stream behind ``send``.
+
+        hypercorn hands an application its stream's bound ``app_send``; the
+        stream's wsproto ``connection`` parses the close frame, which hypercorn
+        then reports as 1006 whatever it said. Reading the parsed events on that
+        one connection tells a clean close (and its code) from a lost one. Under
+        another ASGI server (no such stream) this records nothing.
+        """
+        connection = getattr(getattr(send, "__self__", None), "connection", None)
+        events = getattr(connection, "events", None)
+        if not callable(events):
+            return None
+        seen = cls()
+
+        def recording_events() -> Any:
+            for event in events():
+                if isinstance(event, CloseConnection):
+                    seen.code, seen.reason = event.code, event.reason or ""
+                yield event
+
+        connection.events = recording_events  # type: ignore[union-attr]
+        return seen
 
 
 def _as_text(data: bytes) -> str:
@@ -165,7 +220,8 @@ class AsgiApp:
         except BaseException:
             self.handler.release(admission)  # serve() will not run to give it back
             raise
-        await self.handler.serve(AsgiWebSocket(receive, send, request.remote), admission)
+        transport = AsgiWebSocket(receive, send, request.remote, PeerCloseFrame.watch(send))
+        await self.handler.serve(transport, admission)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         message = await receive()
