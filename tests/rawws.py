@@ -21,10 +21,18 @@ class RawWebSocket:
     def __init__(self, stream: trio.SocketStream) -> None:
         self.stream = stream
         self._buffer = bytearray()
+        self.head = b""
+        """The server's answer to the upgrade (status line and headers)."""
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, path: str = "/ws", *, receive_buffer: int | None = None
+        cls,
+        host: str,
+        port: int,
+        path: str = "/ws",
+        *,
+        receive_buffer: int | None = None,
+        headers: str = "",
     ) -> RawWebSocket:
         sock = trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_STREAM)
         if receive_buffer is not None:
@@ -35,13 +43,15 @@ class RawWebSocket:
         key = base64.b64encode(os.urandom(16)).decode()
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
-            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            f"{headers}\r\n"
         )
         await stream.send_all(request.encode())
         ws = cls(stream)
         head = await ws._read_until(b"\r\n\r\n")
         if not head.startswith(b"HTTP/1.1 101"):
             raise ConnectionError(head.decode(errors="replace"))
+        ws.head = head
         return ws
 
     async def _read_until(self, marker: bytes) -> bytes:
@@ -64,9 +74,11 @@ class RawWebSocket:
         del self._buffer[:n]
         return out
 
-    async def send_frame(self, opcode: int, payload: bytes, *, fin: bool = True) -> None:
+    async def send_frame(
+        self, opcode: int, payload: bytes, *, fin: bool = True, rsv1: bool = False
+    ) -> None:
         mask = os.urandom(4)
-        header = bytes([(0x80 if fin else 0) | opcode])
+        header = bytes([(0x80 if fin else 0) | (0x40 if rsv1 else 0) | opcode])
         n = len(payload)
         if n < 126:
             header += bytes([0x80 | n])
@@ -84,13 +96,18 @@ class RawWebSocket:
         await self.send_frame(1, orjson.dumps(message))
 
     async def receive_frame(self) -> tuple[int, bytes]:
+        first, payload = await self.receive_raw()
+        return first & 0x0F, payload
+
+    async def receive_raw(self) -> tuple[int, bytes]:
+        """The next frame's first byte (FIN, RSV bits, opcode) and its payload, as sent."""
         first, second = await self._read_exactly(2)
         n = second & 0x7F
         if n == 126:
             (n,) = struct.unpack("!H", await self._read_exactly(2))
         elif n == 127:
             (n,) = struct.unpack("!Q", await self._read_exactly(8))
-        return first & 0x0F, await self._read_exactly(n)
+        return first, await self._read_exactly(n)
 
     async def receive_json(self) -> dict[str, Any]:
         """The next text frame as JSON, skipping pings (unanswered: this client is rude)."""

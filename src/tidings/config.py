@@ -127,6 +127,8 @@ class NamespaceConfig:
     topics: tuple[str, ...] = attrs.field(default=(), converter=tuple)
     local: bool | None = None
     """With a backplane, keep these topics on each node (not shared through Redis)."""
+    compression: bool | None = None
+    """Whether this namespace's events are compressed for clients that negotiated it."""
 
 
 def _namespace_tables(value: Any) -> dict[str, NamespaceConfig]:
@@ -162,6 +164,39 @@ class Config:
     centrifugo_path: str = attrs.field(
         default="/connection/websocket",
         metadata=_help("path where Centrifugo's client SDKs connect; empty: not served"),
+    )
+    sse_path: str = attrs.field(
+        default="/sse",
+        metadata=_help(
+            "path of the Server-Sent Events endpoint (GET ?topic=...); empty: not served"
+        ),
+    )
+    stream_path: str = attrs.field(
+        default="/stream",
+        metadata=_help("path of the NDJSON streaming endpoint (GET ?topic=...); empty: not served"),
+    )
+    sse_retry: Seconds = attrs.field(
+        default=Seconds(3.0),
+        converter=parse_duration,
+        metadata=_help(
+            "reconnect delay SSE streams announce (retry:), each spread up to 1.5 times"
+        ),
+    )
+    stream_max_topics: int = attrs.field(
+        default=32,
+        metadata=_help("topics one SSE or NDJSON stream may follow (each SSE id names them all)"),
+    )
+    compression: bool = attrs.field(
+        default=True,
+        metadata=_help(
+            "permessage-deflate for WebSocket clients that offer it (built-in transport),"
+            " each event compressed once for all of them"
+        ),
+    )
+    compression_min_size: Bytes = attrs.field(
+        default=Bytes(256),
+        converter=parse_size,
+        metadata=_help("frames shorter than this go out uncompressed"),
     )
     transport: TransportName = attrs.field(
         default="builtin",
@@ -252,7 +287,8 @@ class Config:
         metadata=_help("memory the idempotency keys of one tenant may take; oldest go"),
     )
     max_connections: int = attrs.field(
-        default=100_000, metadata=_help("WebSocket connections one node accepts at most")
+        default=100_000,
+        metadata=_help("connections (WebSocket and streams) one node accepts at most"),
     )
     tenant_max_topics: int = attrs.field(
         default=50_000,
@@ -397,7 +433,8 @@ class Config:
         metadata=_help("rate-limited messages before a client is closed (4029); 0 never"),
     )
     max_connections_per_ip: int = attrs.field(
-        default=0, metadata=_help("WebSocket connections from one address; 0 is no limit")
+        default=0,
+        metadata=_help("connections (WebSocket and streams) from one address; 0 is no limit"),
     )
     metrics: bool = attrs.field(default=True, metadata=_help("serve GET /metrics (Prometheus)"))
     log_format: LogFormat = attrs.field(default="text", metadata=_help("text or json"))
@@ -460,6 +497,7 @@ class Config:
             overflow_policy=self.overflow_policy,
             outbox_size=self.outbox_size,
             topics=TopicFilter(self.topics),
+            compression=self.compression,
         )
         named = {}
         for name, table in self.namespaces.items():
@@ -541,6 +579,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_pending_handshakes",
         "idempotency_max_keys",
         "idempotency_max_bytes",
+        "stream_max_topics",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -561,10 +600,12 @@ def _semantic_problems(config: Config) -> list[str]:
         "backplane_max_lag",
         "rate_period",
         "console_session_ttl",
+        "sse_retry",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
     problems.extend(_console_path_problems(config))
+    problems.extend(_stream_path_problems(config))
     for name in (
         "rate_limit",
         "rate_burst",
@@ -577,6 +618,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "tenant_history_bytes",
         "max_partial_bytes",
         "max_pending_handshakes_per_ip",
+        "compression_min_size",
     ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
@@ -615,6 +657,21 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append(
             "read_timeout must be longer than ping_interval, or clients are closed before a ping"
         )
+    return problems
+
+
+def _stream_path_problems(config: Config) -> list[str]:
+    problems = []
+    taken = {config.ws_path, config.centrifugo_path, config.console_path, "/health", "/metrics"}
+    for name in ("sse_path", "stream_path"):
+        path = getattr(config, name)
+        if not path:
+            continue
+        if not path.startswith("/") or "?" in path or "#" in path:
+            problems.append(f"{name} must start with '/' (or be empty: not served)")
+        elif path in taken or path == "/api" or path.startswith("/api/"):
+            problems.append(f"{name} {path!r} is taken by another endpoint")
+        taken.add(path)
     return problems
 
 

@@ -52,7 +52,8 @@ def _assemble(config: Config, endpoints: Iterable[EndpointSource]) -> tuple[Serv
     api = Api(server)
     server.http = HttpRoutes(
         server.health,
-        ws_path=server.accepts,
+        # Stream paths too: under any transport they are answered before the routes.
+        ws_path=lambda path: server.accepts(path) or server.stream_kind(path) is not None,
         metrics=(lambda: render(registry)) if config.metrics else None,
         api=api,
         console=Console(server, config.console_path) if config.console_path else None,

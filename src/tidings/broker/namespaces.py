@@ -44,6 +44,9 @@ class Namespace:
     local: bool = False
     """With a backplane: this node's own topics, sequenced and kept here, never
     shared (a node's periodic status broadcasts, for example)."""
+    compression: bool = True
+    """Whether events are compressed for WebSocket clients that negotiated
+    permessage-deflate (off: already compressed payloads, tiny events)."""
 
 
 class Namespaces:

@@ -90,6 +90,33 @@ def wire_encoder(encode: Callable[[M], bytes], frame: Framer) -> Callable[[M], O
     return encode_and_frame
 
 
+@functools.lru_cache(maxsize=64)
+def event_encoder(
+    encode: Callable[[Event], bytes], frame: Framer, namespaces: Namespaces
+) -> Callable[[Event], Outgoing]:
+    """:func:`wire_encoder` for events, leaving uncompressed the namespaces that say so.
+
+    A transport that compresses gives a framer with an ``uncompressed``
+    twin; where some namespace turns compression off, the encoder picks one
+    per event by its topic. Still one function per (dialect, framer,
+    namespaces), so still one fan-out group: each event is framed once.
+    """
+    compressed = wire_encoder(encode, frame)
+    plain: Framer | None = getattr(frame, "uncompressed", None)
+    if plain is None or all(ns.compression for ns in (namespaces.default, *namespaces.named())):
+        return compressed
+    uncompressed = wire_encoder(encode, plain)
+    resolve = namespaces.resolve
+
+    def encode_and_frame(event: Event) -> Outgoing:
+        namespace = resolve(event.topic)
+        return (
+            compressed(event) if namespace is None or namespace.compression else uncompressed(event)
+        )
+
+    return encode_and_frame
+
+
 @attrs.frozen(slots=True)
 class ConnectionStats:
     id: str
@@ -180,7 +207,7 @@ class Connection(Commands):
         self._frame = transport.framer(dialect.text)
         self.subscriber = Subscriber(
             self.outbox,
-            wire_encoder(dialect.encode_event, self._frame),
+            event_encoder(dialect.encode_event, self._frame, self.namespaces),
             tenant=self.identity.tenant,
             max_topics=limits.max_subscriptions,
             label=self.info.id,

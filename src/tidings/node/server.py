@@ -49,6 +49,8 @@ from ..stats import NodeCounters
 from ..transport.asgi import AsgiApp, Receive, Scope, Send
 from ..transport.base import Admission, Rejection, Transport, UpgradeRequest
 from ..transport.builtin import BuiltinServer
+from ..transport.sse import NDJSON, SSE
+from .streams import StreamEndpoint, StreamPlan
 
 LOGGER = logging.getLogger("tidings.server")
 
@@ -156,6 +158,20 @@ class Server:
         self._origins = OriginPolicy(config.allowed_origins)
         self._handlers: dict[str, RequestHandler] = {}
         self._connections: dict[str, Connection] = {}
+        max_topics = min(config.stream_max_topics, config.max_subscriptions)
+        self.streams: dict[str, StreamEndpoint] = {
+            path: StreamEndpoint(
+                path,
+                kind,
+                retry=config.sse_retry,
+                max_topics=max_topics,
+                connection_of=self._connections.get,
+            )
+            for path, kind in ((config.sse_path, SSE), (config.stream_path, NDJSON))
+            if path
+        }
+        """HTTP stream endpoints by path: Server-Sent Events at ``sse_path``,
+        newline-delimited JSON at ``stream_path``."""
         self._per_host: dict[str, int] = {}
         self._admitted = 0  # upgrades admitted and not yet serving: they hold a slot too
         self._on_connect: list[Callable[[ClientInfo], None]] = []
@@ -343,6 +359,13 @@ class Server:
 
     def accepts(self, path: str) -> bool:
         return path in self.endpoints
+
+    def stream_kind(self, path: str) -> str | None:
+        stream = self.streams.get(path)
+        return None if stream is None else stream.kind
+
+    def allows_origin(self, origin: str | None) -> bool:
+        return self._origins.allows(origin)
 
     def request_handler(self, topic: str) -> RequestHandler | None:
         """The handler :meth:`on_request` registered for ``topic``, if any."""
@@ -615,7 +638,7 @@ class Server:
                 extra={"event": "origin_refused", "origin": origin, "remote": request.remote},
             )
             return Rejection(403, "origin not allowed", "forbidden_origin")
-        endpoint = self.endpoints.get(request.path)
+        endpoint = self.endpoints.get(request.path) or self.streams.get(request.path)
         if endpoint is None:
             return Rejection(404, f"no WebSocket endpoint at {request.path[:200]}")
         try:
@@ -630,6 +653,12 @@ class Server:
                 extra={"event": "auth_failure", "remote": request.remote, "reason": str(exc)},
             )
             return Rejection(401, str(exc), "unauthorized")
+        plan: StreamPlan | None = None
+        if isinstance(endpoint, StreamEndpoint):
+            planned = endpoint.plan(request, identity, self.namespaces)
+            if isinstance(planned, Rejection):
+                return planned
+            plan = planned
         # Reserved now, not when serve() starts: upgrades admitted together
         # must not all pass the caps.
         if not self.seats.take(identity.tenant):
@@ -639,12 +668,12 @@ class Server:
         host = _host(request.remote)
         self._per_host[host] = self._per_host.get(host, 0) + 1
         self._admitted += 1
-        return Admission(request, (endpoint, identity))
+        return Admission(request, (endpoint, identity, plan))
 
     def release(self, admission: Admission) -> None:
         self._admitted -= 1
         self._release_host(_host(admission.request.remote))
-        _endpoint, identity = admission.context
+        _endpoint, identity, _plan = admission.context
         self.seats.give_back(identity.tenant)
 
     def _release_host(self, host: str) -> None:
@@ -654,7 +683,7 @@ class Server:
 
     async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run one accepted WebSocket connection to its end."""
-        request, (endpoint, identity) = admission.take()
+        request, (endpoint, identity, plan) = admission.take()
         connection = Connection(
             transport,
             request,
@@ -671,6 +700,8 @@ class Server:
             seats=self.seats,
         )
         del request  # its headers need not live as long as the connection
+        if plan is not None:
+            endpoint.attach(connection.session, plan)
         info = connection.info
         host = _host(info.remote)
         self._connections[info.id] = connection
@@ -691,6 +722,10 @@ class Server:
         )
         for hook in self._on_connect:
             _call_hook(hook, info)
+        if self._draining:
+            # Admitted just before the shutdown began, served just after: it
+            # was not among the connections the shutdown closed.
+            connection.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
         try:
             await connection.run()
         finally:
@@ -770,6 +805,9 @@ class Server:
             max_pending=self.config.max_pending_handshakes,
             max_pending_per_ip=self.config.max_pending_handshakes_per_ip,
             max_partial_bytes=self.config.max_partial_bytes,
+            compression_min_size=(
+                self.config.compression_min_size if self.config.compression else None
+            ),
         )
         with self._stop_listening:
             await builtin.serve(

@@ -30,6 +30,7 @@ from .base import (
     Rejection,
     UpgradeRequest,
 )
+from .sse import AsgiEventStream, cors_headers, preflight_headers, response_headers
 
 LOGGER = logging.getLogger("tidings.transport")
 
@@ -189,7 +190,11 @@ class AsgiApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "http":
-            await self.http_app(scope, receive, send)
+            stream = self.handler.stream_kind(_path(scope))
+            if stream is not None:
+                await self._stream(scope, receive, send, stream)
+            else:
+                await self.http_app(scope, receive, send)
         elif kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "lifespan":
@@ -221,6 +226,48 @@ class AsgiApp:
             self.handler.release(admission)  # serve() will not run to give it back
             raise
         transport = AsgiWebSocket(receive, send, request.remote, PeerCloseFrame.watch(send))
+        await self.handler.serve(transport, admission)
+
+    async def _stream(self, scope: Scope, receive: Receive, send: Send, kind: str) -> None:
+        """An HTTP stream (SSE, NDJSON): admitted like an upgrade, then served as a
+        connection over the streaming response."""
+        headers = [(bytes(name), bytes(value)) for name, value in scope.get("headers", [])]
+        origin = next((v.decode("latin-1") for n, v in headers if n.lower() == b"origin"), None)
+        cors = cors_headers(origin) if self.handler.allows_origin(origin) else []
+        method = scope.get("method", "GET")
+        if method == "OPTIONS":
+            if origin is None or not cors:
+                await _respond(send, Rejection(403, "origin not allowed", "forbidden_origin"))
+            else:
+                await _respond(send, Rejection(204, ""), preflight_headers(origin))
+            return
+        if method != "GET":
+            refusal = Rejection(405, "a stream is opened with GET", "method_not_allowed")
+            await _respond(send, refusal, [(b"allow", b"GET, OPTIONS"), *cors])
+            return
+        client = scope.get("client") or ("unknown", 0)
+        request = UpgradeRequest.build(
+            _path(scope),
+            bytes(scope.get("query_string", b"")).decode("latin-1"),
+            headers,
+            f"{client[0]}:{client[1]}",
+        )
+        admission = self.handler.admit(request)
+        if isinstance(admission, Rejection):
+            await _respond(send, admission, cors)
+            return
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": response_headers(kind, origin),
+                }
+            )
+        except BaseException:
+            self.handler.release(admission)  # serve() will not run to give it back
+            raise
+        transport = AsgiEventStream(receive, send, request.remote, kind)
         await self.handler.serve(transport, admission)
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -264,6 +311,22 @@ async def _refuse(scope: Scope, send: Send, rejection: Rejection) -> None:
         await send({"type": "websocket.http.response.body", "body": body})
     else:
         await send({"type": "websocket.close", "code": 1008, "reason": rejection.message})
+
+
+async def _respond(
+    send: Send, rejection: Rejection, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """A refusal (or a preflight's answer) as a whole HTTP response."""
+    body = b""
+    headers = [(b"cache-control", b"no-store"), *(extra or [])]
+    if rejection.status != 204:  # a preflight's answer: headers only
+        body = rejection.body()
+        headers[:0] = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+    await send({"type": "http.response.start", "status": rejection.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _path(scope: Scope) -> str:

@@ -78,10 +78,14 @@ class Transport(Protocol):
 
     remote: str
     """The peer's address, ``host:port``."""
-    last_received: float
-    """``trio.current_time()`` when bytes last arrived from the peer."""
     supports_ping: bool
     """Whether protocol pings can be sent and their pongs observed."""
+
+    @property
+    def last_received(self) -> float:
+        """``trio.current_time()`` when bytes last arrived from the peer (read only:
+        a transport whose peer never speaks, an HTTP stream, says now)."""
+        ...
 
     async def receive(self) -> str | bytes | PingFrame:
         """The next message (text as str, binary as bytes), or a ping to answer.
@@ -214,6 +218,18 @@ class ConnectionHandler(Protocol):
 
     def accepts(self, path: str) -> bool:
         """Whether ``path`` is a WebSocket endpoint (an upgrade elsewhere is plain HTTP)."""
+        ...
+
+    def stream_kind(self, path: str) -> str | None:
+        """The kind of HTTP stream served at ``path`` (``sse``, ``ndjson``), or None.
+
+        A GET there is admitted like an upgrade (:meth:`admit`) and served as a
+        connection over a streaming response (:mod:`tidings.transport.sse`).
+        """
+        ...
+
+    def allows_origin(self, origin: str | None) -> bool:
+        """Whether a page of ``origin`` may read this node's streams (CORS preflights)."""
         ...
 
     def admit(self, request: UpgradeRequest) -> Admission | Rejection:

@@ -46,9 +46,12 @@ from .base import (
     PongFrame,
     ProtocolViolation,
     Rejection,
+    Transport,
     UpgradeRequest,
     WriteTimeout,
 )
+from .deflate import DeflateFramer, InboundDeflate, negotiate
+from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
 
 LOGGER = logging.getLogger("tidings.transport")
 
@@ -155,7 +158,9 @@ class WebSocketStream:
         "_closed",
         "_fd",
         "_fragments",
+        "_framers",
         "_frames",
+        "_inflate",
         "_partial",
         "_partial_text",
         "_skipping",
@@ -173,6 +178,8 @@ class WebSocketStream:
         max_message_size: int,
         trailing_data: bytes = b"",
         partial_budget: PartialBudget | None = None,
+        inflate: InboundDeflate | None = None,
+        framers: tuple[Framer, Framer] | None = None,
     ) -> None:
         # The bare socket, taken from trio's stream and its wrappers: they would
         # live as long as the connection, and nothing here needs them.
@@ -180,8 +187,12 @@ class WebSocketStream:
         self._fd = self._socket.fileno()
         # wsproto's frame parser without its Connection wrapper: we send our
         # own frames, so only parsing is needed, and the wrapper costs memory
-        # on every connection.
-        self._frames = FrameProtocol(client=False, extensions=[])
+        # on every connection. With compression, its extension inflates.
+        self._frames = FrameProtocol(client=False, extensions=[inflate] if inflate else [])
+        self._inflate = inflate
+        # (text, binary) framers of a connection that negotiated compression:
+        # the server's, shared by all such connections.
+        self._framers = framers
         if trailing_data:
             self._frames.receive_bytes(trailing_data)
         self.remote = remote
@@ -207,6 +218,10 @@ class WebSocketStream:
                         break  # a read of tiny frames: let others run before the rest
                     opcode = frame.opcode
                     if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                        if self._inflate is not None and self._inflate.too_big:
+                            self._inflate.too_big = False
+                            self._drop_partial(frame.message_finished)
+                            raise MessageTooBig("message too big")
                         message = self._assemble(frame.payload, frame.message_finished)
                         if message is not None:
                             return message
@@ -283,6 +298,8 @@ class WebSocketStream:
         self._skipping = not finished
 
     def framer(self, text: bool) -> Framer:
+        if self._framers is not None:
+            return self._framers[0 if text else 1]
         return frame_text if text else frame_binary
 
     def frame_control(self, frame: ControlFrame) -> bytes:
@@ -388,6 +405,7 @@ class BuiltinServer:
         max_pending: int = 4096,
         max_pending_per_ip: int = 0,
         max_partial_bytes: int = 0,
+        compression_min_size: int | None = None,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
@@ -399,6 +417,14 @@ class BuiltinServer:
         self.max_pending = max(1, min(max_pending, descriptors))
         self.max_pending_per_ip = max_pending_per_ip
         self.partial_budget = PartialBudget(max_partial_bytes)
+        self.framers: tuple[DeflateFramer, DeflateFramer] | None = None
+        """With compression on (``compression_min_size`` given), the framers every
+        compressed connection shares: each event is compressed once for all."""
+        if compression_min_size is not None:
+            self.framers = (
+                DeflateFramer(True, compression_min_size),
+                DeflateFramer(False, compression_min_size),
+            )
         self.pending = 0
         """Connections accepted and not yet upgraded (or done with plain HTTP)."""
         self.refused = 0
@@ -503,8 +529,9 @@ class BuiltinServer:
 
     async def _http(
         self, stream: trio.SocketStream, remote: tuple[str, int]
-    ) -> tuple[WebSocketStream, Admission] | None:
-        """Answer HTTP requests until one upgrades to WebSocket (returned) or the end."""
+    ) -> tuple[Transport, Admission] | None:
+        """Answer HTTP requests until one upgrades to WebSocket or opens a stream
+        (returned), or the end."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
@@ -528,6 +555,11 @@ class BuiltinServer:
                 if self.handler.accepts(path) and _is_upgrade(request):
                     with trio.move_on_after(self.handshake_timeout):
                         return await self._upgrade(stream, http, request, remote)
+                    return None
+                kind = self.handler.stream_kind(path)
+                if kind is not None:
+                    with trio.move_on_after(self.handshake_timeout):
+                        return await self._stream(stream, http, request, remote, kind)
                     return None
                 with trio.move_on_after(self.handshake_timeout):
                     await self._serve_http(
@@ -593,16 +625,20 @@ class BuiltinServer:
         if isinstance(admission, Rejection):
             await self._respond(stream, http, admission)
             return None
-        response = http.send(
-            h11.InformationalResponse(
-                status_code=101,
-                headers=[
-                    (b"upgrade", b"websocket"),
-                    (b"connection", b"Upgrade"),
-                    (b"sec-websocket-accept", _accept_key(key)),
-                ],
-            )
-        )
+        answer = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", _accept_key(key)),
+        ]
+        deflate = None
+        if self.framers is not None:
+            offers = [
+                v.decode("latin-1") for n, v in request.headers if n == b"sec-websocket-extensions"
+            ]
+            deflate = negotiate(offers) if offers else None
+            if deflate is not None:
+                answer.append((b"sec-websocket-extensions", deflate.encode()))
+        response = http.send(h11.InformationalResponse(status_code=101, headers=answer))
         try:
             await stream.send_all(response)
         except BaseException:
@@ -615,8 +651,65 @@ class BuiltinServer:
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
             partial_budget=self.partial_budget,
+            inflate=InboundDeflate(self.max_message_size) if deflate else None,
+            framers=self.framers if deflate else None,
         )
         return transport, admission
+
+    async def _stream(
+        self,
+        stream: trio.SocketStream,
+        http: h11.Connection,
+        request: h11.Request,
+        remote: tuple[str, int],
+        kind: str,
+    ) -> tuple[SocketEventStream, Admission] | None:
+        """Open an HTTP stream (SSE, NDJSON) for an admitted GET; answer the rest."""
+        origin = None
+        for name, value in request.headers:
+            if name == b"origin":
+                origin = value.decode("latin-1")
+        cors = cors_headers(origin) if self.handler.allows_origin(origin) else []
+        if request.method == b"OPTIONS":  # a CORS preflight (fetch with Authorization)
+            if origin is None or not cors:
+                await self._respond(
+                    stream, http, Rejection(403, "origin not allowed", "forbidden_origin")
+                )
+                return None
+            await self._respond(stream, http, Rejection(204, ""), preflight_headers(origin))
+            return None
+        if request.method != b"GET":
+            await self._respond(
+                stream,
+                http,
+                Rejection(405, "a stream is opened with GET", "method_not_allowed"),
+                [(b"allow", b"GET, OPTIONS"), *cors],
+            )
+            return None
+        event = http.next_event()
+        if not isinstance(event, h11.EndOfMessage):  # a GET with a body: not a stream's
+            await self._respond(
+                stream, http, Rejection(400, "a stream's GET has no body", "bad_request"), cors
+            )
+            return None
+        target = request.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        opened = UpgradeRequest.build(
+            sys.intern(unquote(path)), query, request.headers, f"{remote[0]}:{remote[1]}"
+        )
+        admission = self.handler.admit(opened)
+        if isinstance(admission, Rejection):
+            await self._respond(stream, http, admission, cors)
+            return None
+        try:
+            await stream.send_all(response_head(kind, origin))
+        except BaseException:
+            self.handler.release(admission)  # serve() will not run to give it back
+            raise
+        trailing, _ = http.trailing_data
+        return SocketEventStream(
+            stream, opened.remote, kind, trailing_data=bytes(trailing)
+        ), admission
 
     async def _respond(
         self,
@@ -626,13 +719,15 @@ class BuiltinServer:
         extra_headers: list[tuple[bytes, bytes]] | None = None,
     ) -> None:
         status = rejection.status
-        body = rejection.body()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            *(extra_headers or []),
-        ]
-        if status >= 400:
+        body = b""
+        headers = list(extra_headers or [])
+        if status != 204:  # a preflight's answer: headers only
+            body = rejection.body()
+            headers[:0] = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+            ]
+        if status >= 400 or status == 204:
             headers.append((b"connection", b"close"))
         data = http.send(h11.Response(status_code=status, headers=headers, reason=_phrase(status)))
         data += http.send(h11.Data(data=body))
