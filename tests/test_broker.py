@@ -116,6 +116,31 @@ async def test_history_forgets_events_older_than_its_ttl(
     assert [e.payload for e in result.replay.events()] == ["new"]
 
 
+async def test_a_quiet_topic_keeps_its_epoch_while_history_would_last(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A client leaves a topic nothing was published to; an event comes while
+    nobody listens. Back within history_ttl, the client resumes in the same
+    epoch and gets that event (a forgotten topic would have started a new
+    stream holding it, and the resume would have said only recovered: false)."""
+    async with running(history_ttl=10) as broker:
+        away = subscriber()
+        left = broker.subscribe(away, "t").position
+        broker.unsubscribe(away, "t")
+        await trio.sleep(5)
+        await broker.publish("t", "meanwhile")
+        back = broker.subscribe(subscriber(), "t", since=left.seq, epoch=left.epoch)
+        assert back.recovered is True and back.position.epoch == left.epoch
+        assert [e.payload for e in back.replay.events()] == ["meanwhile"]
+        # Nobody again: kept until its history expires and history_ttl has passed.
+        late = subscriber()
+        broker.subscribe(late, "u")
+        broker.unsubscribe(late, "u")
+        assert broker.position("u") is not None
+        await trio.sleep(30)
+        assert broker.position("u") is None
+
+
 async def test_idle_topics_are_swept_once_history_expires(
     autojump_clock: trio.testing.MockClock,
 ) -> None:

@@ -230,6 +230,7 @@ class _Topic:
         "seq",
         "subscribers",
         "tenant",
+        "vacated",
     )
 
     def __init__(
@@ -251,6 +252,8 @@ class _Topic:
         # Subscribers grouped by encoder, so each event is encoded once per group.
         self.groups: dict[Encoder, dict[Outbox[Any], Subscriber]] = {}
         self.subscribers = 0
+        self.vacated = trio.current_time()
+        """When the topic last had no subscriber left (or was made)."""
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -259,8 +262,14 @@ class _Topic:
     def position(self) -> Position:
         return Position(self.seq, self.epoch)
 
-    def idle(self) -> bool:
-        return self.subscribers == 0 and len(self.history) == 0
+    def idle(self, now: float) -> bool:
+        """Nobody uses it, nothing is kept, and (where history is kept) for as long
+        as history would last: a client that lost its connection on a quiet topic
+        and comes back within ``history_ttl`` finds the same epoch, and with it
+        whatever was published meanwhile, instead of a new stream that holds it."""
+        if self.subscribers or len(self.history):
+            return False
+        return self.history.max_size == 0 or now - self.vacated >= self.history.ttl
 
     def members(self) -> Iterator[Subscriber]:
         for group in self.groups.values():
@@ -598,7 +607,7 @@ class Broker:
         for key in list(self._topics):
             topic = self._topics[key]
             topic.history.expire(now)
-            if self._idle(topic):
+            if self._idle(topic, now):
                 self._forget(key)
         self.idempotency.sweep(now)
 
@@ -777,7 +786,9 @@ class Broker:
             if not group:
                 del topic.groups[subscriber.encode]
             self._announce(topic, "leave", subscriber)
-        if self._idle(topic):
+            if not topic.subscribers:
+                topic.vacated = trio.current_time()
+        if self._idle(topic, trio.current_time()):
             self._forget(key)
         return True
 
@@ -870,9 +881,9 @@ class Broker:
         namespace = self.namespaces.resolve(topic_name)
         return namespace is not None and not namespace.local
 
-    def _idle(self, topic: _Topic) -> bool:
+    def _idle(self, topic: _Topic, now: float) -> bool:
         if self.backplane is None or topic.namespace.local:
-            return topic.idle()
+            return topic.idle(now)
         # History lives in the backplane: keep only what someone here follows.
         return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
 
