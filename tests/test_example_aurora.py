@@ -18,7 +18,9 @@ from trio_websocket import HandshakeError, WebSocketConnection, open_websocket_u
 
 from examples.aurora.app import RATE_LIMIT_TEXT, TIMEOUT_TEXT, Aurora, open_aurora
 
-from .conftest import TEST_TIMEOUT
+from .browser import Browser, in_thread
+from .conftest import TEST_TIMEOUT, http_request
+from .tcpproxy import switching_proxy
 
 ROOT = Path(__file__).resolve().parent.parent
 SID = "550e8400-e29b-41d4-a716-446655440000"
@@ -359,3 +361,73 @@ async def test_it_runs_as_the_readme_says() -> None:
         finally:
             process.terminate()
             await process.wait()
+
+
+# --- the chat page, over Server-Sent Events, in a real browser --------------------------------
+
+
+async def test_the_chat_page_and_its_query_route() -> None:
+    async with aurora(chunk_delay=0.2) as app:
+        port = app.server.port
+        status, headers, page = await http_request(port, "GET", "/chat")
+        assert status == 200 and headers["content-type"] == "text/html; charset=utf-8"
+        assert b'<script src="/chat.js"' in page
+        assert headers["content-security-policy"].startswith("default-src 'self'")
+        status, headers, script = await http_request(port, "GET", "/chat.js")
+        assert status == 200 and b"new EventSource(" in script
+        assert headers["content-type"] == "text/javascript; charset=utf-8"
+        body = orjson.dumps({"query": "What pods are running?", "session_id": SID})
+        status, _, answer = await http_request(port, "POST", "/chat/query", body)
+        assert status == 200
+        assert orjson.loads(answer) == {"session_id": SID, "topic": f"aurora:session.{SID}"}
+        status, _, answer = await http_request(port, "POST", "/chat/query", body)
+        assert (status, orjson.loads(answer)["error"]["code"]) == (409, "WORKFLOW_RUNNING")
+        for bad in (b"{", b"[]", b'{"query": 1}'):
+            status, _, answer = await http_request(port, "POST", "/chat/query", bad)
+            assert status == 400, answer
+
+
+async def test_the_chat_page_streams_an_answer_and_resumes_it_after_a_network_cut(
+    browser: Browser,
+) -> None:
+    """The page posts a query, follows the session over an EventSource, loses the
+    network mid-answer, and when it comes back carries on with the next chunk:
+    the answer on the page is the whole answer, each chunk once."""
+    query = "What pods are running in my cluster?"
+    expected = (
+        f"I'll help you with: {query}. Let me check your clusters..."
+        "Your pods are running. I changed nothing."
+    )
+    chunks_of_answer = (
+        "return [...document.querySelectorAll('.answer')].map(a => [...a.childNodes]"
+        ".filter(n => n.nodeType === 3).map(n => n.textContent).join(''))"
+    )
+    async with aurora(chunk_delay=0.05) as app, switching_proxy(app.server.port) as proxy:
+        await in_thread(browser.open, f"http://127.0.0.1:{proxy.port}/chat")
+        await in_thread(browser.type_into, "#query", query + "\n")
+        await in_thread(
+            browser.wait_until,
+            lambda br: len("".join(br.js(chunks_of_answer))) > 10,
+            message="the first chunks of the answer",
+        )
+        [chat] = app.chats.values()
+        proxy.cut()
+        await in_thread(
+            browser.wait_until,
+            lambda br: br.js("return document.body.dataset.stream") == "reconnecting",
+            message="the cut",
+        )
+        partial = browser.js(chunks_of_answer)[0]
+        assert partial != expected  # cut mid-answer
+        # The workflow goes on without the page: wait for its last frame.
+        async with app.server.subscribe(chat.topic, since=0) as frames:
+            async for frame in frames:
+                if frame.payload["data"].get("status") == "END":
+                    break
+        proxy.restore()
+        await in_thread(browser.wait_for, ".answer.done")
+        await in_thread(browser.screenshot, "aurora-chat-resumed")
+        assert browser.js(chunks_of_answer) == [expected]
+        assert "api-deployment-abc123" in browser.find(".tool pre").text
+        assert browser.js("return document.body.dataset.stream") == "streaming"
+        assert browser.foreign_requests() == []

@@ -14,7 +14,8 @@ from .app import open_aurora
 async def main(options: dict[str, object]) -> None:
     async with open_aurora(**options) as aurora:  # type: ignore[arg-type]
         port = aurora.server.port
-        print(f"Aurora chatbot on ws://127.0.0.1:{port} (agents: /kubectl-agent)", flush=True)
+        print(f"Aurora chatbot on ws://127.0.0.1:{port} (agents: /kubectl-agent;"
+              f" the chat page: http://127.0.0.1:{port}/chat)", flush=True)  # fmt: skip
         await trio.sleep_forever()
 
 

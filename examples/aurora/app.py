@@ -6,6 +6,11 @@ history. The socket that currently owns the session is subscribed with
 ``track=True``, so tidings knows the last frame it wrote there; a new socket
 that takes the session over subscribes ``since`` that frame. Workflows run in
 the example's own nursery, not in a connection, so they outlive the socket.
+
+The same sessions stream over Server-Sent Events too: the chat page at
+``/chat`` posts a query to ``/chat/query`` and follows the session's topic
+with an ``EventSource`` on tidings' ``/sse``, whose own reconnect resumes an
+answer where the network cut it.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -28,6 +34,9 @@ from tidings import (
     CloseInfo,
     Config,
     Endpoint,
+    HttpError,
+    HttpRequest,
+    HttpResponse,
     Identity,
     JsonDialect,
     Position,
@@ -54,6 +63,20 @@ PODS = (["NAME                    READY   STATUS\n", "api-deployment-abc123   1/
 CREATE = (["Creating my-cluster...\n"], {"success": True, "cluster": "my-cluster"})
 DIRECT_TOOLS = {"github_commit", "kubectl_get"}
 CHANGES = re.compile(r"\b(deploy|create|delete|scale|update|apply|install)", re.IGNORECASE)
+WEB = Path(__file__).resolve().parent / "web"
+#: The chat page's files: (file, content type).
+PAGES = {
+    "/chat": ("chat.html", "text/html; charset=utf-8"),
+    "/chat.js": ("chat.js", "text/javascript; charset=utf-8"),
+    "/chat.css": ("chat.css", "text/css; charset=utf-8"),
+}
+#: The page runs its own script only, and talks only to this service.
+PAGE_HEADERS = (
+    ("content-security-policy", "default-src 'self'; frame-ancestors 'none'; base-uri 'none'"),
+    ("x-content-type-options", "nosniff"),
+)
+#: What HTTP status the chat's errors get on /chat/query.
+HTTP_STATUS = {"SESSION_NOT_FOUND": 404, "FORBIDDEN": 403, "WORKFLOW_RUNNING": 409}
 
 
 def kind_of(message: dict[str, Any]) -> str | None:
@@ -153,10 +176,12 @@ class Aurora:
             self._release(chat)
 
     def _chat(self, session: Session, body: dict[str, Any], *, create: bool = False) -> Chat:
+        return self._find(body, body.get("user_id") or session.state.get("user_id"), create)
+
+    def _find(self, body: dict[str, Any], user: Any, create: bool) -> Chat:
         sid = body.get("session_id") or (str(uuid.uuid4()) if create else None)
         if not isinstance(sid, str) or len(sid) > 128 or not sid.isprintable():
             raise RequestError("INVALID_SESSION_ID", "session_id: up to 128 printable characters")
-        user = body.get("user_id") or session.state.get("user_id")
         chat = self.chats.get(sid)
         if chat is None and not create:
             raise RequestError("SESSION_NOT_FOUND", f"no chat session {sid}")
@@ -186,6 +211,32 @@ class Aurora:
         owner.unsubscribe(chat.topic)
         owner.state["chats"].discard(chat)
         chat.owner = None
+
+    # --- the chat page: a query over HTTP, the answer over Server-Sent Events -------
+
+    async def page(self, request: HttpRequest) -> HttpResponse:
+        name, content_type = PAGES[request.path]
+        return HttpResponse((WEB / name).read_bytes(), content_type, headers=PAGE_HEADERS)
+
+    async def http_query(self, request: HttpRequest) -> Any:
+        """``POST /chat/query``: start a workflow; the page follows its session's topic.
+
+        Answers ``{"session_id", "topic"}``. The session id is what lets a
+        page read the session (``/sse?topic=...``): a deployment would give
+        each user a token whose ``topics`` claim names their sessions.
+        """
+        body = request.json()
+        if not isinstance(body, dict) or not isinstance(body.get("query"), str):
+            raise HttpError(400, "INVALID_QUERY", "a query is a JSON object with a 'query' text")
+        try:
+            chat = self._find(body, body.get("user_id"), create=True)
+            if chat.scope is not None:
+                raise RequestError("WORKFLOW_RUNNING", "a workflow is already running here")
+        except RequestError as exc:
+            raise HttpError(HTTP_STATUS.get(exc.code, 400), exc.code, exc.message) from None
+        chat.scope = trio.CancelScope()
+        self.nursery.start_soon(self._run, chat, body)
+        return {"session_id": chat.id, "topic": chat.topic}
 
     # --- the simulated agent workflow -------------------------------------------------
 
@@ -295,5 +346,8 @@ async def open_aurora(
     endpoints = [aurora.chat, aurora.agent]
     async with open_server(config, endpoints=endpoints) as server, trio.open_nursery() as nursery:
         aurora.server, aurora.nursery = server, nursery
+        for path in PAGES:
+            server.http_route(path, methods=("GET", "HEAD"))(aurora.page)
+        server.http_route("/chat/query")(aurora.http_query)
         yield aurora
         nursery.cancel_scope.cancel()

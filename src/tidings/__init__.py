@@ -40,6 +40,7 @@ from .errors import HttpError as HttpError
 from .errors import RequestError as RequestError
 from .errors import TidingsError as TidingsError
 from .http.routes import HttpRequest as HttpRequest
+from .http.routes import HttpResponse as HttpResponse
 from .logs import configure as configure_logging
 from .node.server import Server as Server
 from .node.server import ServerStats as ServerStats
@@ -74,6 +75,7 @@ __all__ = [
     "Event",
     "HttpError",
     "HttpRequest",
+    "HttpResponse",
     "Identity",
     "JsonDialect",
     "NativeDialect",

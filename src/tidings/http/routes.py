@@ -28,7 +28,7 @@ HealthProbe = Callable[[], tuple[int, dict[str, Any]]]
 
 LOGGER = logging.getLogger("tidings.http")
 
-__all__ = ["MAX_BODY", "HttpRequest", "HttpRoutes", "respond"]
+__all__ = ["MAX_BODY", "HttpRequest", "HttpResponse", "HttpRoutes", "respond"]
 
 #: Paths tidings answers itself; an application route may not take them.
 RESERVED_PATHS: Final = ("/health", "/metrics", "/api/")
@@ -58,6 +58,21 @@ class HttpRequest:
             return orjson.loads(self.body)
         except orjson.JSONDecodeError:
             raise HttpError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+@attrs.frozen(slots=True)
+class HttpResponse:
+    """An application route's answer that is not JSON: a page, a script, a file.
+
+    Return it from a handler of :meth:`tidings.Server.http_route`; it is sent
+    as it is, with ``cache-control: no-store`` unless ``headers`` say otherwise.
+    """
+
+    body: bytes
+    content_type: str = "text/html; charset=utf-8"
+    status: int = 200
+    headers: tuple[tuple[str, str], ...] = ()
+    """More headers, as ``(name, value)`` pairs (a Content-Security-Policy, say)."""
 
 
 HttpHandler = Callable[[HttpRequest], Awaitable[Any]]
@@ -165,6 +180,15 @@ class HttpRoutes:
         except Exception:
             LOGGER.exception("HTTP route %s failed", path)
             await respond(send, 500, error_body("internal_error", "the route's handler failed"))
+            return
+        if isinstance(answer, HttpResponse):
+            extra = [(name.lower().encode("latin-1"), value.encode("latin-1"))
+                     for name, value in answer.headers]  # fmt: skip
+            cache = next((v for n, v in extra if n == b"cache-control"), b"no-store")
+            extra = [(n, v) for n, v in extra if n != b"cache-control"]
+            await send_bytes(
+                send, answer.status, answer.body, answer.content_type.encode(), extra, cache=cache
+            )
             return
         status = 200
         if isinstance(answer, tuple) and len(answer) == 2 and isinstance(answer[0], int):

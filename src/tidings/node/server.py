@@ -340,7 +340,8 @@ class Server:
         """Register ``async def handler(request: HttpRequest)`` for plain HTTP at ``path``.
 
         The handler's return value is the JSON answer (200), or ``(status,
-        answer)``; raise :class:`~tidings.HttpError` for an error in the
+        answer)``, or a :class:`~tidings.HttpResponse` for anything that is not
+        JSON (a page); raise :class:`~tidings.HttpError` for an error in the
         API's shape. Served beside ``/health`` and ``/api/`` by the built-in
         transport and the ASGI app alike. For a backend that triggers work in
         an application protocol over HTTP (a deploy, a message to an agent).
