@@ -161,23 +161,40 @@ def test_each_event_carries_the_position_of_every_topic() -> None:
     dialect = SseDialect()
     ids = StreamIds(["orders", "deploys"], retry_ms=3000)
     ids.begin([Position(40, "412e1a7c"), Position(7, "8b3964b5")])
-    assert ids.id_line(ids.preamble) == b"retry: 3000\nid: 412e1a7c:40,8b3964b5:7\n\n"
     first = dialect.encode_event(event("orders", 41))
-    assert ids.id_line(first) == b"id: 412e1a7c:41,8b3964b5:7\n"
-    assert ids.id_line(dialect.encode_event(event("deploys", 8, "8b3964b5"))) == (
-        b"id: 412e1a7c:41,8b3964b5:8\n"
-    )
-    # Anything that is not an event leaves the id alone and gets no line.
-    assert ids.id_line(dialect.encode_reply(Pong("x"))) is None
+    pong = dialect.encode_reply(Pong("x"))
+    second = dialect.encode_event(event("deploys", 8, "8b3964b5"))
+    written = ids.render([ids.preamble, first, pong, second])
+    blocks = written.decode().split("\n\n")
+    assert blocks[0] == "retry: 3000\nid: 412e1a7c:40,8b3964b5:7"
+    assert blocks[1].startswith("id: 412e1a7c:41,8b3964b5:7\ndata: {")
+    assert blocks[2].startswith("data: {") and '"pong"' in blocks[2]  # no id: nothing moved
+    assert blocks[3].startswith("id: 412e1a7c:41,8b3964b5:8\ndata: {")
     assert ids.current == "412e1a7c:41,8b3964b5:8"
+    # Later batches: no preamble again.
+    third = dialect.encode_event(event("orders", 42))
+    assert ids.render([third]).startswith(b"id: 412e1a7c:42,8b3964b5:8\ndata: ")
+
+
+def test_a_stream_of_one_topic_writes_the_shared_bytes_as_they_are() -> None:
+    dialect = SseDialect()
+    ids = StreamIds(["orders"], retry_ms=1000)
+    ids.begin([Position(40, "412e1a7c")])
+    block = dialect.encode_event(event("orders", 41))
+    written = ids.render([ids.preamble, block])
+    assert written == b"retry: 1000\nid: 412e1a7c:40\n\n" + block
+    assert block.startswith(b"id: 412e1a7c:41\ndata: ")
+    assert ids.current == "412e1a7c:41"
 
 
 def test_the_event_data_is_the_native_envelope_and_shared() -> None:
     block = SseDialect().encode_event(event("orders", 41))
     assert type(block) is EventBlock
-    assert block.startswith(b"data: ") and block.endswith(b"\n\n")
-    assert b"\nevent:" not in block and not block.startswith(b"event:")  # onmessage sees it
-    body = orjson.loads(block[len(b"data: ") : -2])
+    line, rest = block[: block.head], block[block.head :]
+    assert line == b"id: 412e1a7c:41\n"
+    assert rest.startswith(b"data: ") and rest.endswith(b"\n\n")
+    assert b"event:" not in rest  # a plain message: the page's onmessage sees it
+    body = orjson.loads(rest[len(b"data: ") : -2])
     assert body == {
         "type": "event",
         "topic": "orders",
@@ -192,7 +209,7 @@ def test_the_event_data_is_the_native_envelope_and_shared() -> None:
 def test_a_reset_is_a_named_event_that_moves_its_topic() -> None:
     dialect = SseDialect()
     block = dialect.encode_message(Reset("orders", Position(5, "412e1a7c")))
-    assert block.startswith(b"event: reset\ndata: ")
+    assert block.startswith(b"id: 412e1a7c:5\nevent: reset\ndata: ")
     assert orjson.loads(block.split(b"data: ", 1)[1]) == {
         "type": "reset",
         "topic": "orders",
@@ -200,9 +217,9 @@ def test_a_reset_is_a_named_event_that_moves_its_topic() -> None:
         "epoch": "412e1a7c",
         "recovered": False,
     }
-    ids = StreamIds(["orders"], retry_ms=1)
-    ids.begin([Position(0, "00000000")])
-    assert ids.id_line(block) == b"id: 412e1a7c:5\n"
+    ids = StreamIds(["orders", "other"], retry_ms=1)
+    ids.begin([Position(0, "00000000"), Position(3, "e")])
+    assert ids.render([block]).startswith(b"id: 412e1a7c:5,e:3\nevent: reset\n")
 
 
 def test_ndjson_is_one_object_per_line() -> None:

@@ -37,6 +37,7 @@ type sub struct {
 	closed  bool
 	seen    int64 // events seen, for --sample-every
 	group   int   // index into -sub-urls (0 without it)
+	sse     bool  // a Server-Sent Events stream (-sse), not a WebSocket
 }
 
 type topicPub struct {
@@ -159,6 +160,8 @@ type loop struct {
 	readErrors  map[string]int64
 	frameErrors int64
 	reads       int64 // successful subscriber reads while a phase ran
+	wireBytes   int64 // bytes subscribers read while a phase ran (frames as sent)
+	inflater    *inflater
 	epollWaits  int64
 
 	// read coalescing under load (see run)
@@ -357,6 +360,7 @@ func (l *loop) serveSub(s *sub) {
 		return
 	}
 	l.reads++
+	l.wireBytes += int64(r)
 	l.scanSub(s, buf[:n0+r], nowNs())
 	if len(s.out) > 0 && !s.closed {
 		l.flushSub(s)
@@ -364,6 +368,10 @@ func (l *loop) serveSub(s *sub) {
 }
 
 func (l *loop) scanSub(s *sub, b []byte, now int64) {
+	if s.sse {
+		l.scanSSE(s, b, now)
+		return
+	}
 	for len(b) > 0 {
 		op, fin, payload, total, err := frameAt(b)
 		if err != nil {
@@ -378,6 +386,14 @@ func (l *loop) scanSub(s *sub, b []byte, now int64) {
 		case opText:
 			if !fin {
 				l.frameErrors++ // fragmented messages are not expected from these servers
+			}
+			if b[0]&0x40 != 0 { // compressed (permessage-deflate)
+				var ok bool
+				if payload, ok = l.inflater.inflate(payload); !ok {
+					l.frameErrors++
+					l.closeSub(s)
+					return
+				}
 			}
 			l.onText(s, payload, now)
 		case opPing:
@@ -701,7 +717,7 @@ func (l *loop) begin(p *plan) {
 	}
 	// reset receive counters: everything before this phase is not counted
 	l.total, l.firstRecvNs, l.lastRecvNs = 0, 0, 0
-	l.reads, l.epollWaits, l.pauses = 0, 0, 0
+	l.reads, l.epollWaits, l.pauses, l.wireBytes = 0, 0, 0, 0
 	l.winStart, l.winEvents, l.hot = now, 0, false
 	l.hist = newHist()
 	if l.groups > 1 {
@@ -920,6 +936,14 @@ func (l *loop) finish(now int64) {
 		res["by_sub_url"] = byURL
 	}
 	res["loadgen_reads"] = l.reads
+	res["wire_bytes"] = l.wireBytes
+	if l.total > 0 {
+		res["wire_bytes_per_delivery"] = round(float64(l.wireBytes)/float64(l.total), 1)
+	}
+	if l.inflater != nil {
+		res["inflated_frames"] = l.inflater.frames
+		res["inflate_cache_hits"] = l.inflater.hits
+	}
 	res["loadgen_epoll_waits"] = l.epollWaits
 	res["loadgen_coalescing_pauses"] = l.pauses
 	if l.reads > 0 {

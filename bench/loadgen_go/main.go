@@ -54,6 +54,10 @@ type options struct {
 	hotEvents    int64
 	subURLs      string
 	watchPids    string
+	deflate      bool
+	padText      bool
+	sse          bool
+	ssePath      string
 }
 
 func main() {
@@ -68,6 +72,10 @@ func main() {
 	flag.Float64Var(&o.topicRate, "topic-rate", 2000, "many-topics: events/s cycling over the per-connection topics")
 	flag.Float64Var(&o.sharedRate, "shared-rate", 5, "many-topics: events/s on the shared topic")
 	flag.IntVar(&o.payloadBytes, "payload-bytes", 64, "padding in each event's payload")
+	flag.BoolVar(&o.deflate, "deflate", false, "subscribers offer permessage-deflate (and require it), as browsers do")
+	flag.BoolVar(&o.sse, "sse", false, "subscribers follow their topics over Server-Sent Events (GET -sse-path) instead of WebSocket")
+	flag.StringVar(&o.ssePath, "sse-path", "/sse", "with -sse: the stream endpoint's path")
+	flag.BoolVar(&o.padText, "pad-text", false, "padding of log-like text (compresses about as JSON events do) instead of one repeated letter")
 	flag.IntVar(&o.sampleEvery, "sample-every", 1, "latency of 1 event in k per subscriber (1: every event)")
 	flag.IntVar(&o.concurrency, "concurrency", 64, "handshakes in flight")
 	flag.DurationVar(&o.connTimeout, "connect-timeout", 10*time.Second, "one handshake + subscribe")
@@ -184,14 +192,19 @@ func run(o options) (map[string]any, error) {
 			"rate": o.rate, "inflight": o.inflight, "topic_rate": o.topicRate, "shared_rate": o.sharedRate,
 			"payload_bytes": o.payloadBytes, "sample_every": o.sampleEvery, "concurrency": o.concurrency,
 			"batch_wait_us": o.batchWait.Microseconds(), "hot_events_per_20ms": o.hotEvents,
-			"sub_urls": o.subURLs, "watch_pids": o.watchPids,
+			"sub_urls": o.subURLs, "watch_pids": o.watchPids, "deflate": o.deflate, "pad_text": o.padText, "sse": o.sse,
 		},
 		"loadgen": map[string]any{
 			"gomaxprocs": runtime.GOMAXPROCS(0), "nofile": nofile, "go": runtime.Version(),
 		},
 	}
 
+	deflateOn = o.deflate
+	sseOn, ssePath = o.sse, o.ssePath
 	l, err := newLoop(o.serverPid)
+	if err == nil && o.deflate {
+		l.inflater = newInflater()
+	}
 	if err != nil {
 		return res, err
 	}
@@ -270,7 +283,7 @@ func run(o options) (map[string]any, error) {
 	pl := &plan{
 		duration:     o.duration,
 		inflight:     o.inflight,
-		pad:          strings.Repeat("x", o.payloadBytes),
+		pad:          padding(o.payloadBytes, o.padText),
 		drainTimeout: o.drainTimeout,
 		settle:       o.settle,
 		sampleEvery:  int64(o.sampleEvery),
@@ -390,8 +403,37 @@ func reason(err error) string {
 	return s
 }
 
+// padding is an event's filler: one letter repeated, or log-like text that
+// compresses about as real JSON events do (about 2.5 times with deflate).
+func padding(n int, text bool) string {
+	if !text {
+		return strings.Repeat("x", n)
+	}
+	words := []string{"pulled", "layer", "in", "step", "build", "cache", "miss", "image", "pushed", "ok", "from"}
+	var b strings.Builder
+	state := uint32(2463534242)
+	for b.Len() < n {
+		state ^= state << 13
+		state ^= state >> 17
+		state ^= state << 5
+		switch state % 4 {
+		case 0:
+			fmt.Fprintf(&b, "sha256:%08x ", state*2654435761)
+		case 1:
+			fmt.Fprintf(&b, "%d.%ds ", state%97, state%10)
+		default:
+			b.WriteString(words[state%uint32(len(words))])
+			b.WriteByte(' ')
+		}
+	}
+	return b.String()[:n]
+}
+
 func subscribeOne(l *loop, addr, path string, timeout time.Duration, topics []string) (*sub, error) {
-	c, err := dialWS(addr, path, timeout)
+	if sseOn {
+		return subscribeSSE(l, addr, timeout, topics)
+	}
+	c, err := dialWSExt(addr, path, timeout, deflateOn)
 	if err != nil {
 		return nil, err
 	}
@@ -439,6 +481,24 @@ func subscribeOne(l *loop, addr, path string, timeout time.Duration, topics []st
 		return nil, err
 	}
 	s := &sub{fd: fd, nt: len(topics), partial: c.buf}
+	for k, t := range topics {
+		s.tname[k] = []byte(t)
+		s.tidx[k] = l.topicByNm[t]
+	}
+	return s, nil
+}
+
+func subscribeSSE(l *loop, addr string, timeout time.Duration, topics []string) (*sub, error) {
+	c, rest, err := dialSSE(addr, topics, timeout)
+	if err != nil {
+		return nil, err
+	}
+	sc := &setupConn{c: c}
+	fd, err := sc.detach()
+	if err != nil {
+		return nil, err
+	}
+	s := &sub{fd: fd, nt: len(topics), partial: rest, sse: true}
 	for k, t := range topics {
 		s.tname[k] = []byte(t)
 		s.tidx[k] = l.topicByNm[t]

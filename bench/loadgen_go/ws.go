@@ -1,9 +1,10 @@
 package main
 
 // A minimal RFC 6455 client: the upgrade handshake, masked client frames, and a
-// scanner for the server's (unmasked) frames. Nothing else: no extensions, no
-// fragmentation (the servers under test send one message per frame), no UTF-8
-// validation. Event frames are not JSON-decoded: the scanner finds the few
+// scanner for the server's (unmasked) frames. With -deflate, subscribers also
+// offer permessage-deflate (as a browser does) and inflate compressed frames
+// (deflate.go). Nothing else: no fragmentation (the servers under test send
+// one message per frame), no UTF-8 validation. Event frames are not JSON-decoded: the scanner finds the few
 // fields it counts ("type", "seq", "topic", and the payload's "t" stamp) by
 // byte search, so that a delivery costs the load generator well under a
 // microsecond of CPU.
@@ -79,7 +80,7 @@ func frameAt(b []byte) (op byte, fin bool, payload []byte, total int, err error)
 	if b1&0x80 != 0 {
 		return 0, false, nil, 0, errors.New("masked frame from server")
 	}
-	if b0&0x70 != 0 {
+	if b0&0x30 != 0 || (b0&0x40 != 0 && !deflateOn) {
 		return 0, false, nil, 0, errors.New("RSV bits set (compression was not negotiated)")
 	}
 	n := int(b1 & 0x7f)
@@ -254,6 +255,12 @@ type setupConn struct {
 }
 
 func dialWS(addr, path string, timeout time.Duration) (*setupConn, error) {
+	return dialWSExt(addr, path, timeout, false)
+}
+
+// dialWSExt is dialWS, offering permessage-deflate when deflate is set (and
+// failing if the server does not accept it).
+func dialWSExt(addr, path string, timeout time.Duration, deflate bool) (*setupConn, error) {
 	deadline := time.Now().Add(timeout)
 	c, err := net.DialTimeout("tcp", addr, timeout)
 	if err != nil {
@@ -264,7 +271,11 @@ func dialWS(addr, path string, timeout time.Duration) (*setupConn, error) {
 	_, _ = rand.Read(raw[:])
 	key := base64.StdEncoding.EncodeToString(raw[:])
 	req := "GET " + path + " HTTP/1.1\r\nHost: " + addr + "\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n" +
-		"Sec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n\r\n"
+		"Sec-WebSocket-Key: " + key + "\r\nSec-WebSocket-Version: 13\r\n"
+	if deflate {
+		req += "Sec-WebSocket-Extensions: " + deflateOffer + "\r\n"
+	}
+	req += "\r\n"
 	if _, err := c.Write([]byte(req)); err != nil {
 		c.Close()
 		return nil, err
@@ -291,6 +302,10 @@ func dialWS(addr, path string, timeout time.Duration) (*setupConn, error) {
 			if !bytes.Contains(bytes.ToLower(head), bytes.ToLower([]byte("sec-websocket-accept: "+accept))) {
 				c.Close()
 				return nil, errors.New("bad Sec-WebSocket-Accept")
+			}
+			if deflate && !bytes.Contains(bytes.ToLower(head), []byte("sec-websocket-extensions: permessage-deflate")) {
+				c.Close()
+				return nil, errors.New("permessage-deflate was not negotiated")
 			}
 			rest := append([]byte(nil), buf[end+4:]...)
 			return &setupConn{c: c, buf: rest}, nil

@@ -1,6 +1,9 @@
 package main
 
 import (
+	"bytes"
+	"compress/flate"
+	"strings"
 	"testing"
 )
 
@@ -83,5 +86,37 @@ func TestHist(t *testing.T) {
 		if got < c.want*0.99 || got > c.want*1.01 {
 			t.Errorf("q%.3f = %.0f, want %.0f ± 1%%", c.q, got, c.want)
 		}
+	}
+}
+
+func TestInflateReadsWhatASyncFlushedDeflateWrote(t *testing.T) {
+	message := []byte(`{"type":"event","topic":"bench","seq":7,"payload":{"t":1,"pad":"` + padding(1000, true) + `"}}`)
+	var compressed bytes.Buffer
+	w, _ := flate.NewWriter(&compressed, flate.DefaultCompression)
+	_, _ = w.Write(message)
+	_ = w.Flush() // a sync flush: ends with 00 00 ff ff, which the wire leaves out
+	payload := bytes.TrimSuffix(compressed.Bytes(), syncTail)
+	f := newInflater()
+	for i := 0; i < 3; i++ { // the same bytes again: read from the cache
+		out, ok := f.inflate(payload)
+		if !ok || !bytes.Equal(out, message) {
+			t.Fatalf("inflate %d: %v %q", i, ok, out)
+		}
+	}
+	if f.frames != 3 || f.hits != 2 {
+		t.Fatalf("frames %d hits %d", f.frames, f.hits)
+	}
+	if seq, ok := eventSeq(message); !ok || seq != 7 {
+		t.Fatalf("seq %d", seq)
+	}
+	if len(payload) > len(message)/2 {
+		t.Fatalf("text padding compresses too little to be realistic? %d of %d", len(payload), len(message))
+	}
+}
+
+func TestTextPaddingIsJSONSafeAndOfTheAskedLength(t *testing.T) {
+	pad := padding(1024, true)
+	if len(pad) != 1024 || strings.ContainsAny(pad, "\"\\\n") {
+		t.Fatalf("bad padding %q", pad)
 	}
 }

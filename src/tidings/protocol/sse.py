@@ -21,12 +21,13 @@ Two framings, one model:
 
 **The id**: one ``<epoch>:<seq>`` per topic, in the order of the stream's
 ``topic`` parameters, joined by ``,`` (:func:`format_id`, :func:`parse_id`).
-The event data is encoded once per event and shared by every SSE client
-(:class:`EventBlock`); what is per client is only the short id line, which
-the transport writes in front of each event from :class:`StreamIds`. A
-stream starts with ``retry:`` and an id and no data (which sets the browser's
-last event id without an event), so even a stream cut before its first event
-resumes.
+Each event is encoded once and shared by every SSE client
+(:class:`EventBlock`), with the id of a stream of that one topic in front:
+a one-topic stream writes those bytes as they are; a stream of several
+writes its own id line, then the shared ``data:`` line (:class:`StreamIds`).
+A stream starts with ``retry:`` and an id and no data (which sets the
+browser's last event id without an event), so even a stream cut before its
+first event resumes.
 
 Everything a client sends is bounded here: topics per stream, the id
 (:data:`MAX_SEQ_DIGITS` per offset, :data:`MAX_EPOCH_LENGTH` per epoch, one
@@ -206,20 +207,26 @@ def parse_id(text: str, topics: int) -> list[Position] | None:
 class EventBlock(bytes):
     """An SSE block that moves one topic of the stream to a new position.
 
-    The bytes (``data: ...``) are made once per event and shared by every SSE
-    subscriber; :class:`StreamIds` writes each subscriber's own id line in
-    front of it from ``topic`` and ``segment``.
+    Made once per event and shared by every SSE subscriber: ``id:`` with the
+    topic's position alone, then the rest (``data: ...``, after ``head``
+    bytes). A stream of that one topic writes it as it is; a stream of
+    several writes its own id line (:class:`StreamIds`) and the rest.
     """
 
     topic: str
     segment: bytes
     """``<epoch>:<seq>`` of the position, as it goes into an id."""
+    head: int
+    """The length of the block's own id line."""
 
 
 def _block(data: bytes, topic: str, position: Position, event: bytes = b"") -> EventBlock:
-    block = EventBlock(event + b"data: " + data + b"\n\n")
+    segment = b"%s:%d" % (position.epoch.encode(), position.seq)
+    line = b"id: " + segment + b"\n"
+    block = EventBlock(line + event + b"data: " + data + b"\n\n")
     block.topic = topic
-    block.segment = b"%s:%d" % (position.epoch.encode(), position.seq)
+    block.segment = segment
+    block.head = len(line)
     return block
 
 
@@ -228,11 +235,11 @@ class _Preamble(bytes):
 
 
 class StreamIds:
-    """One SSE stream's positions: the id line each event carries.
+    """One SSE stream's positions, and the bytes of what it writes.
 
     The connection queues :attr:`preamble` first, subscribes, then calls
-    :meth:`begin` with where each topic starts; the transport asks
-    :meth:`id_line` for every item it writes, in order.
+    :meth:`begin` with where each topic starts; the transport hands every
+    batch it writes to :meth:`render`, in order.
     """
 
     __slots__ = ("_index", "_segments", "preamble", "retry_ms")
@@ -249,17 +256,33 @@ class StreamIds:
         for i, position in enumerate(positions):
             self._segments[i] = b"%s:%d" % (position.epoch.encode(), position.seq)
 
-    def id_line(self, item: object) -> bytes | None:
-        """The lines to write before ``item``: its id if it is an event block."""
-        if type(item) is EventBlock:
-            index = self._index.get(item.topic)
-            if index is None:  # pragma: no cover - a stream holds only its own topics
-                return None
-            self._segments[index] = item.segment
-            return b"id: " + b",".join(self._segments) + b"\n"
-        if item is self.preamble:
-            return b"retry: %d\nid: %s\n\n" % (self.retry_ms, b",".join(self._segments))
-        return None
+    def render(self, items: Sequence[object]) -> bytes:
+        """The bytes of a batch: each event with this stream's id, the rest as it is."""
+        segments = self._segments
+        start = b""
+        if items and items[0] is self.preamble:  # the first item of the first batch
+            start, items = self._start(), items[1:]
+        if len(segments) == 1:
+            # The shared blocks' own ids are this stream's: no byte is per client.
+            for item in reversed(items):
+                if type(item) is EventBlock:
+                    segments[0] = item.segment
+                    break
+            return start + b"".join(items)  # type: ignore[arg-type]  # blocks are bytes
+        parts: list[Any] = [start]
+        append = parts.append
+        index = self._index
+        for item in items:
+            if type(item) is EventBlock:
+                segments[index[item.topic]] = item.segment
+                append(b"id: " + b",".join(segments) + b"\n")
+                append(memoryview(item)[item.head :])  # the shared rest, not copied first
+            else:
+                append(item)
+        return b"".join(parts)
+
+    def _start(self) -> bytes:
+        return b"retry: %d\nid: %s\n\n" % (self.retry_ms, b",".join(self._segments))
 
     @property
     def current(self) -> str:

@@ -78,10 +78,10 @@ _PREFLIGHT_HEADERS: Final = (
 
 
 class Numbering(Protocol):
-    """Gives each item of a stream the lines that go before it (an SSE event's id)."""
+    """Renders a stream's items into bytes, each SSE event with the stream's own id."""
 
-    def id_line(self, item: object) -> bytes | None:
-        """The bytes to write before ``item``, or None; called for every item, in order."""
+    def render(self, items: list[Outgoing]) -> bytes:
+        """The bytes of ``items``; called for every batch, in order."""
         ...
 
 
@@ -165,18 +165,11 @@ class EventStream:
         return b""  # a pong: nobody pings a stream
 
     def _render(self, items: list[Outgoing]) -> bytes:
-        """The bytes of ``items``: each with the lines the numbering puts before it."""
+        """The bytes of ``items``: as they are, or as the stream's numbering writes them."""
         numbering = self.numbering
         if numbering is None:
             return b"".join(items)  # type: ignore[arg-type]  # streams carry bytes only
-        parts: list[Any] = []
-        id_line = numbering.id_line
-        for item in items:
-            line = id_line(item)
-            if line is not None:
-                parts.append(line)
-            parts.append(item)
-        return b"".join(parts)
+        return numbering.render(items)
 
 
 class SocketEventStream(EventStream):
