@@ -312,14 +312,20 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
     # --- closing ---------------------------------------------------------------------
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
-        """Stop accepting items; the first close wins.
+        """Stop accepting items; the first close wins (its code and reason).
 
         With ``flush`` the consumer still receives what is queued (a graceful
         shutdown drains); without it the queue is discarded (an overflowing
-        client gets its close frame now, not after 256 stale events).
+        client gets its close frame now, not after 256 stale events). A close
+        without flush after one with cuts the drain short.
         """
-        if self.closing is not None:
-            return
+        closing = self.closing
+        if closing is not None:
+            if not closing.flush or flush:
+                return
+            # A harder close overtakes a drain (the peer closed during a
+            # shutdown): the first code stands, the queue goes.
+            code, reason = closing.code, closing.reason
         self.closing = Closing(code, reason, flush)
         if not flush:
             # What the consumer took and has not released stays charged until it does.

@@ -153,13 +153,10 @@ class Lifecycle:
             # Ours is out; the peer dropped the connection instead of answering.
             self.state = State.CLOSED
             return
-        if self._peer_code is not None:
-            # The peer closed properly; it just did not wait for our answer.
-            answer = NORMAL if self._peer_code in (NO_STATUS, ABNORMAL) else self._peer_code
-            self._code, self._reason, self._by = answer, self._peer_reason, "client"
-        elif self.state is State.OPEN:
+        if self.state is State.OPEN:
             self._code, self._reason, self._by = ABNORMAL, reason, by
-        else:
+        elif self._by == "server":
             # Ours was decided but could not be delivered: the cause stays what it was.
             self._reason = f"{self._reason} (close frame not delivered: {reason})"
+        # else the peer closed properly; it just did not wait for our answer.
         self.state = State.LOST
