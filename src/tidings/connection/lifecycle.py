@@ -136,6 +136,8 @@ class Lifecycle:
 
     def close_sent(self) -> None:
         """Our close frame is on the wire."""
+        if self.finished:
+            return  # lost meanwhile (the reader saw the socket go): nothing to wait for
         if self.state is not State.CLOSING:
             raise RuntimeError(f"a close frame written in state {self.state.value}")
         self.state = State.CLOSED if self._peer_code is not None else State.CLOSE_SENT
