@@ -27,7 +27,6 @@ from ..transport.base import CloseFrame, ConnectionLost, Outgoing, Transport, Wr
 from .lifecycle import Lifecycle
 from .limits import ConnectionLimits
 
-
 #: How a client that does not read what it asked for is closed (the reader's words too).
 OVER_BUDGET_CODE: Final = 1008
 OVER_BUDGET_REASON: Final = "over budget: the client does not read"
