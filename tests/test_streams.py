@@ -344,31 +344,35 @@ async def test_a_stream_is_a_client_like_any_other() -> None:
 async def test_a_stream_closed_for_overflow_resumes_every_event_once_in_order() -> None:
     """Under the disconnect policy a client that falls behind is closed (1008);
     reconnecting with its last id, it gets every event once, in order."""
+    total = 210
     with trio.fail_after(TEST_TIMEOUT):
-        async with running_server(
-            overflow_policy="disconnect", outbox_size=8, write_timeout=0.5, close_timeout=0.2
-        ) as server:
-            client = await StreamClient.open(server.port, "/sse?topic=t", receive_buffer=4096)
+        async with running_server(overflow_policy="disconnect", outbox_size=8) as server:
+            client = await StreamClient.open(server.port, "/sse?topic=t")
             await client.block()
-            payload = "x" * 2000
-            for n in range(200):  # far more than the socket and the outbox hold
-                await server.publish("t", {"n": n, "pad": payload})
+            for n in range(10):
+                await server.publish("t", {"n": n})
+            # A burst the writer cannot take in time: published without yielding,
+            # far more than the outbox holds.
+            for n in range(10, total):
+                server.publish_nowait("t", {"n": n})
             seen: list[int] = []
+            closes = []
             try:
                 while True:
                     block, body = await client.event()
                     if block.event == "close":
-                        assert body["code"] == 1008
-                        continue
-                    seen.append(body["payload"]["n"])
-            except (EOFError, trio.BrokenResourceError):
+                        closes.append(body["code"])
+                    else:
+                        seen.append(body["payload"]["n"])
+            except EOFError:
                 pass
             await client.aclose()
-            assert seen == list(range(len(seen))) and len(seen) < 200
+            assert closes == [1008]
+            assert seen == list(range(len(seen))) and 10 <= len(seen) < total
             async with sse(server, "topic=t", {"Last-Event-ID": client.last_id}) as again:
                 await again.block()
-                rest = [e["payload"]["n"] for e in await events(again, 200 - len(seen))]
-            assert seen + rest == list(range(200))
+                rest = [e["payload"]["n"] for e in await events(again, total - len(seen))]
+            assert seen + rest == list(range(total))
 
 
 async def test_a_client_that_sends_data_on_a_stream_is_closed() -> None:
@@ -388,8 +392,17 @@ async def test_a_huge_last_event_id_costs_nothing_and_a_huger_head_is_refused() 
                 await client.block()
                 reset, _ = await client.event()
                 assert reset.event == "reset"
-            async with sse(server, "topic=t", {"Last-Event-ID": "e:1," * 50_000}) as client:
+            # 200 KB: past what the server reads of a head. Refused, with a 431
+            # if the answer gets out before the server drops the rest.
+            try:
+                client = await StreamClient.open(
+                    server.port, "/sse?topic=t", {"Last-Event-ID": "e:1," * 50_000}
+                )
+            except (trio.BrokenResourceError, EOFError):
+                pass
+            else:
                 assert client.status == 431
+                await client.aclose()
 
 
 async def test_shutdown_closes_every_stream_with_1001() -> None:
@@ -401,9 +414,10 @@ async def test_shutdown_closes_every_stream_with_1001() -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(server.shutdown)
                 close, body = await client.event()
-                assert (close.event, body["code"], body["reason"]) == (
-                    "close", 1001, "server shutting down",
-                )  # fmt: skip
+                assert (close.event, body["code"]) == ("close", 1001)
+                # The delay the node suggests, random per client, is the browser's retry too.
+                reason, _, retry = body["reason"].partition("; retry=")
+                assert reason == "server shutting down" and close.retry == int(retry)
                 assert orjson.loads(await ndjson.line())["code"] == 1001
             for each in (client, ndjson):
                 await each.aclose()

@@ -237,6 +237,14 @@ class Config:
         converter=parse_duration,
         metadata=_help("time clients get to drain on shutdown"),
     )
+    reconnect_window: Seconds = attrs.field(
+        default=Seconds(5.0),
+        converter=parse_duration,
+        metadata=_help(
+            "on shutdown each client is asked to come back after a random delay up to this"
+            " (retry=MS in the close reason), not all at once; 0: no hint"
+        ),
+    )
     request_timeout: Seconds = attrs.field(
         default=Seconds(10.0),
         converter=parse_duration,

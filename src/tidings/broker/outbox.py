@@ -21,8 +21,9 @@ does: the broker and the connection's reader hold the send side
 * **pongs coalesce** (:meth:`Outbox.put_pong`): one pending pong at most, as
   RFC 6455 allows, so a ping flood costs nothing to queue;
 * **replays are paced** (:meth:`Outbox.put_replay`): a resume queues a cursor
-  over the topic's history, not the events; the writer pulls from it as the
-  budget allows, so a replay is never held whole per client;
+  over the topic's history, not the events; the writer pulls from it while
+  less than half the budget is used (the other half is for the live events
+  queued behind it), so a replay is never held whole per client;
 * **the writer takes everything queued at once**
   (:meth:`OutboxReceiver.receive_batch`), to write it in as few writes as
   possible.
@@ -312,14 +313,20 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
     # --- closing ---------------------------------------------------------------------
 
     def close(self, code: int, reason: str, *, flush: bool = True) -> None:
-        """Stop accepting items; the first close wins.
+        """Stop accepting items; the first close wins (its code and reason).
 
         With ``flush`` the consumer still receives what is queued (a graceful
         shutdown drains); without it the queue is discarded (an overflowing
-        client gets its close frame now, not after 256 stale events).
+        client gets its close frame now, not after 256 stale events). A close
+        without flush after one with cuts the drain short.
         """
-        if self.closing is not None:
-            return
+        closing = self.closing
+        if closing is not None:
+            if not closing.flush or flush:
+                return
+            # A harder close overtakes a drain (the peer closed during a
+            # shutdown): the first code stands, the queue goes.
+            code, reason = closing.code, closing.reason
         self.closing = Closing(code, reason, flush)
         if not flush:
             # What the consumer took and has not released stays charged until it does.
@@ -378,7 +385,8 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
                     charged += _charge(self._size, item)
                 taken = index + 1
                 continue
-            room = self.max_bytes - self.queued_bytes if sized else 1 << 62
+            # Half the budget at most: the rest is for the live events behind it.
+            room = self.max_bytes // 2 - self.queued_bytes if sized else 1 << 62
             events, size, missed = item.pull(max(room, 1))
             if missed:
                 self._missed(missed)

@@ -136,6 +136,8 @@ class Lifecycle:
 
     def close_sent(self) -> None:
         """Our close frame is on the wire."""
+        if self.finished:
+            return  # lost meanwhile (the reader saw the socket go): nothing to wait for
         if self.state is not State.CLOSING:
             raise RuntimeError(f"a close frame written in state {self.state.value}")
         self.state = State.CLOSED if self._peer_code is not None else State.CLOSE_SENT
@@ -153,13 +155,10 @@ class Lifecycle:
             # Ours is out; the peer dropped the connection instead of answering.
             self.state = State.CLOSED
             return
-        if self._peer_code is not None:
-            # The peer closed properly; it just did not wait for our answer.
-            answer = NORMAL if self._peer_code in (NO_STATUS, ABNORMAL) else self._peer_code
-            self._code, self._reason, self._by = answer, self._peer_reason, "client"
-        elif self.state is State.OPEN:
+        if self.state is State.OPEN:
             self._code, self._reason, self._by = ABNORMAL, reason, by
-        else:
+        elif self._by == "server":
             # Ours was decided but could not be delivered: the cause stays what it was.
             self._reason = f"{self._reason} (close frame not delivered: {reason})"
+        # else the peer closed properly; it just did not wait for our answer.
         self.state = State.LOST

@@ -43,6 +43,7 @@ from .endpoint import Endpoint
 from .lifecycle import Lifecycle
 from .limits import ConnectionLimits
 from .ratelimit import TokenBucket
+from .writer import OVER_BUDGET_CODE, OVER_BUDGET_REASON
 
 LOGGER = logging.getLogger("tidings.connection")
 
@@ -150,9 +151,7 @@ async def _wait_for_budget(connection: Readable) -> None:
             grace,
             extra={"event": "over_budget", "client": connection.info.id},
         )
-        connection.close(
-            CloseCode.POLICY_VIOLATION, "over budget: the client does not read", flush=False
-        )
+        connection.close(OVER_BUDGET_CODE, OVER_BUDGET_REASON, flush=False)
 
 
 class _RateLimit:

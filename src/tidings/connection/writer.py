@@ -17,7 +17,7 @@ be reading at all), then waits for the peer's close frame up to
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Final, Protocol
 
 import trio
 
@@ -26,6 +26,10 @@ from ..stats import NodeCounters
 from ..transport.base import CloseFrame, ConnectionLost, Outgoing, Transport, WriteTimeout
 from .lifecycle import Lifecycle
 from .limits import ConnectionLimits
+
+#: How a client that does not read what it asked for is closed (the reader's words too).
+OVER_BUDGET_CODE: Final = 1008
+OVER_BUDGET_REASON: Final = "over budget: the client does not read"
 
 
 class Writable(Protocol):
@@ -126,7 +130,14 @@ async def _send_rest(
 
 
 def _decided(connection: Writable) -> None:
-    """A close the outbox was asked for is how it ended, even if its frame could not go out."""
-    closing = connection.outbox.closing
+    """A close the outbox was asked for is how it ended, even if its frame could not go out.
+
+    A client that stalled the writer while more was queued for it than its
+    budget (answers it never read) ends as the reader would have ended it.
+    """
+    outbox = connection.outbox
+    closing = outbox.closing
     if closing is not None:
         connection.lifecycle.close(closing.code, closing.reason, flush=closing.flush)
+    elif outbox.over_budget:
+        connection.lifecycle.close(OVER_BUDGET_CODE, OVER_BUDGET_REASON, flush=False)

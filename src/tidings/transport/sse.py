@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 from collections.abc import Iterable, MutableMapping
 from typing import Any, Final, Protocol
@@ -63,6 +64,8 @@ CONTENT_TYPES: Final = {
 MAX_INPUT: Final = 4096
 _READ_SIZE: Final = 4096
 _HEARTBEATS: Final = {SSE: b":\n\n", NDJSON: b"\n"}
+#: A close reason's suggested reconnect delay (a shutdown's): ``...; retry=<ms>``.
+_RETRY_HINT: Final = re.compile(r"; retry=(\d{1,7})$")
 #: Headers every stream response carries: never cached, never buffered by a proxy
 #: (nginx reads X-Accel-Buffering), and the body's end is the connection's.
 _STREAM_HEADERS: Final = (
@@ -124,10 +127,18 @@ class _Closing(bytes):
 
 
 def close_message(kind: str, code: int, reason: str) -> bytes:
-    """Why the stream ends, as a close frame would say it."""
+    """Why the stream ends, as a close frame would say it.
+
+    A reason that suggests when to come back (a shutdown's ``; retry=<ms>``,
+    random per client) becomes the SSE stream's ``retry:`` as well: the
+    browser's own reconnect then waits that long, so the pages of a node that
+    restarts come back spread out.
+    """
     body = orjson.dumps({"type": "close", "code": code, "reason": reason})
     if kind == SSE:
-        return _Closing(b"event: close\ndata: " + body + b"\n\n")
+        hint = _RETRY_HINT.search(reason)
+        retry = b"retry: %s\n" % hint[1].encode() if hint else b""
+        return _Closing(retry + b"event: close\ndata: " + body + b"\n\n")
     return _Closing(body + b"\n")
 
 
@@ -178,12 +189,11 @@ class SocketEventStream(EventStream):
     __slots__ = ("_closed", "_ending", "_fd", "_received", "_socket", "kind", "numbering", "remote")
 
     def __init__(
-        self, stream: trio.SocketStream, remote: str, kind: str, *, trailing_data: bytes = b""
+        self, sock: socket.socket, remote: str, kind: str, *, trailing_data: bytes = b""
     ) -> None:
-        # The bare socket, as the WebSocket transport takes it: the stream's
-        # wrappers would live as long as the connection for nothing.
-        self._socket = socket.socket(fileno=stream.socket.detach())
-        self._fd = self._socket.fileno()
+        # The bare non-blocking socket, as the WebSocket transport takes it.
+        self._socket = sock
+        self._fd = sock.fileno()
         self.remote = remote
         self.kind = kind
         self.numbering: Numbering | None = None
