@@ -10,11 +10,12 @@ import trio
 import trio.testing
 
 from tidings import BrokerError, ErrorCode, OverflowPolicy
+from tidings.broker import broker as broker_module
 from tidings.broker.broker import Broker, Subscriber
 from tidings.broker.namespaces import Namespace, Namespaces
 from tidings.broker.outbox import Outbox
 from tidings.broker.subscription import as_event
-from tidings.protocol.messages import Event
+from tidings.protocol.messages import Event, Position
 
 
 @asynccontextmanager
@@ -116,29 +117,43 @@ async def test_history_forgets_events_older_than_its_ttl(
     assert [e.payload for e in result.replay.events()] == ["new"]
 
 
-async def test_a_quiet_topic_keeps_its_epoch_while_history_would_last(
+async def test_a_forgotten_topic_comes_back_in_its_epoch_within_history_ttl(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    """A client leaves a topic nothing was published to; an event comes while
-    nobody listens. Back within history_ttl, the client resumes in the same
-    epoch and gets that event (a forgotten topic would have started a new
-    stream holding it, and the resume would have said only recovered: false)."""
+    """A client leaves a topic nothing was published to, which is forgotten as it
+    leaves; an event comes while nobody listens. Back within history_ttl, the
+    client resumes in the same epoch and gets that event (a new epoch would
+    only have said recovered: false)."""
     async with running(history_ttl=10) as broker:
         away = subscriber()
         left = broker.subscribe(away, "t").position
         broker.unsubscribe(away, "t")
+        assert broker.position("t") is None  # forgotten: no topic is held for it
         await trio.sleep(5)
-        await broker.publish("t", "meanwhile")
+        published = await broker.publish("t", "meanwhile")
+        assert published == Position(left.seq + 1, left.epoch)
         back = broker.subscribe(subscriber(), "t", since=left.seq, epoch=left.epoch)
         assert back.recovered is True and back.position.epoch == left.epoch
         assert [e.payload for e in back.replay.events()] == ["meanwhile"]
-        # Nobody again: kept until its history expires and history_ttl has passed.
+        # Past history_ttl the position is let go: a new stream.
         late = subscriber()
-        broker.subscribe(late, "u")
+        gone = broker.subscribe(late, "u").position
         broker.unsubscribe(late, "u")
-        assert broker.position("u") is not None
         await trio.sleep(30)
-        assert broker.position("u") is None
+        assert broker.subscribe(subscriber(), "u").position.epoch != gone.epoch
+
+
+async def test_forgotten_positions_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(broker_module, "MAX_REMEMBERED", 3)
+    async with running() as broker:
+        sub = subscriber()
+        firsts = {}
+        for name in "abcde":
+            firsts[name] = broker.subscribe(sub, name).position.epoch
+            broker.unsubscribe(sub, name)
+        assert len(broker._remembered) == 3
+        again = {name: broker.subscribe(sub, name).position.epoch for name in "abcde"}
+    assert [again[n] == firsts[n] for n in "abcde"] == [False, False, True, True, True]
 
 
 async def test_idle_topics_are_swept_once_history_expires(

@@ -47,6 +47,9 @@ LOGGER = logging.getLogger("tidings.broker")
 
 #: How often idle topics and expired history are swept, at most.
 MAX_SWEEP_INTERVAL: Final = 10.0
+#: Forgotten topics whose position the node remembers (see Broker._remember):
+#: a few hundred bytes each, the oldest let go first beyond this.
+MAX_REMEMBERED: Final = 16_384
 #: Publications sequenced per wake-up of the broker task. Fanning out a batch
 #: before yielding lets each writer find several frames queued and send them in
 #: one write; the cap keeps one wake-up's latency bounded.
@@ -230,7 +233,6 @@ class _Topic:
         "seq",
         "subscribers",
         "tenant",
-        "vacated",
     )
 
     def __init__(
@@ -252,8 +254,6 @@ class _Topic:
         # Subscribers grouped by encoder, so each event is encoded once per group.
         self.groups: dict[Encoder, dict[Outbox[Any], Subscriber]] = {}
         self.subscribers = 0
-        self.vacated = trio.current_time()
-        """When the topic last had no subscriber left (or was made)."""
         self.published = 0
         self.delivered = 0
         self.dropped = 0
@@ -262,14 +262,8 @@ class _Topic:
     def position(self) -> Position:
         return Position(self.seq, self.epoch)
 
-    def idle(self, now: float) -> bool:
-        """Nobody uses it, nothing is kept, and (where history is kept) for as long
-        as history would last: a client that lost its connection on a quiet topic
-        and comes back within ``history_ttl`` finds the same epoch, and with it
-        whatever was published meanwhile, instead of a new stream that holds it."""
-        if self.subscribers or len(self.history):
-            return False
-        return self.history.max_size == 0 or now - self.vacated >= self.history.ttl
+    def idle(self) -> bool:
+        return self.subscribers == 0 and len(self.history) == 0
 
     def members(self) -> Iterator[Subscriber]:
         for group in self.groups.values():
@@ -340,6 +334,8 @@ class Broker:
         self.backplane: Backplane | None = None
         """Where events are sequenced when topics are shared with other nodes."""
         self._tracking: dict[tuple[str, str], int] = {}  # tasks inside prepare(), per topic
+        # Forgotten topics' positions, oldest first: (epoch, seq, until when).
+        self._remembered: dict[tuple[str, str], tuple[str, int, float]] = {}
 
     # --- publishing -------------------------------------------------------------
 
@@ -607,8 +603,11 @@ class Broker:
         for key in list(self._topics):
             topic = self._topics[key]
             topic.history.expire(now)
-            if self._idle(topic, now):
+            if self._idle(topic):
                 self._forget(key)
+        for key, (_, _, until) in list(self._remembered.items()):
+            if until <= now:
+                del self._remembered[key]
         self.idempotency.sweep(now)
 
     # --- events sequenced elsewhere (a backplane) ------------------------------------
@@ -786,9 +785,7 @@ class Broker:
             if not group:
                 del topic.groups[subscriber.encode]
             self._announce(topic, "leave", subscriber)
-            if not topic.subscribers:
-                topic.vacated = trio.current_time()
-        if self._idle(topic, trio.current_time()):
+        if self._idle(topic):
             self._forget(key)
         return True
 
@@ -881,9 +878,9 @@ class Broker:
         namespace = self.namespaces.resolve(topic_name)
         return namespace is not None and not namespace.local
 
-    def _idle(self, topic: _Topic, now: float) -> bool:
+    def _idle(self, topic: _Topic) -> bool:
         if self.backplane is None or topic.namespace.local:
-            return topic.idle(now)
+            return topic.idle()
         # History lives in the backplane: keep only what someone here follows.
         return topic.subscribers == 0 and (topic.tenant, topic.name) not in self._tracking
 
@@ -894,6 +891,7 @@ class Broker:
     def _forget(self, key: tuple[str, str]) -> None:
         topic = self._topics.pop(key)
         topic.history.clear()
+        self._remember(key, topic)
         self._node.remove(key)
         tenant = self._tenants.get(topic.tenant)
         if tenant is not None:
@@ -902,6 +900,30 @@ class Broker:
                 del self._tenants[topic.tenant]
         if self.backplane is not None and not topic.namespace.local:
             self.backplane.untrack(*key)
+
+    def _remember(self, key: tuple[str, str], topic: _Topic) -> None:
+        """Keep a forgotten topic's position for ``history_ttl``, so that it comes back
+        in the same epoch.
+
+        A client that lost its connection to a topic nothing was published to
+        (its topic forgotten as it left) and comes back after an event was
+        published finds that event in the same stream, and resumes with it;
+        with a new epoch, it could only be told that the stream restarted.
+        A position costs a few hundred bytes, where keeping the topic would cost
+        kilobytes; at most :data:`MAX_REMEMBERED` of them, oldest let go first.
+        With a backplane, Redis keeps the epochs of shared topics.
+        """
+        if self.backplane is not None and not topic.namespace.local:
+            return
+        remembered = self._remembered
+        remembered.pop(key, None)
+        remembered[key] = (
+            topic.epoch,
+            topic.seq,
+            trio.current_time() + topic.namespace.history_ttl,
+        )
+        if len(remembered) > MAX_REMEMBERED:
+            del remembered[next(iter(remembered))]
 
     def _evict(self, key: tuple[str, str]) -> None:
         self._evicted += 1
@@ -943,6 +965,9 @@ class Broker:
                 )
             ledger = self._ledger(tenant)  # eviction may have dropped an empty one
             topic = _Topic(tenant, name, namespace, (ledger, self._node))
+            remembered = self._remembered.pop(key, None)
+            if remembered is not None and remembered[2] > trio.current_time():
+                topic.epoch, topic.seq, _ = remembered
             self._topics[key] = topic
             ledger.add(key, topic)
             self._node.add(key, topic)
