@@ -14,8 +14,9 @@ from typing import Any
 import orjson
 import pytest
 import trio
+from wsproto.frame_protocol import Opcode, RsvBits
 
-from tidings.transport.deflate import RESPONSE, DeflateFramer, negotiate
+from tidings.transport.deflate import RESPONSE, DeflateFramer, InboundDeflate, negotiate
 
 from .conftest import TEST_TIMEOUT, raw_client, running_server
 from .rawws import Closed, RawWebSocket
@@ -294,3 +295,27 @@ async def test_rsv1_where_it_does_not_belong_is_a_protocol_error(offer: bool) ->
                 await ws.send_frame(TEXT, deflate(b'{"type":"ping"}'), rsv1=True)
             assert await closed_with(ws) == 1002
             await ws.aclose()
+
+
+def test_inflating_is_paced_so_small_frames_cannot_buy_unbounded_work() -> None:
+    """500 KiB of JSON in 553 bytes of deflate: a connection's messages inflate
+    within a budget (twice the message limit at once, then a rate), past which
+    the transport waits before it reads more (TCP pushes back on the client)."""
+    limit = 512 * 1024
+    bomb = deflate(b"a" * (limit - 100))
+    extension = InboundDeflate(limit, now=0.0)
+    assert extension.burst == 2 * limit and extension.rate == 1024 * 1024
+
+    def message() -> bytes:
+        extension.frame_inbound_header(None, Opcode.TEXT, RsvBits(True, False, False), len(bomb))  # type: ignore[arg-type]
+        out = extension.frame_inbound_payload_data(None, bomb)  # type: ignore[arg-type]
+        tail = extension.frame_inbound_complete(None, True)  # type: ignore[arg-type]
+        assert isinstance(out, bytes) and isinstance(tail, bytes)
+        return out + tail
+
+    assert len(message()) == limit - 100 and extension.wait(0.0) == 0.0
+    assert len(message()) == limit - 100 and extension.wait(0.0) == 0.0  # the burst
+    message()
+    owed = extension.wait(0.0)
+    assert 0 < owed <= limit / extension.rate  # at most one message's worth to wait
+    assert extension.wait(owed) == 0.0  # once that time has passed, reading goes on

@@ -211,6 +211,11 @@ class WebSocketStream:
 
     async def receive(self) -> str | bytes | PingFrame:
         frames = self._frames
+        if self._inflate is not None:
+            # Paced: a client's compressed messages inflate within a budget.
+            delay = self._inflate.wait(trio.current_time())
+            if delay > 0:
+                await trio.sleep(delay)
         while True:
             handled = 0
             try:
@@ -743,7 +748,9 @@ class BuiltinServer:
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
             partial_budget=self.partial_budget,
-            inflate=InboundDeflate(self.max_message_size) if deflate else None,
+            inflate=InboundDeflate(self.max_message_size, now=trio.current_time())
+            if deflate
+            else None,
             framers=self.framers if deflate else None,
         )
         return transport, admission
