@@ -16,8 +16,10 @@ other work) hits each alike; every run records how busy the rest of the
 machine was. The figure that survives contention best is the server's CPU
 time per delivery; deliveries per second are reported too, with their spread.
 
-Then, in this process, the cost of an SSE id line alone: ``StreamIds.render``
-per event for streams of 1 to 32 topics.
+Then, in this process, the parts alone: ``StreamIds.render`` per event for SSE
+streams of 1 to 32 topics (the id line), and compressing one 1 KiB event
+(``DeflateFramer``, once per event whatever the number of subscribers);
+``--micro-only`` measures just these.
 
     .venv/bin/python bench/wire_cost.py                  # ~4 min
     .venv/bin/python bench/wire_cost.py --rounds 5 --variants ws-1k,deflate-1k
@@ -32,6 +34,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -143,6 +146,36 @@ def id_line_cost() -> dict[str, float]:
     return out
 
 
+def compress_cost() -> dict[str, float]:
+    """Microseconds to compress one event with the server's framer, and its sizes."""
+    import orjson  # noqa: PLC0415
+
+    from tidings.transport.deflate import DeflateFramer  # noqa: PLC0415
+
+    pad = (
+        subprocess.run(
+            [str(suite.LOADGEN), "-print-pad", "1024"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        or "x" * 1024
+    )
+    event = orjson.dumps(
+        {"type": "event", "topic": "bench", "seq": 1, "epoch": "412e1a7c",
+         "payload": {"t": 1795328203610675639, "pad": pad}, "timestamp": "2026-12-06T10:00:00Z"}
+    )  # fmt: skip
+    framer = DeflateFramer(True, 256)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(2000):
+            framed = framer(event)
+        best = min(best, (time.perf_counter() - start) / 2000)
+    return {
+        "us_per_event": round(best * 1e6, 2),
+        "event_bytes": len(event),
+        "frame_bytes": len(framed),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default=",".join(VARIANTS), help="subset of %(default)s")
@@ -152,7 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet-limit", type=float, default=25)
     ap.add_argument("--quiet-wait", type=float, default=20)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--micro-only", action="store_true", help="only the in-process figures")
     args = ap.parse_args(argv)
+    if args.micro_only:
+        suite.build_loadgen()
+        micro = {"sse_id_render_us_per_event": id_line_cost(), "deflate_1k": compress_cost()}
+        print(json.dumps(micro, indent=1))
+        if args.out:
+            args.out.write_text(json.dumps(micro, indent=1) + "\n")
+        return 0
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         if v not in VARIANTS:
@@ -161,14 +202,14 @@ def main(argv: list[str] | None = None) -> int:
     suite.build_loadgen()
     stamp = datetime.now(UTC)
     out = args.out or suite.BENCH / "results" / f"wire-cost-{stamp:%Y%m%d-%H%M%S}.json"
-    logs = out.parent / "logs" / f"wire-cost-{stamp:%Y%m%d-%H%M%S}"
-    logs.mkdir(parents=True, exist_ok=True)
+    logs = Path(tempfile.mkdtemp(prefix="wire-cost-"))  # server logs: not kept in the tree
     doc: dict[str, Any] = {
         "started": stamp.isoformat(timespec="seconds"),
         "command": " ".join(["bench/wire_cost.py", *(sys.argv[1:] if argv is None else argv)]),
         "machine": suite.machine_info(),
         "code": suite.code_info(),
         "load_average_before": Path("/proc/loadavg").read_text().split()[:3],
+        "server_logs": str(logs),
         "runs": [],
     }
     with suite.pinned_to(suite.LOAD_CPU):
@@ -187,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants
     }
     doc["sse_id_render_us_per_event"] = id_line_cost()
+    doc["deflate_1k"] = compress_cost()
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc["summary"], indent=1))
     print("StreamIds.render, us per event by topics per stream:", doc["sse_id_render_us_per_event"])

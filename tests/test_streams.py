@@ -21,7 +21,7 @@ import orjson
 import pytest
 import trio
 
-from tidings import Server
+from tidings import Config, ConfigError, Server
 from tidings.protocol.messages import Position
 from tidings.protocol.sse import format_id
 
@@ -471,3 +471,29 @@ def test_curl_follows_a_topic_from_an_offset(tidings_serve: Any) -> None:
     assert follow.returncode == 28  # curl's "timed out": the stream stays open
     lines = [orjson.loads(line) for line in follow.stdout.splitlines() if line]
     assert [(line["seq"], line["payload"]) for line in lines] == [(3, {"n": 2}), (4, {"n": 3})]
+
+
+@pytest.mark.parametrize(
+    ("settings", "words"),
+    [
+        ({"sse_path": "/ws"}, "sse_path '/ws' is taken"),
+        ({"stream_path": "/sse"}, "stream_path '/sse' is taken"),
+        ({"sse_path": "/api/sse"}, "is taken"),
+        ({"sse_path": "sse"}, "must start with '/'"),
+        ({"stream_max_topics": 0}, "stream_max_topics must be at least 1"),
+        ({"sse_retry": 0}, "sse_retry must be greater than 0"),
+        ({"compression_min_size": -1}, "compression_min_size must not be negative"),
+    ],
+)
+def test_stream_and_compression_settings_are_checked(settings: dict[str, Any], words: str) -> None:
+    with pytest.raises(ConfigError, match=words):
+        Config(**settings)
+
+
+async def test_a_stream_path_may_be_turned_off() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(sse_path="", stream_path="/events") as server:
+            async with sse(server, "topic=t") as client:
+                assert client.status == 404
+            async with sse(server, "topic=t", path="/events") as client:
+                assert client.status == 200

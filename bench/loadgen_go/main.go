@@ -89,7 +89,12 @@ func main() {
 	flag.StringVar(&o.subURLs, "sub-urls", "", "comma-separated WebSocket URLs: subscriber i connects to the (i mod n)-th, the publisher still to -url (default: all to -url)")
 	flag.StringVar(&o.watchPids, "watch-pids", "", "comma-separated PIDs of other processes (more nodes, a backplane) whose CPU each phase reports in watched_cpu_percent")
 	flag.IntVar(&dumpFrames, "dump-frames", 0, "print the first N text frames subscribers get to stderr (debugging)")
+	printPad := flag.Int("print-pad", 0, "print the -pad-text padding of this many bytes and exit (for bench/wire_cost.py)")
 	flag.Parse()
+	if *printPad > 0 {
+		fmt.Println(padding(*printPad, true))
+		return
+	}
 
 	go func() {
 		time.Sleep(o.maxTime)

@@ -69,7 +69,8 @@ class WriteTimeout(TransportError):
 
 
 class Transport(Protocol):
-    """One accepted WebSocket connection, as the connection code sees it.
+    """One accepted client connection (a WebSocket, or an HTTP stream), as the
+    connection code sees it.
 
     ``receive`` is called by one task (the reader) and the writing methods
     by one other (the writer, the only code that writes); a transport need
