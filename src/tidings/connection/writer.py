@@ -24,6 +24,7 @@ import trio
 from ..broker.outbox import Outbox
 from ..stats import NodeCounters
 from ..transport.base import CloseFrame, ConnectionLost, Outgoing, Transport, WriteTimeout
+from .alarms import AlarmClock
 from .lifecycle import Lifecycle
 from .limits import ConnectionLimits
 
@@ -49,6 +50,8 @@ class Writable(Protocol):
     def tracks_positions(self) -> bool: ...
     @property
     def counters(self) -> NodeCounters: ...
+    @property
+    def alarms(self) -> AlarmClock: ...
 
     def note_written(self, batch: list[Outgoing]) -> None:
         """Tracked events in ``batch`` reached the socket."""
@@ -71,6 +74,7 @@ async def run_writer(connection: Writable) -> None:
     delays = connection.counters.write_delay
     wait = trio.lowlevel.wait_task_rescheduled
     take, release = receiver.take, receiver.release
+    delay = limits.write_delay
     writes = 0
     try:
         # The hot loop of every delivery: wake, take all, one write, park.
@@ -81,6 +85,12 @@ async def run_writer(connection: Writable) -> None:
                     break  # closing, and everything that was to go out went out
                 # receive_batch(), without its frame on every idle client's stack.
                 await wait(receiver.park())
+                if delay and outbox.closing is None:
+                    # Gather what follows for a moment: events that arrive one
+                    # at a time (a backplane's) then go out in one write.
+                    due = outbox.since + delay
+                    if due > trio.current_time():
+                        await connection.alarms.sleep_until(due)
                 continue
             queued_at = outbox.since
             rest = transport.try_send(batch)
