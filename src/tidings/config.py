@@ -222,6 +222,14 @@ class Config:
         converter=parse_duration,
         metadata=_help("a write blocked longer drops the client"),
     )
+    write_delay: Seconds = attrs.field(
+        default=Seconds(0.0),
+        converter=parse_duration,
+        metadata=_help(
+            "a client's writer, woken, waits this long to gather more into one write"
+            " (events a backplane delivers one at a time); 0: writes at once"
+        ),
+    )
     close_timeout: Seconds = attrs.field(
         default=Seconds(2.0),
         converter=parse_duration,
@@ -627,6 +635,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_partial_bytes",
         "max_pending_handshakes_per_ip",
         "compression_min_size",
+        "write_delay",
     ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")

@@ -342,6 +342,10 @@ class Connection(Commands):
         return self.endpoint.connect_timeout_code if self.endpoint is not None else 1008
 
     @property
+    def alarms(self) -> AlarmClock:
+        return self._alarms
+
+    @property
     def tracks_positions(self) -> bool:
         return self._tracked is not None
 
