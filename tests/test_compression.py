@@ -303,7 +303,8 @@ def test_inflating_is_paced_so_small_frames_cannot_buy_unbounded_work() -> None:
     the transport waits before it reads more (TCP pushes back on the client)."""
     limit = 512 * 1024
     bomb = deflate(b"a" * (limit - 100))
-    extension = InboundDeflate(limit, now=0.0)
+    framers = (DeflateFramer(True, 256), DeflateFramer(False, 256))
+    extension = InboundDeflate(limit, framers, now=0.0)
     assert extension.burst == 2 * limit and extension.rate == 1024 * 1024
 
     def message() -> bytes:

@@ -160,7 +160,6 @@ class WebSocketStream:
         "_closed",
         "_fd",
         "_fragments",
-        "_framers",
         "_frames",
         "_inflate",
         "_partial",
@@ -181,7 +180,6 @@ class WebSocketStream:
         trailing_data: bytes = b"",
         partial_budget: PartialBudget | None = None,
         inflate: InboundDeflate | None = None,
-        framers: tuple[Framer, Framer] | None = None,
     ) -> None:
         # The bare (non-blocking) socket: no wrapper object lives as long as the
         # connection, and reads and writes go straight to the descriptor.
@@ -189,12 +187,10 @@ class WebSocketStream:
         self._fd = sock.fileno()
         # wsproto's frame parser without its Connection wrapper: we send our
         # own frames, so only parsing is needed, and the wrapper costs memory
-        # on every connection. With compression, its extension inflates.
+        # on every connection. With compression, its extension inflates (and
+        # holds the server's compressing framers: one slot less per client).
         self._frames = FrameProtocol(client=False, extensions=[inflate] if inflate else [])
         self._inflate = inflate
-        # (text, binary) framers of a connection that negotiated compression:
-        # the server's, shared by all such connections.
-        self._framers = framers
         if trailing_data:
             self._frames.receive_bytes(trailing_data)
         self.remote = remote
@@ -305,8 +301,8 @@ class WebSocketStream:
         self._skipping = not finished
 
     def framer(self, text: bool) -> Framer:
-        if self._framers is not None:
-            return self._framers[0 if text else 1]
+        if self._inflate is not None:  # compression negotiated: the server's framers
+            return self._inflate.framers[0 if text else 1]
         return frame_text if text else frame_binary
 
     def frame_control(self, frame: ControlFrame) -> bytes:
@@ -748,10 +744,9 @@ class BuiltinServer:
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
             partial_budget=self.partial_budget,
-            inflate=InboundDeflate(self.max_message_size, now=trio.current_time())
-            if deflate
+            inflate=InboundDeflate(self.max_message_size, self.framers, now=trio.current_time())
+            if deflate and self.framers
             else None,
-            framers=self.framers if deflate else None,
         )
         return transport, admission
 

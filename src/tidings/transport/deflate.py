@@ -163,13 +163,24 @@ class InboundDeflate(Extension):
         "_stamp",
         "_tokens",
         "burst",
+        "framers",
         "limit",
         "rate",
         "too_big",
     )
 
-    def __init__(self, max_message_size: int, *, now: float = 0.0) -> None:
+    def __init__(
+        self,
+        max_message_size: int,
+        framers: tuple[DeflateFramer, DeflateFramer],
+        *,
+        now: float = 0.0,
+    ) -> None:
         self.limit = max_message_size
+        self.framers = framers
+        """The server's (text, binary) compressing framers, which every
+        compressed connection shares; kept here, where the connection's
+        compression state lives."""
         self.rate = float(max(INFLATE_RATE, max_message_size))
         """Bytes a second the connection's messages may inflate to, on average."""
         self.burst = 2.0 * max_message_size
