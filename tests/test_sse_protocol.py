@@ -234,3 +234,8 @@ def test_ndjson_is_one_object_per_line() -> None:
 def test_a_stream_takes_no_messages() -> None:
     (error,) = SseDialect().decode('{"type":"ping"}')
     assert error.code == ErrorCode.UNSUPPORTED_FRAME  # type: ignore[union-attr]
+
+
+def test_a_stream_that_could_not_start_announces_no_id() -> None:
+    ids = StreamIds(["a", "b"], retry_ms=1000)
+    assert ids.render([ids.preamble]) == b"retry: 1000\n\n"

@@ -497,3 +497,17 @@ async def test_a_stream_path_may_be_turned_off() -> None:
                 assert client.status == 404
             async with sse(server, "topic=t", path="/events") as client:
                 assert client.status == 200
+
+
+async def test_a_topic_that_cannot_be_followed_ends_the_stream_with_1011() -> None:
+    """Admitted, then the node cannot hold its second topic (max_topics, the first
+    in use): the stream says why and ends, with no id to resume from."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(max_topics=1) as server, sse(server, "topic=a&topic=b") as client:
+            start = await client.block()
+            assert start.retry is not None and start.id is None
+            close, body = await client.event()
+            assert (close.event, body["code"]) == ("close", 1011)
+            assert "cannot follow 'b'" in body["reason"]
+            with pytest.raises(EOFError):
+                await client.block()

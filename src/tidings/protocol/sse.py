@@ -282,6 +282,8 @@ class StreamIds:
         return b"".join(parts)
 
     def _start(self) -> bytes:
+        if not all(self._segments):  # a stream closed before it could subscribe to all
+            return b"retry: %d\n\n" % self.retry_ms
         return b"retry: %d\nid: %s\n\n" % (self.retry_ms, b",".join(self._segments))
 
     @property
