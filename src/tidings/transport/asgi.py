@@ -208,7 +208,7 @@ class AsgiApp:
             f"{client[0]}:{client[1]}",
         )
         admission = (
-            self.handler.admit(request)
+            await self.handler.admit(request)
             if self.handler.accepts(path)
             else Rejection(404, f"no WebSocket endpoint at {path[:200]}")
         )

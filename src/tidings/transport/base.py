@@ -216,8 +216,12 @@ class ConnectionHandler(Protocol):
         """Whether ``path`` is a WebSocket endpoint (an upgrade elsewhere is plain HTTP)."""
         ...
 
-    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
-        """Decide, before the upgrade completes, whether to take this client."""
+    async def admit(self, request: UpgradeRequest) -> Admission | Rejection:
+        """Decide, before the upgrade completes, whether to take this client.
+
+        It may wait (the application's connect hook), for ``proxy_timeout`` at
+        most; the transport answers a :class:`Rejection` with its HTTP status.
+        """
         ...
 
     async def serve(self, transport: Transport, admission: Admission) -> None:

@@ -589,7 +589,7 @@ class BuiltinServer:
             request.headers,
             f"{remote[0]}:{remote[1]}",
         )
-        admission = self.handler.admit(upgrade)
+        admission = await self.handler.admit(upgrade)
         if isinstance(admission, Rejection):
             await self._respond(stream, http, admission)
             return None
