@@ -27,7 +27,16 @@ from tidings import Server
 from tidings.errors import ProxyError
 from tidings.node.proxy import AnswerCache
 
-from .conftest import TEST_TIMEOUT, Disconnects, call, receive, running_server, send, subscribe
+from .conftest import (
+    TEST_TIMEOUT,
+    Disconnects,
+    call,
+    http_request,
+    receive,
+    running_server,
+    send,
+    subscribe,
+)
 from .hookbackend import Backend, Call, Flood, HangUp, Hold, Raw, running_backend
 from .test_centrifugo_python import Recorder, ReplyError, SubEvents, in_asyncio, sdk_client
 
@@ -339,6 +348,11 @@ async def test_a_backend_answering_nonsense_refuses_with_a_temporary_error() -> 
             assert backend.flooded < 50 * 1024 * 1024
             assert server.proxy is not None
             assert server.proxy.calls[("subscribe", "unavailable")] == len(NONSENSE)
+            status, _, metrics = await http_request(server.port, "GET", "/metrics")
+            assert status == 200
+            line = 'tidings_proxy_calls_total{hook="subscribe",outcome="unavailable"} 14.0'
+            assert line.encode() in metrics
+            assert b"tidings_proxy_in_flight 0.0" in metrics
 
 
 async def test_a_backend_that_is_down_refuses_with_a_temporary_error() -> None:
@@ -712,3 +726,39 @@ async def test_tidings_serve_calls_the_hooks_of_its_proxy_table(
                 "/rpc",
                 "/connect",
             ]
+
+
+async def test_under_hypercorn_a_refused_upgrade_is_an_http_status_too() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_backend() as backend,
+            node_with(backend, hooks=["connect"], transport="hypercorn") as server,
+        ):
+            backend.on("/connect", connect_answer)
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with open_websocket_url(server.url, extra_headers=[("Cookie", "x")]):
+                    pass
+            assert rejected.value.status_code == 401
+            headers = [("Cookie", "session=alice")]
+            async with open_websocket_url(server.url, extra_headers=headers) as ws:
+                await subscribe(ws, "chat:lobby")
+                assert [c.user for c in server.clients()] == ["alice"]
+
+
+async def test_a_centrifugo_client_with_a_token_is_not_asked_about() -> None:
+    token = jwt.encode({"sub": "bob", "exp": int(time.time()) + 60}, SECRET)
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_backend() as backend,
+            node_with(backend, hooks=["connect"], jwt_secret=SECRET) as server,
+        ):
+            backend.on("/connect", {"result": {"user": "from-the-hook"}})
+            url = f"ws://127.0.0.1:{server.port}/connection/websocket"
+            for connect, user in [({"token": token}, "bob"), ({}, "from-the-hook")]:
+                async with open_websocket_url(url) as ws:
+                    await ws.send_message(orjson.dumps({"id": 1, "connect": connect}).decode())
+                    reply = orjson.loads(await ws.get_message())
+                    assert "client" in reply["connect"], reply
+                    [client] = [c for c in server.clients() if c.id == reply["connect"]["client"]]
+                    assert client.user == user
+            assert len(backend.calls_to("/connect")) == 1
