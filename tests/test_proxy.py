@@ -12,9 +12,12 @@ client's answer without holding up any other client.
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import jwt
@@ -24,6 +27,7 @@ import trio
 from trio_websocket import ConnectionClosed, ConnectionRejected, open_websocket_url
 
 from tidings import Server
+from tidings.config import PROXY_HOOKS as HOOKS
 from tidings.errors import ProxyError
 from tidings.node.proxy import AnswerCache
 
@@ -38,8 +42,10 @@ from .conftest import (
     subscribe,
 )
 from .hookbackend import Backend, Call, Flood, HangUp, Hold, Raw, running_backend
+from .redis_fixture import free_port
 from .test_centrifugo_python import Recorder, ReplyError, SubEvents, in_asyncio, sdk_client
 
+ROOT = Path(__file__).resolve().parent.parent
 SECRET = "proxy-test-secret-of-32-bytes-or-more!"
 CHAT = {"chat": {"client_publish": True}}
 
@@ -762,3 +768,65 @@ async def test_a_centrifugo_client_with_a_token_is_not_asked_about() -> None:
                     [client] = [c for c in server.clients() if c.id == reply["connect"]["client"]]
                     assert client.user == user
             assert len(backend.calls_to("/connect")) == 1
+
+
+# --- the example backend of docs/proxy.md, as its own process ---------------------------------
+
+
+@pytest.fixture
+def example_backend() -> Iterator[str]:
+    """examples/proxy_backend.py under hypercorn (a real process); yields its base URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hypercorn", "examples.proxy_backend:app",
+         "--bind", f"127.0.0.1:{port}"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TEST_TIMEOUT
+        while True:  # a child process: nothing to await but its port
+            if process.poll() is not None:
+                raise RuntimeError(process.stderr.read().decode() if process.stderr else "")
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}/tidings"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.slow
+async def test_the_example_backend_runs_a_chat(example_backend: str) -> None:
+    hooks = {f"proxy_{hook}": f"{example_backend}/{hook}" for hook in HOOKS}
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server(
+            namespaces={"room": {"client_publish": True}}, proxy_timeout="5s", **hooks
+        ) as server:
+
+            def as_user(session: str) -> Any:
+                return open_websocket_url(server.url, extra_headers=[("Cookie", session)])
+
+            async with as_user("session=s-ann") as ann, as_user("session=s-bob") as bob:
+                await subscribe(ann, "room:kitchen")
+                await subscribe(ann, "room:office")
+                await subscribe(bob, "room:kitchen")
+                refused = await try_subscribe(bob, "room:office")
+                assert refused["payload"] == {
+                    "code": "403",
+                    "message": "not a member of this room",
+                }
+                sent = await publish(ann, "room:kitchen", {"text": "oh darn"}, "p")
+                assert sent["type"] == "response"
+                said = {"text": "oh ***", "from": "ann"}
+                assert (await receive(bob))["payload"] == said
+                members = await request(ann, "room:members", {"room": "room:kitchen"}, "r")
+                assert members["payload"] == ["ann", "bob"]
+            with pytest.raises(ConnectionRejected) as rejected:
+                async with as_user("session=stolen"):
+                    pass
+            assert rejected.value.status_code == 401
