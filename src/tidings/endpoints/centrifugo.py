@@ -251,7 +251,7 @@ class _Centrifugo:
                     raise
                 identity = self._verify(token)  # as if there were no hook
                 expiry = _expiry(identity)
-            except ProxyError:
+            except (ProxyError, ProxyDisconnect):
                 self.server.counters.auth_failures += 1
                 raise
         else:
