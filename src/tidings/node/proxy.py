@@ -160,6 +160,11 @@ class Proxy:
         return self.urls["refresh"] is not None
 
     @property
+    def after_upgrade(self) -> bool:
+        """Whether any hook is asked after the upgrade (the connect hook alone is not)."""
+        return self.subscribes or self.publishes or self.answers or self.refreshes
+
+    @property
     def refresh_lead(self) -> float:
         # Time for two calls before the expiry: one slow call does not end a session.
         return 2 * self.timeout

@@ -730,6 +730,14 @@ class Server:
         """Run one accepted WebSocket connection to its end."""
         request, (endpoint, identity, client_id) = admission.take()
         proxy = self.proxy
+        hooks: ClientHooks | None = None
+        if proxy is not None and (
+            proxy.after_upgrade or (proxy.connects and endpoint.authenticates_after_upgrade)
+        ):
+            # What the upgrade said is kept only where a hook will be asked later
+            # (its headers can be kilobytes): not where the only hook is the
+            # connect hook, already asked at the upgrade.
+            hooks = ClientHooks(proxy, proxy.origin(request))
         connection = Connection(
             transport,
             request,
@@ -744,7 +752,7 @@ class Server:
             authenticator=self.authenticator,
             counters=self.counters,
             seats=self.seats,
-            hooks=None if proxy is None else ClientHooks(proxy, proxy.origin(request)),
+            hooks=hooks,
             client_id=client_id,
         )
         del request  # its headers need not live as long as the connection
