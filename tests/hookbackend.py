@@ -27,6 +27,8 @@ class Call:
     headers: dict[str, str]
     """Lower-case names; a repeated header joined with ', '."""
     body: Any
+    nth: int = 1
+    """Which request of its (kept-alive) connection this is."""
 
 
 @attrs.frozen
@@ -105,15 +107,18 @@ class Backend:
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         http = h11.Connection(h11.SERVER)
+        nth = 0
         try:
             while True:
                 request, body = await _read_request(stream, http)
                 if request is None:
                     return
+                nth += 1
                 call = Call(
                     request.target.decode(),
                     _headers(request.headers),
                     orjson.loads(body) if body else None,
+                    nth,
                 )
                 self.calls.append(call)
                 self._note()

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -783,13 +784,16 @@ def example_backend() -> Iterator[str]:
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
+        # A child process: nothing to await but its answer. Not its port: hypercorn
+        # listens before the app has started, and drops what came meanwhile.
+        opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         deadline = time.monotonic() + TEST_TIMEOUT
-        while True:  # a child process: nothing to await but its port
+        while True:
             if process.poll() is not None:
                 raise RuntimeError(process.stderr.read().decode() if process.stderr else "")
             try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                with opener.open(f"http://127.0.0.1:{port}/docs", timeout=1):
+                    break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
@@ -830,3 +834,29 @@ async def test_the_example_backend_runs_a_chat(example_backend: str) -> None:
                 async with as_user("session=stolen"):
                     pass
             assert rejected.value.status_code == 401
+
+
+async def test_a_kept_alive_connection_the_backend_closed_is_replaced_once() -> None:
+    # The backend drops every connection it is asked on a second time, as a server
+    # whose idle timeout fires as the call arrives does: the node asks again on a
+    # new connection (except for an rpc, which may do something).
+    def hang_up_when_reused(call: Call) -> Any:
+        return HangUp() if call.nth > 1 else {"result": {"data": call.body["method"]}}
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_backend() as backend,
+            node_with(backend, hooks=["subscribe", "rpc"]) as server,
+            open_websocket_url(server.url) as ws,
+        ):
+            backend.on("/subscribe", lambda c: HangUp() if c.nth > 1 else {"result": {}})
+            backend.on("/rpc", hang_up_when_reused)
+            for topic in ("chat:a", "chat:b", "chat:c"):
+                await subscribe(ws, topic)
+            assert [c.nth for c in backend.calls_to("/subscribe")] == [1, 2, 1, 2, 1]
+            # The last subscribe's connection is kept: the rpc meets it dropped, and
+            # is not asked again; the next rpc goes on a new connection.
+            refused = await request(ws, "m", {}, "r1")
+            assert refused["payload"]["code"] == "unavailable"
+            assert (await request(ws, "m", {}, "r2"))["payload"] == "m"
+            assert [c.nth for c in backend.calls_to("/rpc")] == [2, 1]

@@ -57,6 +57,10 @@ MAX_CODE: Final = 64
 MAX_MESSAGE: Final = 512
 #: A result's close code must be one a WebSocket peer may be sent, not one of the protocol's.
 CLOSE_CODES: Final = range(3000, 5000)
+#: Seconds an idle connection to the backend is kept for the next call.
+KEEPALIVE: Final = 2.0
+#: A call that ends so, with no answer, may have met a connection the backend closed.
+_STALE: Final = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 _ABSENT: Final = object()
 
 
@@ -179,7 +183,11 @@ class Proxy:
     async def running(self) -> AsyncIterator[None]:
         """Hold the node's HTTP client (one connection pool) for the block."""
         limits = httpx.Limits(
-            max_connections=self.max_in_flight, max_keepalive_connections=self.max_in_flight
+            max_connections=self.max_in_flight,
+            max_keepalive_connections=self.max_in_flight,
+            # Idle connections go before the common servers' own idle timeouts
+            # (5 s for uvicorn and hypercorn), so that few are closed under a call.
+            keepalive_expiry=KEEPALIVE,
         )
         async with httpx.AsyncClient(
             timeout=httpx.Timeout(self.timeout),
@@ -326,7 +334,15 @@ class Proxy:
         headers["accept-encoding"] = "identity"
         try:
             with trio.fail_after(self.timeout):
-                raw = await self._post(url, content, headers)
+                try:
+                    raw = await self._post(url, content, headers)
+                except _STALE:
+                    if hook == "rpc":
+                        raise  # an rpc may do something: asking twice is for the client to decide
+                    # Most likely a kept-alive connection the backend had closed
+                    # meanwhile (its idle timeout, or an answer sent before it read
+                    # the body): once more, on a new connection, within the timeout.
+                    raw = await self._post(url, content, headers)
         except trio.TooSlowError:
             raise self._unavailable(hook, f"no answer within {self.timeout:g} s") from None
         except _Garbage as exc:
