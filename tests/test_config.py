@@ -261,7 +261,9 @@ def test_the_proxy_table_the_environment_and_flags_set_the_same_keys(tmp_path: P
     assert Config().proxy_forward_headers == (
         "Cookie", "Authorization", "Origin", "User-Agent", "X-Forwarded-For",
     )  # fmt: skip
-    assert main(["config", "check", "--config", str(path), "--proxy-rpc", "http://x/rpc"]) == 0
+    report = check(path, env={}, overrides={"proxy_rpc": "http://x/rpc"})
+    assert report.errors == ()
+    assert report.config is not None and report.config.proxy_rpc == "http://x/rpc"
 
 
 def test_a_configuration_with_hooks_as_toml_loads_back_unchanged(tmp_path: Path) -> None:
