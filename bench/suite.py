@@ -12,7 +12,9 @@ Servers (each started fresh for each scenario, stopped right after):
 * ``tidings``: ``python -m tidings serve`` (the work tree's ``src/``);
 * ``websockets``: ``bench/peers/websockets_hub.py`` (Python asyncio, ``websockets``);
 * ``ws``: ``bench/peers/ws_hub.js`` (Node.js, ``ws``);
-* ``gorilla``: ``bench/peers/gorilla_hub/gorilla_hub`` (Go, gorilla/websocket).
+* ``gorilla``: ``bench/peers/gorilla_hub/gorilla_hub`` (Go, gorilla/websocket);
+* ``baseline``: tidings from another checkout (``--baseline PYTHON``: that tree's
+  virtualenv interpreter), for before/after figures taken in the same run.
 
 The load generator is ``bench/loadgen_go`` (Go, one epoll loop, a lean RFC 6455
 client), built here if its binary is missing or older than its sources. The
@@ -58,7 +60,9 @@ PYTHON = ROOT / ".venv" / "bin" / "python"
 NOFILE = 65536
 SERVER_CPU, LOAD_CPU = 0, 1
 
-ALL_SERVERS = ("tidings", "websockets", "ws", "gorilla")
+ALL_SERVERS = ("tidings", "websockets", "ws", "gorilla", "baseline")
+#: The interpreter of another tidings checkout (``--baseline``), for ``baseline``.
+BASELINE_PYTHON: list[Path] = []
 ALL_SCENARIOS = ("fanout-max", "fanout-rate", "latency-100", "many-topics", "idle-10k")
 
 # loadgen flags per scenario: (full run, --quick)
@@ -92,9 +96,10 @@ READY = re.compile(rb"listening on ws://127\.0\.0\.1:(\d+)/ws")
 
 
 def server_command(name: str, port: int, tidings_args: list[str]) -> list[str]:
-    if name == "tidings":
+    if name in ("tidings", "baseline"):
+        python = PYTHON if name == "tidings" else BASELINE_PYTHON[0]
         return [
-            str(PYTHON), "-m", "tidings", "serve", "--port", str(port),
+            str(python), "-m", "tidings", "serve", "--port", str(port),
             "--log-level", "warning", "--max-connections", "20000", *tidings_args,
         ]  # fmt: skip
     if name == "websockets":
@@ -108,6 +113,10 @@ def server_command(name: str, port: int, tidings_args: list[str]) -> list[str]:
 
 def server_missing(name: str) -> str | None:
     """Why this server cannot run here, or None."""
+    if name == "baseline":
+        if not BASELINE_PYTHON:
+            return "no --baseline interpreter given"
+        return None if BASELINE_PYTHON[0].exists() else f"{BASELINE_PYTHON[0]} is missing"
     needs = {
         "tidings": [ROOT / "src" / "tidings" / "__main__.py", PYTHON],
         "websockets": [PEERS / "websockets_hub.py"],
@@ -616,7 +625,9 @@ def anomalies(name: str, scenario: str, entry: dict[str, Any]) -> list[str]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
-        "--servers", default=",".join(ALL_SERVERS), help="comma-separated subset of %(default)s"
+        "--servers",
+        default=",".join(s for s in ALL_SERVERS if s != "baseline"),
+        help="comma-separated subset of %(default)s (and baseline, with --baseline)",
     )
     ap.add_argument(
         "--scenarios", default=",".join(ALL_SCENARIOS), help="comma-separated subset of %(default)s"
@@ -665,9 +676,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--no-setup", action="store_true", help="do not run bench/peers/setup.sh")
     ap.add_argument(
+        "--baseline",
+        type=Path,
+        help="python of another tidings checkout (its .venv/bin/python): server 'baseline'",
+    )
+    ap.add_argument(
         "--out", type=Path, help="results JSON (default bench/results/suite/suite-<date>.json)"
     )
     args = ap.parse_args(argv)
+    if args.baseline is not None:
+        BASELINE_PYTHON[:] = [args.baseline.absolute()]
     args.tidings_args = args.tidings_args.split()
     args.loadgen_args = args.loadgen_args.split()
     if args.rounds < 1:

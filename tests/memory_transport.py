@@ -40,6 +40,8 @@ class MemoryTransport:
         self.room = room
         """Items the wire holds before writes stall (a socket's buffers)."""
         self.wire: list[Outgoing] = []
+        self.writes = 0
+        """How many writes the connection made (each try_send is one)."""
         self.closed = False
         self._incoming_send, self._incoming = trio.open_memory_channel[Any](16)
         self._drained = trio.Event()
@@ -82,6 +84,7 @@ class MemoryTransport:
     def try_send(self, items: Iterable[Outgoing]) -> list[Outgoing] | None:
         if self.closed:
             raise ConnectionLost
+        self.writes += 1
         pending = list(items)
         while pending and len(self.wire) < self.room:
             self.wire.append(pending.pop(0))

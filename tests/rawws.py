@@ -101,6 +101,13 @@ class RawWebSocket:
             if opcode == 8:
                 raise Closed(close_code(payload))
 
+    async def receive_close_reason(self) -> tuple[int, str]:
+        """Read until the close frame; returns its code and reason."""
+        while True:
+            opcode, payload = await self.receive_frame()
+            if opcode == 8:
+                return close_code(payload), payload[2:].decode()
+
     async def receive_close(self) -> int:
         """Read until the close frame; returns its code."""
         while True:

@@ -916,7 +916,7 @@ def test_schemathesis_finds_the_server_as_its_openapi_document_says(
 
     @given(case=strategy)
     @settings(
-        max_examples=25,
+        max_examples=int(os.environ.get("TIDINGS_SCHEMATHESIS_EXAMPLES", "25")),
         deadline=None,
         database=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],

@@ -202,3 +202,18 @@ async def test_a_peer_that_hangs_up_is_lost_and_detached(autojump_clock: trio.ab
         await peer.ended.wait()
         assert broker.statistics().subscriptions == 0
     assert peer.closed == CloseInfo(1006, "connection lost", "client")
+
+
+@pytest.mark.parametrize(("delay", "writes"), [(0, 3), (0.05, 1)])
+async def test_a_write_delay_gathers_events_that_arrive_one_at_a_time(
+    autojump_clock: trio.abc.Clock, delay: float, writes: int
+) -> None:
+    async with connected(write_delay=delay) as (broker, peer):
+        await peer.subscribe("t")
+        before = peer.transport.writes
+        for i in range(3):
+            await broker.publish("t", i)  # one at a time, a millisecond apart
+            await trio.sleep(0.001)
+        events = await peer.read(3)
+        assert [event["seq"] for event in events] == [1, 2, 3]
+        assert peer.transport.writes - before == writes

@@ -10,6 +10,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from tidings import ErrorCode, OverflowPolicy, RequestContext, RequestError, Server
+from tidings.client import retry_hint
 
 from .conftest import (
     TEST_TIMEOUT,
@@ -352,6 +353,34 @@ async def test_leaving_open_server_closes_clients_with_1001() -> None:
                 with pytest.raises(ConnectionClosed) as closed:
                     await ws.get_message()
                 assert closed.value.reason.code == 1001
+
+
+async def test_a_shutdown_spreads_its_clients_reconnects_with_a_retry_hint() -> None:
+    """Each client's 1001 says when to come back, at random within reconnect_window."""
+    stop = trio.Event()
+
+    async def serve(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with running_server(reconnect_window="3s") as server:
+            task_status.started(server)
+            await stop.wait()
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(serve)
+            clients = [await raw_client(server) for _ in range(8)]
+            stop.set()
+            reasons = [await client.receive_close_reason() for client in clients]
+    hints = [retry_hint(reason) for code, reason in reasons if code == 1001]
+    assert len(hints) == 8 and all(hint is not None and 0 <= hint <= 3 for hint in hints)
+    assert len(set(hints)) > 1  # spread, not one wave
+    assert all(reason.startswith("server shutting down; retry=") for _, reason in reasons)
+
+
+def test_a_retry_hint_is_read_only_from_the_end_of_a_reason() -> None:
+    assert retry_hint("server shutting down; retry=2350") == 2.35
+    assert retry_hint("server shutting down") is None
+    assert retry_hint("retry=5; but not at the end") is None
+    assert retry_hint(None) is None
 
 
 async def test_connections_over_the_limit_are_refused_with_503() -> None:

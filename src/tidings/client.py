@@ -26,10 +26,11 @@ import itertools
 import logging
 import math
 import random
+import re
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
-from typing import Any, Self
+from typing import Any, Final, Self
 
 import orjson
 import sniffio
@@ -54,6 +55,7 @@ __all__ = [
     "RemoteError",
     "TidingsError",
     "connect",
+    "retry_hint",
 ]
 
 LOGGER = logging.getLogger("tidings.client")
@@ -386,6 +388,7 @@ class Client:
         backoff = self.min_backoff
         started = False
         while True:
+            hint: float | None = None
             try:
                 headers = (
                     [(b"Authorization", f"Bearer {self.token}".encode())] if self.token else None
@@ -413,7 +416,10 @@ class Client:
                         nursery.cancel_scope.cancel()
                     if ws.closed is not None and not self._closed:
                         LOGGER.info("connection to %s lost (%s)", self.url, _describe_close(ws))
+                        hint = retry_hint(ws.closed.reason)
             except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as exc:
+                if isinstance(exc, ConnectionClosed) and exc.reason is not None:
+                    hint = retry_hint(exc.reason.reason)
                 if not started:
                     text = f"cannot connect to {self.url}: {_describe(exc)}"
                     if isinstance(exc, ConnectionRejected):
@@ -427,8 +433,12 @@ class Client:
                 self._fail_pending()
             if not self.reconnect or self._closed:
                 return
-            await trio.sleep(backoff * random.uniform(0.5, 1.0))
-            backoff = min(backoff * 2, self.max_backoff)
+            if hint is not None:
+                # The server said when (a restart spreads its clients out).
+                await trio.sleep(min(hint, self.max_backoff))
+            else:
+                await trio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(backoff * 2, self.max_backoff)
 
     def _resubscribe_messages(self) -> list[str]:
         """A subscribe for every subscription, resuming from its last offset."""
@@ -514,6 +524,18 @@ def _require_trio() -> None:
             " publish with tidings.publisher.AsyncPublisher and subscribe with"
             " centrifuge-python at /connection/websocket (docs/asyncio.md)"
         )
+
+
+_RETRY: Final = re.compile(r"; retry=(\d{1,7})$")
+
+
+def retry_hint(reason: str | None) -> float | None:
+    """The delay (seconds) a server's close reason asks before reconnecting, if any.
+
+    A closing server (a restart) ends its reason with ``; retry=<milliseconds>``.
+    """
+    match = _RETRY.search(reason or "")
+    return int(match[1]) / 1000 if match else None
 
 
 def _describe_close(ws: WebSocketConnection) -> str:

@@ -204,6 +204,14 @@ class Config:
         converter=parse_duration,
         metadata=_help("a write blocked longer drops the client"),
     )
+    write_delay: Seconds = attrs.field(
+        default=Seconds(0.0),
+        converter=parse_duration,
+        metadata=_help(
+            "a client's writer, woken, waits this long to gather more into one write"
+            " (events a backplane delivers one at a time); 0: writes at once"
+        ),
+    )
     close_timeout: Seconds = attrs.field(
         default=Seconds(2.0),
         converter=parse_duration,
@@ -218,6 +226,14 @@ class Config:
         default=Seconds(5.0),
         converter=parse_duration,
         metadata=_help("time clients get to drain on shutdown"),
+    )
+    reconnect_window: Seconds = attrs.field(
+        default=Seconds(5.0),
+        converter=parse_duration,
+        metadata=_help(
+            "on shutdown each client is asked to come back after a random delay up to this"
+            " (retry=MS in the close reason), not all at once; 0: no hint"
+        ),
     )
     request_timeout: Seconds = attrs.field(
         default=Seconds(10.0),
@@ -662,6 +678,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "tenant_history_bytes",
         "max_partial_bytes",
         "max_pending_handshakes_per_ip",
+        "write_delay",
         "proxy_cache_ttl",
     ):
         if getattr(config, name) < 0:

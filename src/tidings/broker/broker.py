@@ -535,6 +535,7 @@ class Broker:
     def _fan_out(self, topic: _Topic, event: Event) -> None:
         # The hot loop: one method call per subscriber, counting only failures.
         offered = dropped = closing = 0
+        now = trio.current_time()  # once for every outbox (each notes when it got work)
         for encode, outboxes in topic.groups.items():
             frame = encode(event)
             offered += len(outboxes)
@@ -544,7 +545,7 @@ class Broker:
             for outbox in outboxes:
                 if outbox.closing is not None:
                     closing += 1  # on its way out: neither delivered nor dropped
-                elif not outbox.offer(frame, capacity, policy):
+                elif not outbox.offer(frame, capacity, policy, now):
                     dropped += 1
         delivered = offered - dropped - closing
         topic.published += 1

@@ -34,7 +34,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from enum import StrEnum
-from typing import Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import attrs
 import trio
@@ -189,15 +189,19 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
 
     # --- the broker's side ----------------------------------------------------------
 
-    def offer(self, item: T, capacity: int = 0, policy: OverflowPolicy | None = None) -> bool:
+    def offer(
+        self, item: T, capacity: int = 0, policy: OverflowPolicy | None = None, now: float = 0.0
+    ) -> bool:
         """Queue a live event if there is room; never blocks. False means not queued.
 
         This is ``send_nowait`` with drop-on-full semantics: a full outbox
         counts a drop and, under the ``disconnect`` policy (or when
         :attr:`lossless`), closes itself with 1008 so the client can resume.
         ``capacity`` and ``policy``, when given, replace the outbox's own for
-        this event (a topic's namespace sets them). A closing outbox refuses
-        the event without counting it: nobody will read it either way.
+        this event (a topic's namespace sets them); ``now``, when given, is
+        ``trio.current_time()`` (a fan-out reads the clock once for all its
+        outboxes). A closing outbox refuses the event without counting it:
+        nobody will read it either way.
         """
         if self.closing is not None:
             return False
@@ -213,11 +217,13 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
             self._queued += size
         items = self._items
         if not items:
-            self.since = trio.current_time()
+            self.since = now or trio.current_time()
         items.append(item)
         self._live += 1
-        if self._consumer is not None:
-            self._wake_consumer()
+        task = self._consumer
+        if task is not None:  # the writer is parked: wake it (once per batch)
+            self._consumer = None
+            trio.lowlevel.reschedule(task)
         return True
 
     def send_nowait(self, value: T) -> None:
@@ -354,6 +360,8 @@ class Outbox(trio.abc.SendChannel[T], Generic[T]):
         taken stays charged to the budget until :meth:`release`.
         """
         items = self._items
+        if not items and self._pong is None:
+            return _NOTHING  # the writer's first look after it was woken for a close
         # Measured here, not on every offer (the hot path): the queue only
         # grows between takes, so its length is at a peak now.
         self.peak = max(self.peak, len(items))
@@ -474,9 +482,11 @@ class OutboxReceiver(trio.abc.ReceiveChannel[T], Generic[T]):
         outbox._consumer = trio.lowlevel.current_task()
         return outbox._abort_consumer_wait
 
-    def take(self) -> list[T]:
-        """Everything queued now (possibly nothing); see :meth:`Outbox.take`."""
-        return self._outbox.take()
+    @property
+    def take(self) -> Callable[[], list[T]]:
+        """Everything queued now (possibly nothing): :meth:`Outbox.take`, unwrapped
+        (the writer calls it on every wake)."""
+        return self._outbox.take
 
     async def receive_batch(self) -> list[T]:
         """Everything queued, waiting until there is something.
@@ -494,9 +504,10 @@ class OutboxReceiver(trio.abc.ReceiveChannel[T], Generic[T]):
             await trio.lowlevel.wait_task_rescheduled(outbox._abort_consumer_wait)
         return outbox.take()
 
-    def release(self) -> None:
-        """Everything taken so far is written: it leaves the budget."""
-        self._outbox.release()
+    @property
+    def release(self) -> Callable[[], None]:
+        """Everything taken so far is written: it leaves the budget (:meth:`Outbox.release`)."""
+        return self._outbox.release
 
     async def receive(self) -> T:
         """The next item, waiting until there is one (for in-process subscribers,
@@ -529,6 +540,10 @@ class OutboxReceiver(trio.abc.ReceiveChannel[T], Generic[T]):
         """The consumer is gone: close the outbox without flushing."""
         self._outbox.close(1000, "", flush=False)
         await trio.lowlevel.checkpoint()
+
+
+_NOTHING: Final[list[Any]] = []
+"""What take() answers when nothing is queued: shared, never changed."""
 
 
 def _charge(size: Callable[[T], int], item: T) -> int:

@@ -365,6 +365,10 @@ class Connection(Commands):
             hooks.refreshing = False
 
     @property
+    def alarms(self) -> AlarmClock:
+        return self._alarms
+
+    @property
     def tracks_positions(self) -> bool:
         return self._tracked is not None
 

@@ -38,6 +38,8 @@ class ConnectionLimits:
     """Events one answer may carry (a history, a recovery inside a subscribe reply)."""
     presence_max_reply: int = 1000
     """Clients one presence answer may list."""
+    write_delay: float = 0.0
+    """Seconds the writer waits, once woken, to gather more into one write; 0: none."""
 
     @classmethod
     def from_config(cls, config: Config) -> ConnectionLimits:
@@ -59,6 +61,7 @@ class ConnectionLimits:
             connect_timeout=config.connect_timeout,
             history_max_reply=config.history_max_reply,
             presence_max_reply=config.presence_max_reply,
+            write_delay=config.write_delay,
         )
 
 

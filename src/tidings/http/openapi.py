@@ -223,6 +223,8 @@ def _obj(required: list[str], properties: dict[str, Any]) -> dict[str, Any]:
 
 def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema``, or null: the server takes an optional field that is null as left out."""
+    if "enum" in schema and None not in schema["enum"]:
+        return {**schema, "enum": [*schema["enum"], None]}
     kind = schema.get("type")
     if kind is None:
         return schema

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -603,11 +604,22 @@ class Server:
             LOGGER.info("shutting down: closing %d connections", len(self._connections))
             self._stop_listening.cancel()
             for connection in list(self._connections.values()):
-                connection.close(CloseCode.GOING_AWAY, SHUTDOWN_REASON)
+                connection.close(CloseCode.GOING_AWAY, self.reconnect_hint(SHUTDOWN_REASON))
         if self._connections:
             with trio.move_on_after(self.config.shutdown_timeout):
                 await self._drained.wait()
         self._stop_hypercorn.set()
+
+    def reconnect_hint(self, reason: str) -> str:
+        """``reason`` with a suggested delay before reconnecting: ``<reason>; retry=<ms>``.
+
+        Random within ``reconnect_window`` per client, so that clients closed
+        together (a restart) come back spread out rather than as one wave.
+        """
+        window = self.config.reconnect_window
+        if window <= 0:
+            return reason
+        return f"{reason}; retry={round(random.uniform(0, window) * 1000)}"
 
     # --- the transports' side (ConnectionHandler) ---------------------------------------
 

@@ -64,6 +64,8 @@ CONNECTION_TASK: Final = "tidings.transport.connection"
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 ACCEPT_BACKOFF: Final = 0.1
 OVERLOAD_LOG_INTERVAL: Final = 10.0
+#: Connections accepted in a row before the accept loop lets others run.
+ACCEPT_BURST: Final = 64
 #: Frames handled in one go before other tasks get a turn (a read can hold
 #: thousands of tiny ones).
 FRAMES_PER_TURN: Final = 256
@@ -146,7 +148,7 @@ class PartialBudget:
 
 
 class WebSocketStream:
-    """A :class:`~tidings.transport.base.Transport` over a Trio stream."""
+    """A :class:`~tidings.transport.base.Transport` over a non-blocking socket."""
 
     supports_ping = True
 
@@ -167,17 +169,17 @@ class WebSocketStream:
 
     def __init__(
         self,
-        stream: trio.SocketStream,
+        sock: socket.socket,
         remote: str,
         *,
         max_message_size: int,
         trailing_data: bytes = b"",
         partial_budget: PartialBudget | None = None,
     ) -> None:
-        # The bare socket, taken from trio's stream and its wrappers: they would
-        # live as long as the connection, and nothing here needs them.
-        self._socket = socket.socket(fileno=stream.socket.detach())
-        self._fd = self._socket.fileno()
+        # The bare (non-blocking) socket: no wrapper object lives as long as the
+        # connection, and reads and writes go straight to the descriptor.
+        self._socket = sock
+        self._fd = sock.fileno()
         # wsproto's frame parser without its Connection wrapper: we send our
         # own frames, so only parsing is needed, and the wrapper costs memory
         # on every connection.
@@ -338,12 +340,91 @@ def _size(data: Any) -> int:
 _NO_BUDGET: Final = PartialBudget(0)
 
 
-def _remote(stream: trio.abc.Stream) -> tuple[str, int]:
+class _Socket:
+    """The little of a stream the handshake needs, straight on a non-blocking socket.
+
+    trio's SocketStream would wrap each read and write in a context manager
+    and a conflict detector; a handshake makes few of them, but 10,000
+    clients reconnecting at once make 10,000 handshakes.
+    """
+
+    __slots__ = ("fd", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        while True:
+            try:
+                return os.read(self.fd, max_bytes)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+            await trio.lowlevel.wait_readable(self.fd)
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                view = view[os.write(self.fd, view) :]
+                continue
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                raise trio.BrokenResourceError from exc
+            await trio.lowlevel.wait_writable(self.fd)
+
+    def close(self) -> None:
+        if self.sock.fileno() >= 0:
+            trio.lowlevel.notify_closing(self.sock)
+            self.sock.close()
+
+
+def _remote(address: Any) -> tuple[str, int]:
     try:
-        host, port, *_ = stream.socket.getpeername()  # type: ignore[attr-defined]
-    except (AttributeError, OSError):
+        host, port, *_ = address
+    except (TypeError, ValueError):
         return ("unknown", 0)
     return (str(host), int(port))
+
+
+async def open_listeners(
+    host: str, port: int, *, backlog: int, reuse_port: bool = False
+) -> list[socket.socket]:
+    """Non-blocking listening sockets for every address ``host`` resolves to.
+
+    As ``trio.open_tcp_listeners`` makes them (SO_REUSEADDR, IPv6 only on IPv6
+    sockets), but bare: the accept loop takes connections straight from them.
+    With ``reuse_port``, several processes may listen on the same port
+    (SO_REUSEPORT; the kernel spreads connections between them).
+    """
+    infos = await trio.socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )
+    listeners: list[socket.socket] = []
+    seen: set[tuple[int, Any]] = set()
+    try:
+        for family, kind, proto, _, address in infos:
+            if (family, address) in seen:
+                continue
+            seen.add((family, address))
+            sock = socket.socket(family, kind, proto)
+            listeners.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+    except BaseException:
+        for sock in listeners:
+            sock.close()
+        raise
+    return listeners
 
 
 def _accept_key(key: bytes) -> bytes:
@@ -421,36 +502,53 @@ class BuiltinServer:
         Cancelling this task stops accepting without touching connections that
         are already open, which is the first step of a graceful shutdown.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.backlog)
-        task_status.started([_address(listener) for listener in listeners])
-        async with trio.open_nursery() as nursery:
+        listeners = await open_listeners(host, port, backlog=self.backlog)
+        try:
+            task_status.started([_address(listener) for listener in listeners])
+            async with trio.open_nursery() as nursery:
+                for listener in listeners:
+                    nursery.start_soon(self._accept_loop, listener, handler_nursery)
+        finally:
             for listener in listeners:
-                nursery.start_soon(self._accept_loop, listener, handler_nursery)
+                trio.lowlevel.notify_closing(listener)
+                listener.close()
 
-    async def _accept_loop(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        async with listener:
-            while True:
-                while self.pending >= self.max_pending:
-                    self._room = self._room or trio.Event()
-                    await self._room.wait()
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
-                        raise
-                    self._overloaded(exc)
-                    await trio.sleep(ACCEPT_BACKOFF)
-                    continue
-                remote = _remote(stream)
-                host = remote[0]
-                cap = self.max_pending_per_ip
-                if cap and self._pending_by_host.get(host, 0) >= cap:
-                    self.refused += 1
-                    stream.socket.close()  # no task, no handshake: gone at once
-                    continue
-                self.pending += 1
-                self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
-                connections.start_soon(self.handle_stream, stream, remote, name=CONNECTION_TASK)
+    async def _accept_loop(self, listener: socket.socket, connections: trio.Nursery) -> None:
+        accepted = 0
+        while True:
+            while self.pending >= self.max_pending:
+                self._room = self._room or trio.Event()
+                await self._room.wait()
+            try:
+                sock, address = listener.accept()
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(listener)
+                continue
+            except OSError as exc:
+                if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self._overloaded(exc)
+                await trio.sleep(ACCEPT_BACKOFF)
+                continue
+            remote = _remote(address)
+            host = remote[0]
+            cap = self.max_pending_per_ip
+            if cap and self._pending_by_host.get(host, 0) >= cap:
+                self.refused += 1
+                sock.close()  # no task, no handshake: gone at once
+                continue
+            sock.setblocking(False)
+            # Frames are written whole, each batch in one write: never wait
+            # for an ACK to send the next (Nagle).
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.pending += 1
+            self._pending_by_host[host] = self._pending_by_host.get(host, 0) + 1
+            connections.start_soon(self.handle_stream, sock, remote, name=CONNECTION_TASK)
+            accepted += 1
+            if accepted % ACCEPT_BURST == 0:
+                # The backlog may hold thousands (a reconnect storm): let the
+                # handshakes begin between bursts.
+                await trio.lowlevel.checkpoint()
 
     def _overloaded(self, exc: OSError) -> None:
         """Out of descriptors (or memory): one line per interval, not per accept."""
@@ -475,22 +573,21 @@ class BuiltinServer:
             self._room.set()
             self._room = None
 
-    async def handle_stream(
-        self, stream: trio.SocketStream, remote: tuple[str, int] | None = None
-    ) -> None:
+    async def handle_stream(self, sock: socket.socket, remote: tuple[str, int]) -> None:
         """Serve one TCP connection: HTTP requests, or one WebSocket."""
-        remote = remote or _remote(stream)
+        stream: _Socket | None = _Socket(sock)
+        del sock
         try:
             try:
                 # The handshake returns before the WebSocket is served, so that the
                 # h11 objects die with its frame instead of living as long as the
                 # connection.
+                assert stream is not None
                 accepted = await self._http(stream, remote)
             finally:
                 self._handshake_done(remote[0])
-                await trio.aclose_forcefully(stream)  # upgraded: the transport owns the socket
-            del stream
             if accepted is not None:
+                stream = None  # the transport owns the socket now
                 transport, admission = accepted
                 del accepted
                 await self.handler.serve(transport, admission)
@@ -500,42 +597,41 @@ class BuiltinServer:
             # One connection's failure must never reach the nursery all
             # connections share.
             LOGGER.exception("error while serving %s:%s", *remote)
+        finally:
+            if stream is not None:
+                stream.close()
 
     async def _http(
-        self, stream: trio.SocketStream, remote: tuple[str, int]
+        self, stream: _Socket, remote: tuple[str, int]
     ) -> tuple[WebSocketStream, Admission] | None:
         """Answer HTTP requests until one upgrades to WebSocket (returned) or the end."""
         http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         try:
             for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
-                request: h11.Request | None = None
+                # One scope per request, its head and its handling (an upgrade, or
+                # a plain request): a cancel scope is not free, and a reconnect
+                # storm makes thousands of handshakes.
                 with trio.move_on_after(self.handshake_timeout):
                     request = await self._read_request(stream, http)
-                if request is None:  # closed, or idle past the handshake timeout
-                    return None
-                if _ambiguous_length(request):
-                    # RFC 9112 6.3: both headers may be a smuggling attempt; answer and close.
-                    with trio.move_on_after(1):
-                        await self._respond(
-                            stream,
-                            http,
-                            Rejection(
-                                400, "both Content-Length and Transfer-Encoding", "bad_request"
-                            ),
-                        )
-                    return None
-                path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
-                if self.handler.accepts(path) and _is_upgrade(request):
-                    with trio.move_on_after(self.handshake_timeout):
+                    if request is None:  # closed
+                        return None
+                    if _ambiguous_length(request):
+                        # RFC 9112 6.3: both headers may be a smuggling attempt;
+                        # answer and close.
+                        reason = "both Content-Length and Transfer-Encoding"
+                        await self._respond(stream, http, Rejection(400, reason, "bad_request"))
+                        return None
+                    path = unquote(request.target.split(b"?", 1)[0].decode("latin-1"))
+                    if self.handler.accepts(path) and _is_upgrade(request):
                         return await self._upgrade(stream, http, request, remote)
-                    return None
-                with trio.move_on_after(self.handshake_timeout):
                     await self._serve_http(
                         stream, http, request, remote, last=served == MAX_REQUESTS_PER_CONNECTION
                     )
-                if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
-                    return None
-                http.start_next_cycle()
+                    if http.our_state is not h11.DONE or http.their_state is not h11.DONE:
+                        return None
+                    http.start_next_cycle()
+                    continue
+                return None  # idle, or slow, past the handshake timeout
         except h11.RemoteProtocolError as exc:
             with trio.move_on_after(1):
                 if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -544,14 +640,12 @@ class BuiltinServer:
                     )
         return None
 
-    async def _read_request(
-        self, stream: trio.abc.Stream, http: h11.Connection
-    ) -> h11.Request | None:
+    async def _read_request(self, stream: _Socket, http: h11.Connection) -> h11.Request | None:
         while True:
             event = http.next_event()
             if event is h11.NEED_DATA:
                 data = await stream.receive_some(RECEIVE_SIZE)
-                http.receive_data(cast(bytes, data))
+                http.receive_data(data)
                 continue
             if isinstance(event, h11.Request):
                 return event
@@ -559,7 +653,7 @@ class BuiltinServer:
 
     async def _upgrade(
         self,
-        stream: trio.SocketStream,
+        stream: _Socket,
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
@@ -610,7 +704,7 @@ class BuiltinServer:
             raise
         trailing, _ = http.trailing_data
         transport = WebSocketStream(
-            stream,
+            stream.sock,
             upgrade.remote,
             max_message_size=self.max_message_size,
             trailing_data=bytes(trailing),
@@ -620,7 +714,7 @@ class BuiltinServer:
 
     async def _respond(
         self,
-        stream: trio.abc.Stream,
+        stream: _Socket,
         http: h11.Connection,
         rejection: Rejection,
         extra_headers: list[tuple[bytes, bytes]] | None = None,
@@ -641,7 +735,7 @@ class BuiltinServer:
 
     async def _serve_http(
         self,
-        stream: trio.abc.Stream,
+        stream: _Socket,
         http: h11.Connection,
         request: h11.Request,
         remote: tuple[str, int],
@@ -654,7 +748,7 @@ class BuiltinServer:
         while True:
             event = http.next_event()
             if event is h11.NEED_DATA:
-                http.receive_data(cast(bytes, await stream.receive_some(RECEIVE_SIZE)))
+                http.receive_data(await stream.receive_some(RECEIVE_SIZE))
             elif isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > MAX_REQUEST_BODY:
@@ -722,6 +816,6 @@ def _phrase(status: int) -> bytes:
         return b""
 
 
-def _address(listener: trio.SocketListener) -> tuple[str, int]:
-    host, port, *_ = listener.socket.getsockname()
+def _address(listener: socket.socket) -> tuple[str, int]:
+    host, port, *_ = listener.getsockname()
     return (str(host), int(port))
