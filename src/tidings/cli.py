@@ -39,6 +39,7 @@ from ._version import __version__
 from .backplane.url import redacted
 from .config import (
     FIELDS,
+    PROXY_HOOKS,
     SECRETS,
     Bytes,
     Config,
@@ -614,6 +615,10 @@ def banner(server: Server) -> dict[str, Any]:
     if auth == "jwt":
         algorithms = ["HS256"] * bool(config.jwt_secret) + ["RS256"] * bool(config.jwt_public_key)
         auth = f"jwt ({', '.join(algorithms)})"
+    hooks = [hook for hook in PROXY_HOOKS if getattr(config, f"proxy_{hook}")]
+    if config.proxy_connect:
+        hook = "the connect hook (docs/proxy.md)"
+        auth = hook if auth == "none" else f"{auth}; without a token, {hook}"
     return {
         "version": __version__,
         "url": server.url,
@@ -626,6 +631,7 @@ def banner(server: Server) -> dict[str, Any]:
         "transport": config.transport,
         "node": server.node_id,
         "demo": config.demo,
+        "hooks": hooks,
     }
 
 
@@ -650,6 +656,8 @@ def _announce(server: Server) -> None:
         + (" (this node alone)" if facts["backplane"] == "memory" else ""),
         f"  node       {facts['node']}, transport {facts['transport']}",
     ]
+    if facts["hooks"]:
+        lines.append(f"  hooks      {', '.join(facts['hooks'])}")
     if len(facts["addresses"]) > 1:
         lines.insert(1, f"  addresses  {', '.join(facts['addresses'])}")
     if facts["demo"]:
