@@ -222,6 +222,6 @@ async def _respond(stream: trio.SocketStream, http: h11.Connection, answer: Raw)
 def _headers(pairs: list[tuple[bytes, bytes]]) -> dict[str, str]:
     headers: dict[str, str] = {}
     for name, value in pairs:
-        key = name.decode().lower()
-        headers[key] = f"{headers[key]}, {value.decode()}" if key in headers else value.decode()
+        key, text = name.decode().lower(), value.decode("latin-1")
+        headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return headers

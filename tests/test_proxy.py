@@ -43,6 +43,7 @@ from .conftest import (
     subscribe,
 )
 from .hookbackend import Backend, Call, Flood, HangUp, Hold, Raw, running_backend
+from .rawws import RawWebSocket
 from .redis_fixture import free_port
 from .test_centrifugo_python import Recorder, ReplyError, SubEvents, in_asyncio, sdk_client
 
@@ -860,3 +861,36 @@ async def test_a_kept_alive_connection_the_backend_closed_is_replaced_once() -> 
             assert refused["payload"]["code"] == "unavailable"
             assert (await request(ws, "m", {}, "r2"))["payload"] == "m"
             assert [c.nth for c in backend.calls_to("/rpc")] == [2, 1]
+
+
+async def raw_upgrade(server: Server, header_lines: bytes) -> RawWebSocket:
+    """A WebSocket upgraded with header lines as given (bytes a polite client never sends)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    await stream.send_all(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+        + header_lines
+        + b"\r\n"
+    )
+    ws = RawWebSocket(stream)
+    head = await ws._read_until(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return ws
+
+
+async def test_headers_of_any_bytes_are_forwarded_as_sent() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with (
+            running_backend() as backend,
+            node_with(backend, hooks=["connect", "subscribe"]) as server,
+        ):
+            backend.on("/connect", {"result": {"user": "ann"}})
+            backend.on("/subscribe", {"result": {}})
+            # Latin-1 bytes in a cookie and a user agent: HTTP allows them (obs-text).
+            ws = await raw_upgrade(server, b"Cookie: name=\xe9t\xe9\r\nUser-Agent: caf\xe9\r\n")
+            await ws.send_json({"type": "subscribe", "topic": "chat:x", "requestId": 1})
+            assert (await ws.receive_json())["type"] == "response"
+            await ws.aclose()
+        for call in backend.calls:
+            assert call.body["headers"] == {"Cookie": "name=\xe9t\xe9", "User-Agent": "caf\xe9"}
+            assert call.headers["cookie"].encode("latin-1") == b"name=\xe9t\xe9"

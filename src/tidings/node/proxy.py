@@ -329,9 +329,14 @@ class Proxy:
         url = self.urls[hook]
         assert url is not None
         content = orjson.dumps(body)
-        headers = {**dict(origin.headers), "content-type": "application/json"}
+        # As bytes, as they came: header values may hold any byte but control ones
+        # (obs-text), which httpx would refuse to encode from str.
+        headers = [(name.encode(), value.encode("latin-1")) for name, value in origin.headers]
+        headers.append((b"content-type", b"application/json"))
         # Read as sent: a compressed answer could grow past any bound as it is inflated.
-        headers["accept-encoding"] = "identity"
+        headers.append((b"accept-encoding", b"identity"))
+        if self._client is None:
+            raise self._unavailable(hook, "the node is not running")
         try:
             with trio.fail_after(self.timeout):
                 try:
@@ -364,11 +369,10 @@ class Proxy:
         self._count(hook, "allowed")
         return result
 
-    async def _post(self, url: str, content: bytes, headers: dict[str, str]) -> bytes:
+    async def _post(self, url: str, content: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
         """POST to the backend within a slot; the answer's body, read up to the cap."""
         client = self._client
-        if client is None:
-            raise _Garbage("could not be asked: the node is not running")
+        assert client is not None
         self.waiting += 1
         waiting = True
         try:
