@@ -479,6 +479,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar = None if allowed else _METAVARS.get(field.type, name.upper())
         if name == "namespaces":
             metavar = "JSON"
+        elif name.removeprefix("proxy_") in PROXY_HOOKS:
+            metavar = "URL"
         elif field.type == bool | None:
             metavar = "{true,false}"
         group.add_argument(
@@ -949,7 +951,8 @@ def _run_config_check(args: argparse.Namespace) -> int:
     sources = " + ".join([*([path] if path else []), "environment", "flags"])
     api = "on" if config.api_key else "off"
     print(
-        f"configuration OK ({sources}): {config.host}:{config.port}, auth {config.auth_mode}, "
+        f"configuration OK ({sources}): {config.host}:{config.port}, auth {config.auth_mode}"
+        f"{' + connect hook' if config.proxy_connect else ''}, "
         f"api {api}, backplane {redacted(config.backplane)}",
         flush=True,
     )
