@@ -69,6 +69,8 @@ OTHER_VARIABLES: dict[str, str] = {
     # The test suite's switches (.ci/run sets them): skipping is then a failure.
     "TIDINGS_REQUIRE_REDIS": "tests: the Redis tests must run",
     "TIDINGS_REQUIRE_NODE": "tests: the Node SDK tests must run",
+    "TIDINGS_REQUIRE_BROWSER": "tests: the browser tests must run",
+    "TIDINGS_SCHEMATHESIS_EXAMPLES": "tests: examples schemathesis sends per API operation",
 }
 #: Keys whose values are credentials: redacted by ``tidings config show``.
 SECRETS = ("token", "jwt_secret", "api_key")
