@@ -237,3 +237,98 @@ def test_durations_are_written_as_the_docs_write_them(seconds: float, text: str)
 def test_sizes_are_written_as_the_docs_write_them(size: int, text: str) -> None:
     assert format_size(size) == text
     assert parse_size(text) == size
+
+
+# --- the [proxy] table --------------------------------------------------------------------
+
+
+def test_the_proxy_table_the_environment_and_flags_set_the_same_keys(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text(
+        '[proxy]\nconnect = "http://app:8000/hooks/connect"\ntimeout = "2s"\n'
+        'forward_headers = ["Cookie"]\n'
+    )
+    env = {
+        "TIDINGS_PROXY_SUBSCRIBE": "http://app:8000/hooks/subscribe",
+        "TIDINGS_PROXY_TIMEOUT": "3s",
+    }
+    config = Config.load(path, env=env, overrides={"proxy_cache_ttl": "30s"})
+    assert config.proxy_connect == "http://app:8000/hooks/connect"  # file
+    assert config.proxy_subscribe == "http://app:8000/hooks/subscribe"  # environment
+    assert config.proxy_timeout == 3.0  # environment beats file
+    assert config.proxy_forward_headers == ("Cookie",)
+    assert config.proxy_cache_ttl == 30.0  # flag
+    assert Config().proxy_forward_headers == (
+        "Cookie", "Authorization", "Origin", "User-Agent", "X-Forwarded-For",
+    )  # fmt: skip
+    report = check(path, env={}, overrides={"proxy_rpc": "http://x/rpc"})
+    assert report.errors == ()
+    assert report.config is not None and report.config.proxy_rpc == "http://x/rpc"
+
+
+def test_a_configuration_with_hooks_as_toml_loads_back_unchanged(tmp_path: Path) -> None:
+    config = Config(
+        proxy_connect="http://user:pass@app:8000/connect",
+        proxy_rpc="https://app/rpc",
+        proxy_timeout="250ms",
+        proxy_forward_headers=("Cookie", "X-Request-Id"),
+        proxy_cache_ttl="1m",
+        proxy_max_response_size="64KiB",
+        proxy_unavailable="allow",
+        namespaces={"chat": {"presence": True}},
+    )
+    path = tmp_path / "show.toml"
+    path.write_text(to_toml(config, redact=False))
+    assert Config.load(path, env={}) == config
+    text = to_toml(config)
+    assert "[proxy]" in text
+    assert 'connect = "http://user:***@app:8000/connect"' in text  # the password is a secret
+    assert "pass@" not in text
+    path.write_text(text)
+    with pytest.raises(
+        ConfigError, match="proxy_connect: the password '\\*\\*\\*' is a placeholder"
+    ):
+        Config.load(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"proxy_connect": "ftp://app/connect"},
+            "proxy_connect must be an http:// or https:// URL",
+        ),
+        ({"proxy_rpc": "app:8000/rpc"}, "proxy_rpc must be an http:// or https:// URL"),
+        ({"proxy_subscribe": "http://app:port/x"}, "proxy_subscribe must be an http"),
+        ({"proxy_timeout": "0s"}, "proxy_timeout must be greater than 0"),
+        ({"proxy_max_in_flight": 0}, "proxy_max_in_flight must be at least 1"),
+        ({"proxy_cache_ttl": -1}, "proxy_cache_ttl must not be negative"),
+        ({"proxy_unavailable": "maybe"}, "proxy_unavailable must be one of refuse, allow"),
+        ({"proxy_forward_headers": ("Content-Length",)}, "describes the hook call itself"),
+        ({"proxy_forward_headers": ("Cookie", "cookie")}, "cookie is listed twice"),
+        ({"proxy_forward_headers": ("Bad Header",)}, "is not a header name"),
+    ],
+)
+def test_bad_proxy_settings_are_refused(settings: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        Config(**settings)  # type: ignore[arg-type]
+
+
+def test_an_unknown_key_of_the_proxy_table_gets_a_suggestion(tmp_path: Path) -> None:
+    path = tmp_path / "t.toml"
+    path.write_text('[proxy]\nconect = "http://app/connect"\n')
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'conect' in \[proxy\] \(did you mean 'connect'\?\)"
+    ):
+        Config.load(path, env={})
+    report = check(env={"TIDINGS_PROXY_CONECT": "http://app/connect"})
+    assert "TIDINGS_PROXY_CONECT (did you mean TIDINGS_PROXY_CONNECT?)" in "\n".join(report.errors)
+
+
+def test_a_connect_hook_is_client_authentication_on_a_public_address() -> None:
+    with pytest.raises(ConfigError, match="needs client authentication"):
+        Config(host="0.0.0.0")
+    config = Config(host="0.0.0.0", proxy_connect="http://app/connect")
+    assert config.auth_mode == "none"  # the hook decides who connects
+    report = check(env={"TIDINGS_HOST": "0.0.0.0", "TIDINGS_PROXY_CONNECT": "http://app/c"})
+    assert report.errors == () and report.warnings == ()

@@ -26,6 +26,7 @@ from tidings.protocol.messages import Position
 from tidings.protocol.sse import format_id
 
 from .conftest import TEST_TIMEOUT, running_server, subscribe, ws_client
+from .hookbackend import Call, running_backend
 from .serve_fixture import API_KEY
 from .streamclient import StreamClient
 
@@ -511,3 +512,47 @@ async def test_a_topic_that_cannot_be_followed_ends_the_stream_with_1011() -> No
             assert "cannot follow 'b'" in body["reason"]
             with pytest.raises(EOFError):
                 await client.block()
+
+
+# --- the application's hooks (docs/proxy.md) ---------------------------------------------
+
+
+async def test_streams_ask_the_connect_and_subscribe_hooks_before_they_start() -> None:
+    """No token: the connect hook says who the page is (by its cookie); each topic
+    of the stream is asked of the subscribe hook at admission, and a refused one
+    refuses the stream with an HTTP status (an EventSource does not retry it)."""
+
+    async def connect(call: Call) -> Any:
+        if "session=alice" in call.headers.get("cookie", ""):
+            return {"result": {"user": "alice", "tenant": "acme"}}
+        return {"error": {"code": 401, "message": "log in first"}}
+
+    async def subscribe(call: Call) -> Any:
+        if call.body["channel"] == "chat:secret":
+            return {"error": {"code": 4403, "message": "members only"}}
+        return {"result": {}}
+
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_backend() as backend:
+            backend.on("/connect", connect)
+            backend.on("/subscribe", subscribe)
+            async with running_server(
+                namespaces={"chat": {}},
+                proxy_connect=backend.url("/connect"),
+                proxy_subscribe=backend.url("/subscribe"),
+                proxy_forward_headers=("Cookie",),
+            ) as server:
+                cookie = {"Cookie": "session=alice"}
+                async with sse(server, "topic=chat:lobby") as refused:
+                    assert (refused.status, refused.error()["message"]) == (401, "log in first")
+                async with sse(server, "topic=chat:lobby&topic=chat:secret", cookie) as refused:
+                    assert refused.status == 403
+                    assert refused.error() == {"code": "4403", "message": "members only"}
+                async with sse(server, "topic=chat:lobby", cookie) as client:
+                    await client.block()
+                    await server.publish("chat:lobby", "hi", tenant="acme")
+                    assert (await events(client, 1))[0]["payload"] == "hi"
+            calls = backend.calls_to("/subscribe")
+            assert {c.body["transport"] for c in calls} == {"sse"}
+            assert calls[-1].body["user"] == "alice"
+            assert {c.body["transport"] for c in backend.calls_to("/connect")} == {"sse"}

@@ -39,6 +39,7 @@ from ._version import __version__
 from .backplane.url import redacted
 from .config import (
     FIELDS,
+    PROXY_HOOKS,
     SECRETS,
     Bytes,
     Config,
@@ -478,6 +479,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         metavar = None if allowed else _METAVARS.get(field.type, name.upper())
         if name == "namespaces":
             metavar = "JSON"
+        elif name.removeprefix("proxy_") in PROXY_HOOKS:
+            metavar = "URL"
         elif field.type == bool | None:
             metavar = "{true,false}"
         group.add_argument(
@@ -614,6 +617,10 @@ def banner(server: Server) -> dict[str, Any]:
     if auth == "jwt":
         algorithms = ["HS256"] * bool(config.jwt_secret) + ["RS256"] * bool(config.jwt_public_key)
         auth = f"jwt ({', '.join(algorithms)})"
+    hooks = [hook for hook in PROXY_HOOKS if getattr(config, f"proxy_{hook}")]
+    if config.proxy_connect:
+        hook = "the connect hook (docs/proxy.md)"
+        auth = hook if auth == "none" else f"{auth}; without a token, {hook}"
     return {
         "version": __version__,
         "url": server.url,
@@ -626,6 +633,7 @@ def banner(server: Server) -> dict[str, Any]:
         "transport": config.transport,
         "node": server.node_id,
         "demo": config.demo,
+        "hooks": hooks,
     }
 
 
@@ -650,6 +658,8 @@ def _announce(server: Server) -> None:
         + (" (this node alone)" if facts["backplane"] == "memory" else ""),
         f"  node       {facts['node']}, transport {facts['transport']}",
     ]
+    if facts["hooks"]:
+        lines.append(f"  hooks      {', '.join(facts['hooks'])}")
     if len(facts["addresses"]) > 1:
         lines.insert(1, f"  addresses  {', '.join(facts['addresses'])}")
     if facts["demo"]:
@@ -941,7 +951,8 @@ def _run_config_check(args: argparse.Namespace) -> int:
     sources = " + ".join([*([path] if path else []), "environment", "flags"])
     api = "on" if config.api_key else "off"
     print(
-        f"configuration OK ({sources}): {config.host}:{config.port}, auth {config.auth_mode}, "
+        f"configuration OK ({sources}): {config.host}:{config.port}, auth {config.auth_mode}"
+        f"{' + connect hook' if config.proxy_connect else ''}, "
         f"api {api}, backplane {redacted(config.backplane)}",
         flush=True,
     )

@@ -24,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal, NewType, get_args, get_origin
+from urllib.parse import urlsplit
 
 import attrs
 import cattrs
@@ -41,6 +42,22 @@ TransportName = Literal["builtin", "hypercorn"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 AuthMode = Literal["auto", "none", "token", "jwt"]
+ProxyFallback = Literal["refuse", "allow"]
+
+#: The upgrade's headers hook calls carry unless ``proxy_forward_headers`` says otherwise.
+DEFAULT_FORWARD_HEADERS = ("Cookie", "Authorization", "Origin", "User-Agent", "X-Forwarded-For")
+#: Headers that describe the hook call itself (its body, its connection): forwarding
+#: the client's would corrupt the call.
+UNFORWARDABLE_HEADERS = frozenset(
+    {
+        "accept-encoding", "connection", "content-encoding", "content-length", "content-type",
+        "expect", "host", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "upgrade",
+    }
+)  # fmt: skip
+#: The hooks of the ``[proxy]`` table: ``proxy_<hook>`` keys holding a URL.
+PROXY_HOOKS = ("connect", "subscribe", "publish", "refresh", "rpc")
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 ENV_PREFIX = "TIDINGS_"
 #: ``TIDINGS_*`` variables that are not settings, and so not unknown.
@@ -52,6 +69,8 @@ OTHER_VARIABLES: dict[str, str] = {
     # The test suite's switches (.ci/run sets them): skipping is then a failure.
     "TIDINGS_REQUIRE_REDIS": "tests: the Redis tests must run",
     "TIDINGS_REQUIRE_NODE": "tests: the Node SDK tests must run",
+    "TIDINGS_REQUIRE_BROWSER": "tests: the browser tests must run",
+    "TIDINGS_SCHEMATHESIS_EXAMPLES": "tests: examples schemathesis sends per API operation",
 }
 #: Keys whose values are credentials: redacted by ``tidings config show``.
 SECRETS = ("token", "jwt_secret", "api_key")
@@ -485,6 +504,66 @@ class Config:
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
     )
     log_level: LogLevel = attrs.field(default="info", metadata=_help("debug, info, warning, error"))
+    # The application's hooks (docs/proxy.md): the [proxy] table of a file, whose
+    # keys are these without "proxy_" (TIDINGS_PROXY_CONNECT, --proxy-connect).
+    proxy_connect: str | None = attrs.field(
+        default=None,
+        metadata=_help(
+            "URL the node POSTs a client's connect to when it presents no token; the"
+            " answer names its user, tenant, expiry and topics, or refuses it"
+        ),
+    )
+    proxy_subscribe: str | None = attrs.field(
+        default=None, metadata=_help("URL asked whether a client may subscribe to a topic")
+    )
+    proxy_publish: str | None = attrs.field(
+        default=None,
+        metadata=_help("URL asked whether a client may publish; it may replace the payload"),
+    )
+    proxy_refresh: str | None = attrs.field(
+        default=None,
+        metadata=_help("URL asked to extend a client's session before it expires"),
+    )
+    proxy_rpc: str | None = attrs.field(
+        default=None,
+        metadata=_help("URL that answers requests (rpc) no in-process handler answers"),
+    )
+    proxy_timeout: Seconds = attrs.field(
+        default=Seconds(1.0),
+        converter=parse_duration,
+        metadata=_help(
+            "time a hook call gets in all (waiting for a slot included); then the client"
+            " is refused with a temporary error"
+        ),
+    )
+    proxy_forward_headers: tuple[str, ...] = attrs.field(
+        default=DEFAULT_FORWARD_HEADERS,
+        converter=tuple,
+        metadata=_help("headers of the client's upgrade request that hook calls carry"),
+    )
+    proxy_max_in_flight: int = attrs.field(
+        default=64, metadata=_help("hook calls one node has in flight at most; more wait")
+    )
+    proxy_cache_ttl: Seconds = attrs.field(
+        default=Seconds(0.0),
+        converter=parse_duration,
+        metadata=_help("how long a subscribe hook's answer is kept per (user, topic); 0: not kept"),
+    )
+    proxy_cache_size: int = attrs.field(
+        default=10_000, metadata=_help("subscribe answers kept at most; the oldest go first")
+    )
+    proxy_max_response_size: Bytes = attrs.field(
+        default=Bytes(1024 * 1024),
+        converter=parse_size,
+        metadata=_help("largest answer read from a hook; a longer one is an error"),
+    )
+    proxy_unavailable: ProxyFallback = attrs.field(
+        default="refuse",
+        metadata=_help(
+            "when a hook's backend is down, slow or answers nonsense: refuse (a temporary"
+            " error), or allow (decide as if the hook were not configured)"
+        ),
+    )
 
     def __attrs_post_init__(self) -> None:
         problems = list(_semantic_problems(self))
@@ -559,6 +638,10 @@ FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.
 attrs.resolve_types(NamespaceConfig)
 _NAMESPACE_FIELDS = {field.name: field for field in attrs.fields(NamespaceConfig)}
 NAMESPACE_KEYS: tuple[str, ...] = tuple(_NAMESPACE_FIELDS)
+#: The keys of a file's ``[proxy]`` table: ``proxy_KEY`` settings.
+PROXY_KEYS: tuple[str, ...] = tuple(
+    name.removeprefix("proxy_") for name in FIELDS if name.startswith("proxy_")
+)
 #: Keys that hold text or nothing (unset): secrets, JWT claims required.
 OPTIONAL_TEXT: tuple[str, ...] = tuple(
     name for name, field in FIELDS.items() if field.type == str | None
@@ -567,7 +650,7 @@ OPTIONAL_TEXT: tuple[str, ...] = tuple(
 
 def _semantic_problems(config: Config) -> list[str]:
     problems = []
-    for name in ("transport", "log_level", "log_format", "auth"):
+    for name in ("transport", "log_level", "log_format", "auth", "proxy_unavailable"):
         allowed = _choices(FIELDS[name].type)
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}")
@@ -596,6 +679,9 @@ def _semantic_problems(config: Config) -> list[str]:
         "idempotency_max_keys",
         "idempotency_max_bytes",
         "stream_max_topics",
+        "proxy_max_in_flight",
+        "proxy_cache_size",
+        "proxy_max_response_size",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -617,6 +703,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "rate_period",
         "console_session_ttl",
         "sse_retry",
+        "proxy_timeout",
     ):
         if not getattr(config, name) > 0:
             problems.append(f"{name} must be greater than 0")
@@ -636,6 +723,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_pending_handshakes_per_ip",
         "compression_min_size",
         "write_delay",
+        "proxy_cache_ttl",
     ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
@@ -660,11 +748,17 @@ def _semantic_problems(config: Config) -> list[str]:
         problems.append("auth jwt needs jwt_secret (HS256) or jwt_public_key (RS256)")
     if config.auth == "token" and not config.token:
         problems.append("auth token needs token")
-    if config.auth == "auto" and config.auth_mode == "none" and not _is_loopback(config.host):
+    if (
+        config.auth == "auto"
+        and config.auth_mode == "none"
+        and not config.proxy_connect
+        and not _is_loopback(config.host)
+    ):
         problems.append(
             f"listening on {config.host} needs client authentication: set jwt_secret,"
-            " jwt_public_key or token, or auth = 'none' to open it on purpose"
+            " jwt_public_key, token or proxy_connect, or auth = 'none' to open it on purpose"
         )
+    problems.extend(_proxy_problems(config))
     for name, namespace in config.namespaces.items():
         if not name or ":" in name:
             problems.append(f"namespace names are non-empty and have no ':' ({name!r})")
@@ -690,6 +784,45 @@ def _stream_path_problems(config: Config) -> list[str]:
             problems.append(f"{name} {path!r} is taken by another endpoint")
         taken.add(path)
     return problems
+
+
+def _proxy_problems(config: Config) -> list[str]:
+    problems = []
+    for hook in PROXY_HOOKS:
+        url = getattr(config, f"proxy_{hook}")
+        if url is None:
+            continue
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number
+        except ValueError:
+            parts = None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"proxy_{hook} must be an http:// or https:// URL, not {url[:200]!r}")
+        elif parts.password == REDACTED:
+            problems.append(f"proxy_{hook}: the password {REDACTED!r} is a placeholder")
+    seen: set[str] = set()
+    for name in config.proxy_forward_headers:
+        lowered = name.lower()
+        if not _HEADER_NAME.match(name):
+            problems.append(f"proxy_forward_headers: {name[:100]!r} is not a header name")
+        elif lowered in UNFORWARDABLE_HEADERS:
+            problems.append(
+                f"proxy_forward_headers: {name} describes the hook call itself; it is not forwarded"
+            )
+        elif lowered in seen:
+            problems.append(f"proxy_forward_headers: {name} is listed twice")
+        seen.add(lowered)
+    return problems
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part, if any, read ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{parts.username}:{REDACTED}@{host}").geturl()
 
 
 def _console_path_problems(config: Config) -> list[str]:
@@ -898,7 +1031,10 @@ class _Layers:
                 layers.problems.append(str(exc))
                 data = {}
             for key, value in data.items():
-                layers.set(key, value, f"{path}: {key}", str(path), text=False)
+                if key == "proxy":
+                    layers.set_proxy_table(value, str(path))
+                else:
+                    layers.set(key, value, f"{path}: {key}", str(path), text=False)
         for name, text in sorted(env.items()):
             key = name[len(ENV_PREFIX) :].lower()
             if name.startswith(ENV_PREFIX) and name not in OTHER_VARIABLES and key in FIELDS:
@@ -917,6 +1053,18 @@ class _Layers:
             self.sources[key] = label
         except ConfigError as exc:
             self.problems.append(str(exc) if key not in FIELDS else f"{label}: {exc}")
+
+    def set_proxy_table(self, table: Any, path: str) -> None:
+        """A file's ``[proxy]`` table: its keys are the ``proxy_*`` settings."""
+        if not isinstance(table, dict):
+            self.problems.append(f"{path}: proxy: expected a table ([proxy])")
+            return
+        for key, value in table.items():
+            if key not in PROXY_KEYS:
+                hint = _suggest(str(key), PROXY_KEYS)
+                self.problems.append(f"{path}: unknown key {key!r} in [proxy]{hint}")
+                continue
+            self.set(f"proxy_{key}", value, f"{path}: proxy.{key}", path, text=False)
 
     def build(self) -> Config | None:
         """The config, or None with the problems recorded.
@@ -1036,8 +1184,20 @@ def warnings(config: Config) -> list[str]:
         found.append(f"token is set but ignored: client authentication is {mode}")
     if (config.jwt_secret or config.jwt_public_key) and mode != "jwt":
         found.append(f"the JWT keys are set but ignored: client authentication is {mode}")
-    if mode == "none" and not _is_loopback(config.host):
+    if mode == "none" and not config.proxy_connect and not _is_loopback(config.host):
         found.append(f"auth none on {config.host}: anyone who reaches the port may connect")
+    if config.proxy_connect and config.proxy_timeout >= config.handshake_timeout:
+        found.append(
+            "proxy_timeout is not below handshake_timeout: a connect hook that slow ends"
+            " the upgrade with no answer"
+        )
+    if config.proxy_rpc and config.proxy_timeout >= config.request_timeout:
+        found.append(
+            "proxy_timeout is not below request_timeout: an rpc hook that slow is"
+            " answered request_timeout"
+        )
+    if config.proxy_cache_ttl and not config.proxy_subscribe:
+        found.append("proxy_cache_ttl is set but takes no effect: it keeps proxy_subscribe answers")
     return found
 
 
@@ -1095,6 +1255,23 @@ _NAMESPACE_EXAMPLE = """\
 """
 
 
+def _toml_key(config: Config, name: str, key: str, *, redact: bool) -> list[str]:
+    """One setting as commented TOML lines, written as ``key`` (a table's keys are short)."""
+    field = FIELDS[name]
+    value = getattr(config, name)
+    lines = _comment(field.metadata.get("help", name))
+    if value is None:
+        lines.append(f"# {key} =    (unset)")
+    elif redact and name in SECRETS:
+        lines.append(f"{key} = {json.dumps(REDACTED)}    # set; not shown")
+    elif redact and name.startswith("proxy_") and isinstance(value, str):
+        lines.append(f"{key} = {_toml_value(redact_url(value), field.type)}")
+    else:
+        lines.append(f"{key} = {_toml_value(value, field.type)}")
+    lines.append("")
+    return lines
+
+
 def to_toml(config: Config, *, redact: bool = True, title: str = "") -> str:
     """``config`` as a commented TOML file that loads back to the same config.
 
@@ -1106,18 +1283,14 @@ def to_toml(config: Config, *, redact: bool = True, title: str = "") -> str:
              f"{time.strftime('%Y-%m-%d')})",
              "# Every key: docs/configuration.md. Durations: 500ms, 30s, 2m, 1h;"
              " sizes: 512KiB, 1MiB.", ""]  # fmt: skip
-    for name, field in FIELDS.items():
-        if name == "namespaces":
+    for name in FIELDS:
+        if name == "namespaces" or name.startswith("proxy_"):
             continue  # tables come last: a key after one would belong to it
-        value = getattr(config, name)
-        lines.extend(_comment(field.metadata.get("help", name)))
-        if value is None:
-            lines.append(f"# {name} =    (unset)")
-        elif redact and name in SECRETS:
-            lines.append(f"{name} = {json.dumps(REDACTED)}    # set; not shown")
-        else:
-            lines.append(f"{name} = {_toml_value(value, field.type)}")
-        lines.append("")
+        lines.extend(_toml_key(config, name, name, redact=redact))
+    lines.append("# The application's hooks (docs/proxy.md); TIDINGS_PROXY_<KEY> in the env.")
+    lines.append("[proxy]")
+    for key in PROXY_KEYS:
+        lines.extend(_toml_key(config, f"proxy_{key}", key, redact=redact))
     lines.extend(_comment(FIELDS["namespaces"].metadata.get("help", "namespaces")))
     if not config.namespaces:
         lines.append(_NAMESPACE_EXAMPLE)

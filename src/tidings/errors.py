@@ -8,6 +8,8 @@ Catch :class:`TidingsError` to handle them all::
     TidingsError
     ├── BrokerError    the broker or the backplane refused a command
     ├── RequestError   an application handler answers with an error of its own
+    │   └── ProxyError     the application's backend (a hook) refused, or was unavailable
+    ├── ProxyDisconnect    the application's backend asked to close the client
     ├── AuthError      a token is missing, invalid or expired
     ├── HttpError      an HTTP API or application route answers with a status
     ├── RemoteError    a server answered the Python client with an error
@@ -40,6 +42,8 @@ __all__ = [
     "ConfigError",
     "ErrorCode",
     "HttpError",
+    "ProxyDisconnect",
+    "ProxyError",
     "RemoteError",
     "RequestError",
     "TidingsError",
@@ -64,6 +68,29 @@ class RequestError(TidingsError):
 
     The client receives ``{"type": "error", "payload": {"code": code, "message": message}}``.
     """
+
+
+class ProxyError(RequestError):
+    """An application's hook (``docs/proxy.md``) refused a client's command, or
+    could not be asked: ``unavailable``, ``temporary``, when its backend was
+    down, slow or answered nonsense.
+
+    ``code`` is the backend's own (a number, as Centrifugo's backends send,
+    is kept as its digits); ``temporary`` tells Centrifugo's SDKs to try again.
+    """
+
+    def __init__(self, code: str, message: str, *, temporary: bool = False) -> None:
+        super().__init__(code, message)
+        self.temporary = temporary
+
+
+class ProxyDisconnect(TidingsError):
+    """An application's hook asked to close the client's connection with ``close_code``."""
+
+    def __init__(self, close_code: int, reason: str) -> None:
+        super().__init__("disconnect", reason)
+        self.close_code = close_code
+        self.reason = reason
 
 
 class AuthError(TidingsError):

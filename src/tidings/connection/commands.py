@@ -11,8 +11,8 @@ byte budget, which the reader checks before it takes the next command.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, TypeVar
 
 import trio
 
@@ -21,7 +21,7 @@ from ..auth import Authenticator, Identity, may_publish
 from ..broker.broker import Broker, Subscriber
 from ..broker.namespaces import Namespaces
 from ..broker.outbox import Outbox
-from ..errors import AuthError, BrokerError, RequestError
+from ..errors import AuthError, BrokerError, ProxyDisconnect, ProxyError, RequestError
 from ..protocol.codes import ErrorCode
 from ..protocol.dialect import Dialect
 from ..protocol.messages import (
@@ -49,10 +49,20 @@ from ..protocol.messages import (
 from ..stats import NodeCounters
 from ..transport.base import Framer, Outgoing, WireMessage
 from .endpoint import Endpoint
+from .hooks import ClientHooks
 from .limits import ConnectionLimits
 from .session import Session
 
 LOGGER = logging.getLogger("tidings.connection")
+
+T = TypeVar("T")
+
+
+class _Refused:
+    """What :meth:`Commands._ask` returns when the hook refused (the client was told)."""
+
+
+REFUSED: Final = _Refused()
 
 
 class Commands:
@@ -77,6 +87,7 @@ class Commands:
     outbox: Outbox[Outgoing]
     dialect: Dialect
     endpoint: Endpoint | None
+    hooks: ClientHooks | None
     acked: dict[str, int]
     _requests: trio.Semaphore | None
     _frame: Framer
@@ -84,6 +95,9 @@ class Commands:
 
     @property
     def session(self) -> Session:
+        raise NotImplementedError
+
+    def close(self, code: int, reason: str, *, flush: bool = True) -> None:
         raise NotImplementedError
 
     async def execute(self, command: Any) -> None:
@@ -124,13 +138,25 @@ class Commands:
         if self._refused("publish", command.topic, command.request_id):
             return
         tenant = self.identity.tenant
+        payload = command.payload
         try:
+            hooks = self.hooks
+            if hooks is not None and hooks.hooks.publishes:
+                # Awaited here, in the reader: a client's publications keep their order.
+                asked = await self._ask(
+                    hooks.hooks.publish(self.info, hooks.origin, command.topic, payload),
+                    command.request_id,
+                    command.topic,
+                )
+                if asked is REFUSED:
+                    return
+                payload = asked
             try:
                 # Without yielding, so every publication of one socket read
                 # reaches the broker before it runs, as one batch.
                 self.broker.submit_nowait(
                     command.topic,
-                    command.payload,
+                    payload,
                     self._publish_reply(command),
                     tenant=tenant,
                     idempotency_key=command.idempotency_key,
@@ -139,7 +165,7 @@ class Commands:
             except trio.WouldBlock:  # the broker's inbox is full: wait for room
                 await self.broker.submit(
                     command.topic,
-                    command.payload,
+                    payload,
                     self._publish_reply(command),
                     tenant=tenant,
                     idempotency_key=command.idempotency_key,
@@ -162,6 +188,19 @@ class Commands:
     async def _subscribe(self, command: Subscribe) -> None:
         if self._refused("subscribe", command.topic, command.request_id):
             return
+        hooks = self.hooks
+        if (
+            hooks is not None
+            and hooks.hooks.subscribes
+            and command.topic not in self.subscriber.topics  # the broker refuses it anyway
+        ):
+            asked = await self._ask(
+                hooks.hooks.subscribe(self.info, hooks.origin, command.topic),
+                command.request_id,
+                command.topic,
+            )
+            if asked is REFUSED:
+                return
         try:
             # With a backplane, waits until this node follows the topic; then
             # no await until the replay is queued.
@@ -263,6 +302,8 @@ class Commands:
         if self._refused("request", command.topic, command.request_id):
             return
         handler = self.handlers.get(command.topic)
+        if handler is None and self.hooks is not None and self.hooks.hooks.answers:
+            handler = self._forward
         if handler is None:
             self.reply(
                 Error(
@@ -296,6 +337,9 @@ class Commands:
             )
         except RequestError as exc:
             frame = self._encode_error(exc.code, exc.message, request_id, topic)
+        except ProxyDisconnect as exc:
+            self.close(exc.close_code, exc.reason)
+            return  # (the finally clause gives the request's slot back)
         except Exception:
             LOGGER.exception("request handler for %r failed", topic)
             frame = self._encode_error(
@@ -305,6 +349,22 @@ class Commands:
             assert self._requests is not None
             self._requests.release()
         self.outbox.put(frame)
+
+    async def _forward(self, request: RequestContext) -> Any:
+        """Answer a request no in-process handler answers with the rpc hook."""
+        hooks = self.hooks
+        assert hooks is not None
+        return await hooks.hooks.rpc(self.info, hooks.origin, request.topic, request.payload)
+
+    async def _ask(self, call: Awaitable[T], request_id: Any, topic: str) -> T | _Refused:
+        """A hook's answer; or, when it refused, the client told (or closed) and REFUSED."""
+        try:
+            return await call
+        except ProxyDisconnect as exc:
+            self.close(exc.close_code, exc.reason)
+        except ProxyError as exc:
+            self.reply(Error(exc.code, exc.message, request_id, topic))
+        return REFUSED
 
     def _encode_error(self, code: str, message: str, request_id: Any, topic: str) -> WireMessage:
         return self._frame(self.dialect.encode_reply(Error(code, message, request_id, topic)))
@@ -369,6 +429,14 @@ class Commands:
         if action == "publish":
             if may_publish(identity, namespace, topic):
                 return None
+            hooks = self.hooks
+            if (
+                hooks is not None
+                and hooks.hooks.publishes
+                and namespace.publish is not False
+                and identity.publish is None
+            ):
+                return None  # where the node has no rule of its own, the publish hook decides
             return ErrorCode.FORBIDDEN, f"publishing to {topic!r} is not allowed"
         if not identity.subscribe.allows(topic):
             return ErrorCode.FORBIDDEN, f"your token does not allow topic {topic!r}"

@@ -39,7 +39,7 @@ from ..auth import Authenticator, Identity
 from ..broker.broker import DEFAULT_TENANT, Broker, Subscriber
 from ..broker.namespaces import Namespaces
 from ..broker.outbox import Outbox
-from ..errors import BrokerError
+from ..errors import BrokerError, ProxyDisconnect, ProxyError
 from ..protocol.codes import CloseCode, ErrorCode
 from ..protocol.dialect import Dialect
 from ..protocol.messages import Event, Position
@@ -49,6 +49,7 @@ from ..transport.base import Framer, Outgoing, Transport, UpgradeRequest
 from .alarms import AlarmClock
 from .commands import Commands
 from .endpoint import Endpoint
+from .hooks import ClientHooks
 from .lifecycle import Lifecycle
 from .limits import ConnectionLimits, TenantSeats
 from .pinger import run_pinger
@@ -150,6 +151,7 @@ class Connection(Commands):
         "dialect",
         "endpoint",
         "handlers",
+        "hooks",
         "info",
         "lifecycle",
         "limits",
@@ -176,6 +178,8 @@ class Connection(Commands):
         counters: NodeCounters | None = None,
         endpoint: Endpoint | None = None,
         seats: TenantSeats | None = None,
+        hooks: ClientHooks | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.transport = transport
         self.dialect = dialect
@@ -187,7 +191,8 @@ class Connection(Commands):
         self.authenticator = authenticator
         self.counters = counters or NodeCounters()
         self.info = ClientInfo(
-            id=secrets.token_hex(6),
+            # Made before the connection when a hook had to be told it (connect).
+            id=client_id or new_client_id(),
             remote=transport.remote,
             connected_at=time.time(),
             dialect=dialect.name,
@@ -217,6 +222,8 @@ class Connection(Commands):
         self.acked: dict[str, int] = _NOTHING_ACKED  # a dict of its own once used
         """Last offset the client acknowledged, per topic."""
         self.endpoint = endpoint
+        self.hooks = hooks
+        """The application's hooks (docs/proxy.md), on nodes that have any."""
         # Kept only for application endpoints, whose hooks read parameters from
         # it (usually empty: the same interned string for every connection).
         applied = endpoint is not None and bool(
@@ -340,6 +347,49 @@ class Connection(Commands):
     @property
     def connect_timeout_code(self) -> int:
         return self.endpoint.connect_timeout_code if self.endpoint is not None else 1008
+
+    @property
+    def refresh_due_in(self) -> float | None:
+        """Seconds until the refresh hook should extend the session (0: now), if ever."""
+        hooks = self.hooks
+        expires = self.identity.expires_at
+        if hooks is None or expires is None or hooks.refreshing or not hooks.hooks.refreshes:
+            return None
+        now = time.time()
+        # Not sooner than refresh_retry after the last call: a backend that extends
+        # a session by less than refresh_lead is not asked again at once.
+        return max(expires - hooks.hooks.refresh_lead - now, hooks.refresh_after - now, 0.0)
+
+    def refresh_session(self) -> None:
+        """Ask the refresh hook, in a task of the connection's nursery (the pinger goes on)."""
+        hooks = self.hooks
+        if hooks is None or hooks.refreshing or self._nursery is None or self.closing:
+            return
+        hooks.refreshing = True
+        self._nursery.start_soon(self._refresh_session, hooks)
+
+    async def _refresh_session(self, hooks: ClientHooks) -> None:
+        try:
+            # While the backend cannot say, ask again; the pinger still closes the
+            # connection (4002) when the session's expiry comes first.
+            while not self.closing and self.identity.expires_at is not None:
+                try:
+                    refreshed = await hooks.hooks.refresh(self.info, hooks.origin)
+                    hooks.refresh_after = time.time() + hooks.hooks.refresh_retry
+                except ProxyDisconnect as exc:
+                    self.close(exc.close_code, exc.reason)
+                    return
+                except ProxyError:
+                    await trio.sleep(hooks.hooks.refresh_retry)
+                    continue
+                if refreshed.expired:
+                    LOGGER.info("closing %s: the refresh hook ended its session", self.info.id)
+                    self.close(CloseCode.TOKEN_EXPIRED, "session expired", flush=False)
+                    return
+                self.identity = attrs.evolve(self.identity, expires_at=refreshed.expires_at)
+                return
+        finally:
+            hooks.refreshing = False
 
     @property
     def alarms(self) -> AlarmClock:
@@ -508,6 +558,11 @@ class Connection(Commands):
                 label=self.info.id,
             )
         return self._tracked
+
+
+def new_client_id() -> str:
+    """A client id: unique within a process, for the logs, the API and presence."""
+    return secrets.token_hex(6)
 
 
 _NOTHING_DELIVERED: dict[str, Position] = {}

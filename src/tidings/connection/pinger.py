@@ -6,7 +6,7 @@ It sleeps until the next thing that is due for its client, then does it:
   frame for protocols whose clients expect one);
 * the read timeout: a client silent for ``read_timeout`` is closed (1011);
 * the token's expiry: an expired token closes the connection (4002) unless it
-  was refreshed;
+  was refreshed; with a refresh hook, the hook is asked a little before;
 * the connect deadline, for protocols that authenticate after the upgrade
   (Centrifugo's ``connect``): a client that has not done so within
   ``connect_timeout`` is closed; nothing it sends before counts as activity;
@@ -65,6 +65,13 @@ class Pingable(Protocol):
     def connect_timeout_code(self) -> int:
         """The close code for a client that did not authenticate in time."""
 
+    @property
+    def refresh_due_in(self) -> float | None:
+        """Seconds until the refresh hook should extend the session (None: never)."""
+
+    def refresh_session(self) -> None:
+        """Ask the refresh hook to extend the session (without waiting for it)."""
+
     def close(self, code: int, reason: str, *, flush: bool = True) -> None: ...
 
 
@@ -92,6 +99,9 @@ async def run_pinger(connection: Pingable, alarms: AlarmClock) -> None:
         connect_by = connection.connect_deadline
         if connect_by is not None:
             deadline = min(deadline, connect_by)
+        refresh_in = connection.refresh_due_in
+        if refresh_in is not None:
+            deadline = min(deadline, trio.current_time() + refresh_in)
         await alarms.sleep_until(deadline)
         if outbox.closing is not None:
             continue
@@ -112,6 +122,8 @@ async def run_pinger(connection: Pingable, alarms: AlarmClock) -> None:
             LOGGER.info("closing %s: its token expired", connection.info.id)
             connection.close(CloseCode.TOKEN_EXPIRED, "token expired", flush=False)
             continue
+        if connection.refresh_due_in == 0.0:
+            connection.refresh_session()
         connect_by = connection.connect_deadline
         if connect_by is not None and now >= connect_by:
             LOGGER.info(

@@ -10,6 +10,7 @@ import attrs
 from ..app import ClientInfo
 from ..auth import Identity
 from ..protocol.messages import Event, Position
+from .hooks import ClientHooks
 
 
 class SessionHost(Protocol):
@@ -23,6 +24,8 @@ class SessionHost(Protocol):
     def query(self) -> str: ...
     @property
     def closing(self) -> bool: ...
+    @property
+    def hooks(self) -> ClientHooks | None: ...
 
     def send_message(self, message: Any, *, reliable: bool) -> bool: ...
     async def subscribe_for_app(
@@ -95,6 +98,12 @@ class Session:
     def closed(self) -> bool:
         """True once the connection is closing or has ended: sends are ignored."""
         return self._connection.closing
+
+    @property
+    def hooks(self) -> ClientHooks | None:
+        """The application's hooks (``docs/proxy.md``) and what this client's upgrade
+        said that they pass on; None on a node without hooks."""
+        return self._connection.hooks
 
     def send(self, message: Any) -> bool:
         """Queue a frame for this client if its outbox has room; False if not queued.

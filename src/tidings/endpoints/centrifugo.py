@@ -33,7 +33,8 @@ from ..auth import Identity
 from ..broker.namespaces import Namespace
 from ..connection.endpoint import Endpoint
 from ..connection.session import Session
-from ..errors import AuthError, BrokerError, RequestError
+from ..errors import AuthError, BrokerError, ProxyDisconnect, ProxyError, RequestError
+from ..node.proxy import Unavailable
 from ..node.server import Server
 from ..protocol import centrifugo as wire
 from ..protocol.codes import ErrorCode
@@ -150,9 +151,7 @@ class _Centrifugo:
                 session, state, _Disconnect(wire.DisconnectCode.BAD_REQUEST, "bad request", problem)
             )
             return
-        if state.urgent and (
-            kind in _MAY_WAIT or (kind == "subscribe" and self.server.backplane is not None)
-        ):
+        if state.urgent and (kind in _MAY_WAIT or (kind == "subscribe" and self._subscribe_waits)):
             self._flush(session)
         command_id = message.request_id if isinstance(message.request_id, int) else 0
         reply: bytes | None = None
@@ -165,6 +164,15 @@ class _Centrifugo:
         except _Disconnect as exc:
             self._close(session, state, exc)
             return
+        except ProxyDisconnect as exc:
+            self._close(session, state, _Disconnect(exc.close_code, exc.reason))
+            return
+        except ProxyError as exc:
+            # The backend's own code (Centrifugo's backends send numbers) and its
+            # temporary flag, which the SDKs act on.
+            number, temporary, known = wire.centrifugo_error(exc.code)
+            text = exc.message if known else f"{exc.code}: {exc.message}"
+            reply = wire.encode_error(command_id, number, text, temporary or exc.temporary)
         except (RequestError, BrokerError) as exc:
             reply = wire.encode_tidings_error(command_id, exc.code, exc.message)
         except Exception:
@@ -206,10 +214,49 @@ class _Centrifugo:
 
     # --- connection -------------------------------------------------------------------
 
+    @property
+    def _subscribe_waits(self) -> bool:
+        """Whether a subscribe may wait (for Redis, or for the subscribe hook)."""
+        proxy = self.server.proxy
+        return self.server.backplane is not None or (proxy is not None and proxy.subscribes)
+
     async def _connect(
         self, session: Session, state: CentrifugoState, body: dict[str, Any]
     ) -> dict[str, Any]:
-        identity = self._verify(body.get("token"))
+        token = body.get("token")
+        proxy = self.server.proxy
+        hooks = session.hooks
+        expiry: dict[str, Any] = {}
+        if (
+            proxy is not None
+            and proxy.connects
+            and hooks is not None
+            and (self.server.authenticator.mode == "none" or not (isinstance(token, str) and token))
+        ):
+            # As Centrifugo: a client without a token is who the connect hook says.
+            # Its session is refreshed by the node (the refresh hook) or ends at
+            # its expiry, so the SDK is not told to refresh a token it has not got.
+            try:
+                # The connect's data goes to the hook only when the client sent some.
+                data = {"data": body["data"]} if "data" in body else {}
+                identity = await proxy.connect(
+                    session.info,
+                    hooks.origin,
+                    name=_text(body.get("name")),
+                    version=_text(body.get("version")),
+                    **data,
+                )
+            except Unavailable:
+                if not proxy.allow_when_unavailable:
+                    raise
+                identity = self._verify(token)  # as if there were no hook
+                expiry = _expiry(identity)
+            except (ProxyError, ProxyDisconnect):
+                self.server.counters.auth_failures += 1
+                raise
+        else:
+            identity = self._verify(token)
+            expiry = _expiry(identity)
         try:
             session.authenticate(identity)
         except BrokerError as exc:
@@ -223,7 +270,7 @@ class _Centrifugo:
             "version": __version__,
             "ping": ping,
             "pong": True,
-            **_expiry(identity),
+            **expiry,
         }
 
     async def _refresh(
@@ -269,6 +316,9 @@ class _Centrifugo:
                 "tags filters and map or shared-poll subscriptions are not supported",
             )
         namespace = self._allowed(session, "subscribe", channel)
+        hooks = session.hooks
+        if hooks is not None and hooks.hooks.subscribes and channel not in session.topics:
+            await hooks.hooks.subscribe(session.info, hooks.origin, channel, body.get("data"))
         recoverable = namespace.history_size > 0
         recover = recoverable and body.get("recover") is True
         since: int | None = None
@@ -322,7 +372,11 @@ class _Centrifugo:
         if "data" not in body:
             raise RequestError(ErrorCode.MISSING_FIELD, "publish needs data")
         self._allowed(session, "publish", channel)
-        await session.publish(channel, body["data"])
+        data = body["data"]
+        hooks = session.hooks
+        if hooks is not None and hooks.hooks.publishes:
+            data = await hooks.hooks.publish(session.info, hooks.origin, channel, data)
+        await session.publish(channel, data)
         return {}
 
     async def _presence(
@@ -403,12 +457,19 @@ class _Centrifugo:
         if not isinstance(method, str):
             raise RequestError(ErrorCode.INVALID_FIELD, "method is a string")
         handler = self.server.request_handler(method)
-        if handler is None:
+        hooks = session.hooks
+        forward = handler is None and hooks is not None and hooks.hooks.answers
+        if handler is None and not forward:
             raise RequestError(ErrorCode.NOT_FOUND, f"no rpc method {method[:64]!r}")
         problem = session.permission_problem("request", method)
         if problem is not None:
             raise RequestError(*problem)
-        answer = await handler(RequestContext(method, body.get("data"), session.info))
+        if forward:
+            assert hooks is not None
+            answer = await hooks.hooks.rpc(session.info, hooks.origin, method, body.get("data"))
+        else:
+            assert handler is not None
+            answer = await handler(RequestContext(method, body.get("data"), session.info))
         try:
             data = orjson.Fragment(orjson.dumps(answer))
         except TypeError:
@@ -435,6 +496,11 @@ class _Centrifugo:
         namespace = self.server.namespaces.resolve(channel)
         assert namespace is not None  # permission_problem checked it
         return namespace
+
+
+def _text(value: Any) -> str | None:
+    """A connect command's ``name`` or ``version``, if it is a string (bounded)."""
+    return value[:64] if isinstance(value, str) else None
 
 
 #: The message of :class:`AuthError` for an expired token (answered with 109, not 3500).

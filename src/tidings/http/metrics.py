@@ -106,6 +106,25 @@ class NodeCollector(Collector):
                 "Publications waiting for Redis",
                 value=backplane.status()["pending"],
             )
+        proxy = server.proxy
+        if proxy is not None:
+            calls = CounterMetricFamily(
+                "tidings_proxy_calls",
+                "Calls of the application's hooks by outcome: allowed, refused, disconnected,"
+                " unavailable (down, slow or nonsense), cached (answered from the cache)",
+                labels=["hook", "outcome"],
+            )
+            for (hook, outcome), count in sorted(proxy.calls.items()):
+                calls.add_metric([hook, outcome], count)
+            yield calls
+            yield GaugeMetricFamily(
+                "tidings_proxy_in_flight", "Hook calls the backend holds now", value=proxy.in_flight
+            )
+            yield GaugeMetricFamily(
+                "tidings_proxy_waiting",
+                "Hook calls waiting for one of proxy_max_in_flight slots",
+                value=proxy.waiting,
+            )
         idempotency = server.broker.idempotency
         keyed = CounterMetricFamily(
             "tidings_idempotent_publications",

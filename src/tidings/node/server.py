@@ -17,7 +17,7 @@ import random
 import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from fnmatch import fnmatchcase
 from typing import Any, Final, Protocol, TypeAlias, TypeVar, overload
 from urllib.parse import urlsplit
@@ -29,18 +29,19 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from .._version import __version__
 from ..app import ClientInfo, CloseInfo, RequestHandler
-from ..auth import Authenticator
+from ..auth import Authenticator, Identity, token_of
 from ..backplane.redis import RedisBackplane
 from ..broker.broker import Broker, BrokerStats, Subscriber
 from ..broker.idempotency import IdempotencyWindow
 from ..broker.outbox import Outbox, OverflowPolicy
 from ..broker.subscription import Subscription, as_event
-from ..config import Config
+from ..config import PROXY_HOOKS, Config
 from ..connection.alarms import AlarmClock
-from ..connection.connection import Connection, ConnectionStats
+from ..connection.connection import Connection, ConnectionStats, new_client_id
 from ..connection.endpoint import Endpoint
+from ..connection.hooks import ClientHooks
 from ..connection.limits import ConnectionLimits, TenantSeats
-from ..errors import AuthError
+from ..errors import AuthError, ProxyDisconnect, ProxyError
 from ..protocol.codes import CloseCode, ErrorCode
 from ..protocol.idempotency import idempotency_key_problem
 from ..protocol.messages import Event, Position
@@ -51,6 +52,7 @@ from ..transport.asgi import AsgiApp, Receive, Scope, Send
 from ..transport.base import Admission, Rejection, Transport, UpgradeRequest
 from ..transport.builtin import BuiltinServer
 from ..transport.sse import NDJSON, SSE
+from .proxy import Proxy, Unavailable
 from .streams import StreamEndpoint, StreamPlan
 
 LOGGER = logging.getLogger("tidings.server")
@@ -139,6 +141,10 @@ class Server:
             audience=config.jwt_audience,
             issuer=config.jwt_issuer,
         )
+        self.proxy: Proxy | None = None
+        """The application's hooks (``[proxy]``, docs/proxy.md), when any is configured."""
+        if any(getattr(config, f"proxy_{hook}") for hook in PROXY_HOOKS):
+            self.proxy = Proxy(config)
         self._limits = ConnectionLimits.from_config(config)
         self._limits_by_path: dict[str, ConnectionLimits] = {}
         self.dialect = NativeDialect()
@@ -588,7 +594,8 @@ class Server:
             if self.backplane is not None:
                 await nursery.start(self.backplane.run)
             await nursery.start(self.alarms.run)
-            async with trio.open_nursery() as connections:
+            # The hooks' HTTP client outlives every connection (their calls end first).
+            async with self._hooks_running(), trio.open_nursery() as connections:
                 if listen:
                     await self._listen(nursery, connections)
                 try:
@@ -600,6 +607,13 @@ class Server:
                             await self.backplane.forget_self()
                     connections.cancel_scope.cancel()
             nursery.cancel_scope.cancel()
+
+    @asynccontextmanager
+    async def _hooks_running(self) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            if self.proxy is not None:
+                await stack.enter_async_context(self.proxy.running())
+            yield
 
     # --- shutdown -------------------------------------------------------------------
 
@@ -633,8 +647,9 @@ class Server:
 
     # --- the transports' side (ConnectionHandler) ---------------------------------------
 
-    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
-        """Decide on an upgrade: capacity, origin, then the client's token."""
+    async def admit(self, request: UpgradeRequest) -> Admission | Rejection:
+        """Decide on an upgrade: capacity, origin, then who the client is (its token,
+        or the application's connect hook)."""
         if self._draining:
             return Rejection(503, SHUTDOWN_REASON, "shutting_down")
         if len(self._connections) + self._admitted >= self.config.max_connections:
@@ -654,40 +669,136 @@ class Server:
         endpoint = self.endpoints.get(request.path) or self.streams.get(request.path)
         if endpoint is None:
             return Rejection(404, f"no WebSocket endpoint at {request.path[:200]}")
-        try:
-            authenticate = endpoint.authenticate or self.authenticator.authenticate
-            identity = authenticate(request)
-        except AuthError as exc:
-            self.counters.auth_failures += 1
-            LOGGER.warning(
-                "authentication failed from %s: %s",
-                request.remote,
-                exc,
-                extra={"event": "auth_failure", "remote": request.remote, "reason": str(exc)},
-            )
-            return Rejection(401, str(exc), "unauthorized")
-        plan: StreamPlan | None = None
-        if isinstance(endpoint, StreamEndpoint):
-            planned = endpoint.plan(request, identity, self.namespaces)
-            if isinstance(planned, Rejection):
-                return planned
-            plan = planned
-        # Reserved now, not when serve() starts: upgrades admitted together
-        # must not all pass the caps.
-        if not self.seats.take(identity.tenant):
-            return Rejection(
-                429, "too many connections for this tenant", ErrorCode.TOO_MANY_CONNECTIONS
-            )
         host = _host(request.remote)
+        # Reserved now, not when serve() starts: upgrades admitted together (or
+        # waiting for the connect hook together) must not all pass the caps.
         self._per_host[host] = self._per_host.get(host, 0) + 1
         self._admitted += 1
-        return Admission(request, (endpoint, identity, plan))
+        try:
+            client_id = new_client_id() if self._asks_connect_hook(endpoint, request) else None
+            if client_id is None:
+                identity = self._authenticate(endpoint, request)
+            else:
+                identity = await self._connect_hook(endpoint, request, client_id)
+            if not isinstance(identity, Rejection) and self._draining:
+                identity = Rejection(503, SHUTDOWN_REASON, "shutting_down")
+            plan: StreamPlan | None = None
+            if not isinstance(identity, Rejection) and isinstance(endpoint, StreamEndpoint):
+                # The hooks see the id the connection will have.
+                client_id = client_id or new_client_id()
+                planned = await self._plan_stream(endpoint, request, identity, client_id)
+                if isinstance(planned, Rejection):
+                    identity = planned
+                else:
+                    plan = planned
+            if not isinstance(identity, Rejection) and not self.seats.take(identity.tenant):
+                identity = Rejection(
+                    429, "too many connections for this tenant", ErrorCode.TOO_MANY_CONNECTIONS
+                )
+        except BaseException:
+            self._unreserve(host)
+            raise
+        if isinstance(identity, Rejection):
+            self._unreserve(host)
+            return identity
+        return Admission(request, (endpoint, identity, client_id, plan))
+
+    async def _plan_stream(
+        self,
+        endpoint: StreamEndpoint,
+        request: UpgradeRequest,
+        identity: Identity,
+        client_id: str,
+    ) -> StreamPlan | Rejection:
+        """A stream's topics, checked as subscribes are (and by the subscribe hook, if
+        the node has one) before its ``200``: a refused topic refuses the stream, with
+        an HTTP status an ``EventSource`` does not retry."""
+        planned = endpoint.plan(request, identity, self.namespaces)
+        proxy = self.proxy
+        if isinstance(planned, Rejection) or proxy is None or not proxy.subscribes:
+            return planned
+        client = ClientInfo(
+            id=client_id,
+            remote=request.remote,
+            connected_at=time.time(),
+            dialect=endpoint.dialect.name,
+            path=request.path,
+            user=identity.user,
+            tenant=identity.tenant,
+        )
+        origin = proxy.origin(request, endpoint.kind)
+        for entry in planned.request.topics:
+            try:
+                await proxy.subscribe(client, origin, entry.topic)
+            except ProxyError as exc:
+                return Rejection(_refusal_status(exc), exc.message or "refused", exc.code)
+            except ProxyDisconnect as exc:
+                return Rejection(403, exc.reason or "refused", ErrorCode.FORBIDDEN)
+        return planned
+
+    def _authenticate(self, endpoint: Endpoint, request: UpgradeRequest) -> Identity | Rejection:
+        try:
+            authenticate = endpoint.authenticate or self.authenticator.authenticate
+            return authenticate(request)
+        except AuthError as exc:
+            return self._auth_failure(request, str(exc), Rejection(401, str(exc), "unauthorized"))
+
+    def _auth_failure(self, request: UpgradeRequest, reason: str, refusal: Rejection) -> Rejection:
+        self.counters.auth_failures += 1
+        LOGGER.warning(
+            "authentication failed from %s: %s",
+            request.remote,
+            reason,
+            extra={"event": "auth_failure", "remote": request.remote, "reason": reason},
+        )
+        return refusal
+
+    def _asks_connect_hook(self, endpoint: Endpoint, request: UpgradeRequest) -> bool:
+        """Whether the connect hook decides who this client is: it presents no token
+        (or tokens are not used), on an endpoint without authentication of its own."""
+        return (
+            self.proxy is not None
+            and self.proxy.connects
+            and endpoint.authenticate is None
+            and (self.authenticator.mode == "none" or token_of(request) is None)
+        )
+
+    async def _connect_hook(
+        self, endpoint: Endpoint, request: UpgradeRequest, client_id: str
+    ) -> Identity | Rejection:
+        """The connect hook's identity for an upgrade, or its refusal as an HTTP status."""
+        proxy = self.proxy
+        assert proxy is not None
+        client = ClientInfo(
+            id=client_id,
+            remote=request.remote,
+            connected_at=time.time(),
+            dialect=endpoint.dialect.name,
+            path=request.path,
+            tenant=self.config.default_tenant,
+        )
+        try:
+            kind = endpoint.kind if isinstance(endpoint, StreamEndpoint) else "websocket"
+            return await proxy.connect(client, proxy.origin(request, kind))
+        except Unavailable as exc:
+            if proxy.allow_when_unavailable:
+                return self._authenticate(endpoint, request)  # as if there were no hook
+            return Rejection(503, exc.message, exc.code)
+        except ProxyError as exc:
+            refusal = Rejection(_refusal_status(exc), exc.message or "refused", exc.code)
+        except ProxyDisconnect as exc:
+            refusal = Rejection(403, exc.reason or "refused", ErrorCode.FORBIDDEN)
+        reason = f"refused by the connect hook: {refusal.message}"
+        return self._auth_failure(request, reason, refusal)
 
     def release(self, admission: Admission) -> None:
-        self._admitted -= 1
-        self._release_host(_host(admission.request.remote))
-        _endpoint, identity, _plan = admission.context
+        _endpoint, identity, _client_id, _plan = admission.context
+        self._unreserve(_host(admission.request.remote))
         self.seats.give_back(identity.tenant)
+
+    def _unreserve(self, host: str) -> None:
+        self._admitted -= 1
+        self._release_host(host)
 
     def _release_host(self, host: str) -> None:
         remaining = self._per_host.pop(host, 1) - 1
@@ -696,7 +807,17 @@ class Server:
 
     async def serve(self, transport: Transport, admission: Admission) -> None:
         """Run one accepted WebSocket connection to its end."""
-        request, (endpoint, identity, plan) = admission.take()
+        request, (endpoint, identity, client_id, plan) = admission.take()
+        proxy = self.proxy
+        hooks: ClientHooks | None = None
+        if proxy is not None and (
+            proxy.after_upgrade or (proxy.connects and endpoint.authenticates_after_upgrade)
+        ):
+            # What the upgrade said is kept only where a hook will be asked later
+            # (its headers can be kilobytes): not where the only hook is the
+            # connect hook, already asked at the upgrade.
+            kind = endpoint.kind if isinstance(endpoint, StreamEndpoint) else "websocket"
+            hooks = ClientHooks(proxy, proxy.origin(request, kind))
         connection = Connection(
             transport,
             request,
@@ -711,6 +832,8 @@ class Server:
             authenticator=self.authenticator,
             counters=self.counters,
             seats=self.seats,
+            hooks=hooks,
+            client_id=client_id,
         )
         del request  # its headers need not live as long as the connection
         if plan is not None:
@@ -864,6 +987,17 @@ def _disconnect_key(closed: CloseInfo) -> tuple[int, str]:
     if closed.initiated_by == "client":
         return (closed.code if closed.code in _CLIENT_CODES else 0), "by client"
     return closed.code, closed.reason[:64]
+
+
+def _refusal_status(refusal: ProxyError) -> int:
+    """The HTTP status of an upgrade the connect hook refused: 503 when it may pass,
+    the backend's code when that is a 4xx status, else 403."""
+    if refusal.temporary:
+        return 503
+    code = refusal.code
+    if code.isdigit() and 400 <= int(code) < 500:
+        return int(code)
+    return 403
 
 
 def _host(remote: str) -> str:

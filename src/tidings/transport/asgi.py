@@ -213,7 +213,7 @@ class AsgiApp:
             f"{client[0]}:{client[1]}",
         )
         admission = (
-            self.handler.admit(request)
+            await self.handler.admit(request)
             if self.handler.accepts(path)
             else Rejection(404, f"no WebSocket endpoint at {path[:200]}")
         )
@@ -252,7 +252,7 @@ class AsgiApp:
             headers,
             f"{client[0]}:{client[1]}",
         )
-        admission = self.handler.admit(request)
+        admission = await self.handler.admit(request)
         if isinstance(admission, Rejection):
             await _respond(send, admission, cors)
             return

@@ -233,8 +233,12 @@ class ConnectionHandler(Protocol):
         """Whether a page of ``origin`` may read this node's streams (CORS preflights)."""
         ...
 
-    def admit(self, request: UpgradeRequest) -> Admission | Rejection:
-        """Decide, before the upgrade completes, whether to take this client."""
+    async def admit(self, request: UpgradeRequest) -> Admission | Rejection:
+        """Decide, before the upgrade completes, whether to take this client.
+
+        It may wait (the application's connect hook), for ``proxy_timeout`` at
+        most; the transport answers a :class:`Rejection` with its HTTP status.
+        """
         ...
 
     async def serve(self, transport: Transport, admission: Admission) -> None:

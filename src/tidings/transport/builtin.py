@@ -714,7 +714,7 @@ class BuiltinServer:
             request.headers,
             f"{remote[0]}:{remote[1]}",
         )
-        admission = self.handler.admit(upgrade)
+        admission = await self.handler.admit(upgrade)
         if isinstance(admission, Rejection):
             await self._respond(stream, http, admission)
             return None
@@ -791,7 +791,7 @@ class BuiltinServer:
         opened = UpgradeRequest.build(
             sys.intern(unquote(path)), query, request.headers, f"{remote[0]}:{remote[1]}"
         )
-        admission = self.handler.admit(opened)
+        admission = await self.handler.admit(opened)
         if isinstance(admission, Rejection):
             await self._respond(stream, http, admission, cors)
             return None
