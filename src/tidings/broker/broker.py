@@ -144,6 +144,7 @@ class _Topic:
         "name",
         "namespace",
         "policy",
+        "previous",
         "published",
         "seq",
         "subscribers",
@@ -158,6 +159,9 @@ class _Topic:
         self.policy = namespace.overflow_policy
         self.epoch = secrets.token_hex(4)
         self.seq = 0
+        # Where this epoch took over from the one before (a backplane's failover):
+        # a resume from the old epoch is answered across it.
+        self.previous: Position | None = None
         self.history = History(namespace.history_size, namespace.history_ttl)
         # Subscribers grouped by encoder, so each event is encoded once per group.
         self.groups: dict[Encoder, dict[Outbox[Any], Subscriber]] = {}
@@ -443,16 +447,27 @@ class Broker:
             else:
                 del self._tracking[key]
 
-    def load(self, tenant: str, topic_name: str, position: Position, events: list[Event]) -> None:
+    def load(
+        self,
+        tenant: str,
+        topic_name: str,
+        position: Position,
+        events: list[Event],
+        *,
+        previous: Position | None = None,
+    ) -> None:
         """Set a tracked topic's state from the backplane: its offset and recent history.
 
         Subscribers already here keep their subscription; anything they had not
         been sent before ``position`` is theirs to recover by resuming.
+        ``previous``, if the epoch took over from another one, is the last
+        position of that one it kept (see :meth:`rollover`).
         """
         topic = self._topic(tenant, topic_name, create=True)
         assert topic is not None
         topic.seq = position.seq
         topic.epoch = position.epoch
+        topic.previous = previous
         topic.history = History(topic.namespace.history_size, topic.namespace.history_ttl)
         now = trio.current_time()
         for event in events:
@@ -481,6 +496,23 @@ class Broker:
         topic.history.append(event, trio.current_time())
         self._fan_out(topic, event)
         return Delivery.APPLIED
+
+    def rollover(self, tenant: str, topic_name: str, previous: Position, epoch: str) -> bool:
+        """The topic's stream goes on in ``epoch`` after ``previous``, with the same offsets.
+
+        A backplane calls this when its store moved to a new epoch without
+        losing what this node holds (a failover to an up-to-date replica, a
+        restart): subscribers carry on, the next event is ``previous.seq + 1``
+        in ``epoch``, and a client resuming from ``previous``'s epoch is still
+        answered from history. False (nothing changed) unless the topic is at
+        ``previous`` now.
+        """
+        topic = self._topics.get((tenant, topic_name))
+        if topic is None or topic.position != previous:
+            return False
+        topic.epoch = epoch
+        topic.previous = previous
+        return True
 
     def lost(self, tenant: str, topic_name: str, code: int, reason: str) -> int:
         """Close every subscriber of a topic whose missed events cannot be recovered.
@@ -551,7 +583,15 @@ class Broker:
 
     def _replay(self, topic: _Topic, since: int, epoch: str | None) -> tuple[list[Event], bool]:
         if epoch is not None and epoch != topic.epoch:
-            return [], False
+            previous = topic.previous
+            if previous is None or epoch != previous.epoch:
+                return [], False
+            if since > previous.seq:
+                # The client saw events of the old epoch that this one does not
+                # hold (lost at a failover): it gets everything the new epoch
+                # has, and is told that what it missed may be incomplete.
+                events, _ = topic.history.after(previous.seq, trio.current_time())
+                return events, False
         if since >= topic.seq:
             # Nothing missed; an offset from the future means another stream.
             return [], since == topic.seq
