@@ -38,6 +38,7 @@ TransportName = Literal["builtin", "hypercorn"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 AuthMode = Literal["auto", "none", "token", "jwt"]
+BackplaneDurability = Literal["primary", "replicated"]
 
 ENV_PREFIX = "TIDINGS_"
 
@@ -315,6 +316,13 @@ class Config:
         default=10_000,
         metadata=_help("publications held while Redis is away; beyond it they are refused"),
     )
+    backplane_durability: BackplaneDurability = attrs.field(
+        default="primary",
+        metadata=_help(
+            "acknowledge a publication once the Redis primary has it (primary), or once a"
+            " replica has it too (replicated: it survives a failover)"
+        ),
+    )
     demo: bool = attrs.field(
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
     )
@@ -396,7 +404,7 @@ FIELDS: dict[str, attrs.Attribute[Any]] = {field.name: field for field in attrs.
 
 def _semantic_problems(config: Config) -> list[str]:
     problems = []
-    for name in ("transport", "log_level", "log_format", "auth"):
+    for name in ("transport", "log_level", "log_format", "auth", "backplane_durability"):
         allowed = _choices(FIELDS[name].type)
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}")

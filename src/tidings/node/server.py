@@ -113,6 +113,7 @@ class Server:
                 timeout=config.backplane_timeout,
                 buffer=config.backplane_buffer,
                 max_lag=config.backplane_max_lag,
+                durability=config.backplane_durability,
                 answer=self._answer,
                 node_stats=self.node_stats,
             )
