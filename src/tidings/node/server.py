@@ -136,11 +136,9 @@ class Server:
         """WebSocket endpoints by path: the native one at ``ws_path``, Centrifugo's
         protocol at ``centrifugo_path``, and the application's."""
         self.counters = NodeCounters()
-        # Under a backplane events arrive one pub/sub message at a time: the
-        # flusher gathers them (bench/cluster.py: 3.4x the deliveries/s).
-        self.flusher = Flusher(
-            delays=self.counters.flush_delay, coalesce=self.backplane is not None
-        )
+        # The backplane hands over events in batches, as the broker does: no
+        # waiting for more before writing (bench/cluster.py, docs/benchmarks.md).
+        self.flusher = Flusher(delays=self.counters.flush_delay)
         self.addresses: list[tuple[str, int]] = []
         """Where the server listens, once it does: ``[(host, port), ...]``."""
         self._origins = OriginPolicy(config.allowed_origins)
