@@ -492,6 +492,12 @@ def figures(entry: dict[str, Any], config: Config) -> dict[str, Any]:
         # server-side CPU (nodes + Redis) per delivery, in µs
         total = f["nodes_cpu_percent"] + (f["redis_cpu_percent"] or 0)
         f["cpu_us_per_delivery"] = round(total / 100 * 1e6 / d, 2)
+    rate = f["publish_rate"]
+    if rate and f["nodes_cpu_percent"]:
+        # CPU per acknowledged publication, in µs: the nodes', and with Redis's
+        f["node_cpu_us_per_publication"] = round(f["nodes_cpu_percent"] / 100 * 1e6 / rate, 1)
+        total = f["nodes_cpu_percent"] + (f["redis_cpu_percent"] or 0)
+        f["server_cpu_us_per_publication"] = round(total / 100 * 1e6 / rate, 1)
     redis_pct, published = f["redis_cpu_percent"], f["published"]
     if isinstance(redis_pct, int | float) and published and f["wall_seconds"]:
         f["redis_cpu_us_per_publication"] = round(
@@ -579,6 +585,7 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
         ("others CPU %", "others_cpu_percent", "{:.0f}"),
         ("CPU 0 / CPU 1 busy %", "cpu0_busy_percent|cpu1_busy_percent", "{:.0f}"),
         ("server CPU µs per delivery", "cpu_us_per_delivery", "{:.2f}"),
+        ("node CPU µs per publication", "node_cpu_us_per_publication", "{:.1f}"),
         ("events per read (load generator)", "events_per_read", "{:.1f}"),
         ("node RSS peak MiB (largest node)", "node_rss_peak_mib", "{:.1f}"),
         ("Redis pub/sub output buffer peak MiB", "redis_pubsub_buffer_peak_mib", "{:.1f}"),
