@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("http", "endpoints", "demo"),  # around the core
     ("server",),  # the composition root
     ("client",),  # outside: the Python client needs no server
+    ("workers",),  # several node processes on one port, supervised
     ("cli",),
     ("__init__", "__main__"),  # the public surface
 ]

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import client as tidings_client
-from . import logs
+from . import logs, workers
 from ._version import __version__
 from .config import FIELDS, Config, choices
 from .errors import ConfigError
@@ -33,6 +33,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     parser = _parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for workers (tidings serve)
     try:
         return int(args.run(args))
     except ConfigError as exc:
@@ -136,6 +137,8 @@ def _show(value: Any) -> str:
 def _run_serve(args: argparse.Namespace) -> int:
     config = Config.load(args.config, overrides=_overrides(args))
     logs.configure(config.log_level, config.log_format)
+    if config.workers > 1:
+        return workers.run(config, args.argv)
     trio.run(_serve, config)
     return 0
 
@@ -147,6 +150,7 @@ async def _serve(config: Config) -> None:
             # cyclic garbage collector from traversing it on every full
             # collection (35,000 objects, ~15 ms each time, a latency spike).
             gc.freeze()
+            workers.watch_supervisor()  # if this process is one of `--workers`
             http = server.url.replace("ws://", "http://", 1).removesuffix(config.ws_path)
             print(f"tidings {__version__} listening on {server.url}", flush=True)
             print(f"  health: {http}/health", flush=True)

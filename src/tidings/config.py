@@ -323,6 +323,16 @@ class Config:
             " replica has it too (replicated: it survives a failover)"
         ),
     )
+    workers: int = attrs.field(
+        default=1,
+        metadata=_help(
+            "processes serving the port, each a node on the Redis backplane (tidings serve)"
+        ),
+    )
+    reuse_port: bool = attrs.field(
+        default=False,
+        metadata=_help("listen with SO_REUSEPORT, sharing the port with other processes"),
+    )
     demo: bool = attrs.field(
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
     )
@@ -425,6 +435,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "max_subscriptions",
         "max_pending_requests",
         "backplane_buffer",
+        "workers",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -448,6 +459,11 @@ def _semantic_problems(config: Config) -> list[str]:
     for name in ("rate_limit", "rate_burst", "rate_limit_violations", "max_connections_per_ip"):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
+    if config.workers > 1 and config.backplane == "memory":
+        problems.append(
+            "workers > 1 needs a Redis backplane: on the memory backplane each worker would be"
+            " a node of its own, and a client would miss what was published through the others"
+        )
     if config.backplane != "memory":
         try:
             parse_backplane_url(config.backplane)

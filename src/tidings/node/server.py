@@ -722,6 +722,7 @@ class Server:
             max_message_size=self.config.max_message_size,
             handshake_timeout=self.config.handshake_timeout,
             backlog=LISTEN_BACKLOG,
+            reuse_port=self.config.reuse_port,
         )
         with self._stop_listening:
             await builtin.serve(
@@ -738,6 +739,8 @@ class Server:
         hypercorn_config.websocket_ping_interval = self.config.ping_interval
         hypercorn_config.graceful_timeout = self.config.close_timeout
         hypercorn_config.backlog = LISTEN_BACKLOG
+        # hypercorn sets SO_REUSEPORT when told it runs several workers (serve() starts none).
+        hypercorn_config.workers = 2 if self.config.reuse_port else 1
         hypercorn_config.accesslog = None
         # Through our logging configuration, not a second handler of hypercorn's own.
         hypercorn_config.errorlog = logging.getLogger("hypercorn.error")

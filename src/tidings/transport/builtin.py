@@ -45,6 +45,7 @@ from .base import (
     UpgradeRequest,
     WriteTimeout,
 )
+from .reuseport import open_reuse_port_listeners
 
 LOGGER = logging.getLogger("tidings.transport")
 
@@ -295,9 +296,11 @@ class BuiltinServer:
         max_message_size: int,
         handshake_timeout: float,
         backlog: int = 4096,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
+        self.reuse_port = reuse_port
         self.http_app = http_app
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
@@ -315,7 +318,10 @@ class BuiltinServer:
         Cancelling this task stops accepting without touching connections that
         are already open, which is the first step of a graceful shutdown.
         """
-        listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.backlog)
+        if self.reuse_port:  # one of several workers (tidings serve --workers)
+            listeners = await open_reuse_port_listeners(port, host=host, backlog=self.backlog)
+        else:
+            listeners = await trio.open_tcp_listeners(port, host=host, backlog=self.backlog)
         task_status.started([_address(listener) for listener in listeners])
         await trio.serve_listeners(self.handle_stream, listeners, handler_nursery=handler_nursery)
 
