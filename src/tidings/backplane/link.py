@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections import deque
 from typing import Final
 
@@ -122,6 +123,26 @@ class Link:
             replies = self._parser.replies()
             if replies:
                 return replies
+
+    def receive_nowait(self) -> list[Value]:
+        """Replies completed by whatever the socket holds now; no waiting, no checkpoint.
+
+        Lets the pub/sub listener fill a batch with what arrived while it was
+        delivering the previous read, before it yields to the writers.
+
+        Raises:
+            LinkClosed: Redis closed the connection.
+            ProtocolError: what it sent is not RESP2.
+        """
+        try:
+            # The socket is non-blocking (Trio's): no data is BlockingIOError.
+            data = os.read(self._stream.socket.fileno(), READ_SIZE)
+        except BlockingIOError:
+            return []
+        if not data:
+            raise LinkClosed("Redis closed the connection")
+        self._parser.feed(data)
+        return self._parser.replies()
 
     async def pipeline(self, data: bytes, count: int) -> list[Value]:
         """Send ``count`` encoded commands at once and return their ``count`` replies.
