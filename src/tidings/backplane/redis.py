@@ -761,7 +761,8 @@ class RedisBackplane:
         pinged = False
         try:
             while True:
-                with trio.move_on_after(KEEPALIVE) as idle:
+                # Silent for KEEPALIVE: ping; no answer within the timeout: dead.
+                with trio.move_on_after(self.timeout if pinged else KEEPALIVE) as idle:
                     replies = await link.receive()
                 if idle.cancelled_caught:
                     if pinged:
@@ -843,17 +844,26 @@ class RedisBackplane:
             raise BackplaneUnavailable("the connection to Redis ended while subscribing")
 
     def _on_message(self, channel: bytes, data: bytes) -> None:
+        if channel in (self._control_channel, self._reply_channel):
+            try:
+                message = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                LOGGER.warning("ignored a control message that is not JSON: %.100r", data)
+                return
+            if not isinstance(message, dict):
+                LOGGER.warning("ignored a control message that is not an object: %.100r", data)
+                return
         if channel == self._control_channel:
             try:
-                self._control_send.send_nowait(orjson.loads(data))
+                self._control_send.send_nowait(message)
             except trio.WouldBlock:
                 LOGGER.warning("control backlog full: a cluster-wide question went unanswered")
             return
         if channel == self._reply_channel:
-            reply = orjson.loads(data)
-            question = self._questions.get(reply.get("id", ""))
-            if question is not None:
-                question.answers[reply["node"]] = reply.get("result")
+            question = self._questions.get(str(message.get("id", "")))
+            node = message.get("node")
+            if question is not None and isinstance(node, str):
+                question.answers[node] = message.get("result")
                 if question.expected <= set(question.answers):
                     question.done.set()
             return
@@ -955,8 +965,10 @@ class RedisBackplane:
                         await self._catch_up(tracked, resume)
                 except Exception as exc:
                     LOGGER.warning("synchronising %r failed: %s", tracked.topic, _cause(exc))
-                    if self._connected.is_set() and self._session is session:
-                        await trio.sleep(BACKOFF_MAX)
+                    if session is not None and self._session is session:
+                        await trio.sleep(BACKOFF_MAX)  # Redis refused, not the link: wait
+                    else:
+                        await trio.lowlevel.checkpoint()  # the next session resyncs it
                     continue
                 if not tracked.overflowed:
                     break
