@@ -101,11 +101,12 @@ class Sentinels:
     def __init__(self, directory: Path) -> None:
         binary = redis_binary()
         self.directory = directory
-        self.primary = Instance(binary, directory / "a", ["--appendonly", "no"])
+        # A replica's first sync starts at once (Redis waits 5 s by default for
+        # more replicas to join the same transfer).
+        data = ["--appendonly", "no", "--repl-diskless-sync-delay", "0"]
+        self.primary = Instance(binary, directory / "a", data)
         self.replica = Instance(
-            binary,
-            directory / "b",
-            ["--appendonly", "no", "--replicaof", "127.0.0.1", str(self.primary.port)],
+            binary, directory / "b", [*data, "--replicaof", "127.0.0.1", str(self.primary.port)]
         )
         self.sentinels: list[Instance] = []
         for k in range(3):
@@ -173,11 +174,14 @@ class Sentinels:
         """The SIGKILLed primary comes back as a replica of the new one, and syncs.
 
         Started as a replica (not empty and a primary, as its configuration
-        would have it), so that no sentinel can ever promote an instance that
-        has no data yet.
+        would have it), and never to be promoted (replica-priority 0): on a busy
+        machine a sentinel once took the new primary for dead a second after
+        the failover and promoted this one while its first sync was still
+        waiting, empty.
         """
         self.primary.args = [
-            "--appendonly", "no", "--replicaof", "127.0.0.1", str(self.replica.port),
+            *self.primary.args, "--replicaof", "127.0.0.1", str(self.replica.port),
+            "--replica-priority", "0",
         ]  # fmt: skip
         await self.primary.start()
 
