@@ -85,6 +85,7 @@ class Config:
     nodes: int
     spread: bool  # node k on CPU (node_cpu, aux_cpu)[k % 2] instead of all on node_cpu
     what: str
+    workers: int = 0  # one `tidings serve --workers N` (worker k pinned as node k), not nodes
 
 
 CONFIGS: dict[str, Config] = {
@@ -94,6 +95,7 @@ CONFIGS: dict[str, Config] = {
         Config("redis", "redis", 1, False, "1 node, Redis backplane"),
         Config("redis-2", "redis", 2, False, "2 nodes on one CPU, Redis backplane"),
         Config("redis-2-spread", "redis", 2, True, "2 nodes, one per CPU, Redis backplane"),
+        Config("workers-2", "redis", 1, True, "tidings serve --workers 2, one worker per CPU", 2),
     )
 }
 PHASES = ("max", "rate")
@@ -315,6 +317,27 @@ def wait_backplane(port: int, timeout: float = 15.0) -> None:
         time.sleep(0.1)
 
 
+def wait_workers(supervisor: int, port: int, count: int, timeout: float = 20.0) -> list[int]:
+    """The pids of a supervisor's workers, once each answers /health connected to Redis."""
+    deadline = time.monotonic() + timeout
+    ready: set[str] = set()
+    while True:
+        # Trio starts processes from a worker thread: they are that thread's children.
+        children = [
+            pid
+            for task in Path(f"/proc/{supervisor}/task").glob("*")
+            for pid in (task / "children").read_text().split()
+        ]
+        body = health(port)
+        if (body.get("backplane") or {}).get("connected"):
+            ready.add(str(body.get("node")))
+        if len(children) == count and len(ready) == count:
+            return sorted(int(pid) for pid in children)
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers not ready: {children}, {sorted(ready)}")
+        time.sleep(0.05)
+
+
 def loadgen_flags(phase: str, args: argparse.Namespace) -> list[str]:
     common = ["-subscribers", str(args.subscribers), "-duration", f"{args.duration}s",
               "-payload-bytes", str(args.payload_bytes),
@@ -350,6 +373,8 @@ def run_one(
                 "--max-connections", "20000", "--node-id", f"bench-n{k + 1}",
                 "--backplane", redis.url if redis else "memory", *args.tidings_args,
             ]  # fmt: skip
+            if config.workers:
+                cmd += ["--workers", str(config.workers)]
             node = Server(f"node{k + 1}", cmd, workdir / f"{tag}-node{k + 1}.log")
             node.cmd = ["taskset", "-c", str(cpu), *cmd]
             nodes.append(node)
@@ -360,30 +385,40 @@ def run_one(
             placement[f"node{k + 1}"] = cpu
         entry["placement_cpu"] = placement
         entry["node_commands"] = [n.cmd for n in nodes]
+        pids = [n.pid for n in nodes]
+        if config.workers:
+            # The workers are the nodes (the supervisor only waits): worker k on
+            # the CPU node k would have.
+            assert nodes[0].port is not None
+            pids = wait_workers(nodes[0].pid, nodes[0].port, config.workers)
+            for k, pid in enumerate(pids):
+                cpu = (args.node_cpu, args.aux_cpu)[k % 2]
+                os.sched_setaffinity(pid, {cpu})
+                placement[f"node{k + 1}"] = cpu
+            entry["worker_pids"] = pids
         time.sleep(0.5)
         entry["machine_before"] = wait_quiet(args.quiet_limit, args.quiet_wait)
-        watch = [n.pid for n in nodes[1:]] + ([redis.pid] if redis else [])
+        watch = pids[1:] + ([redis.pid] if redis else [])
         urls = [f"ws://127.0.0.1:{n.port}/ws" for n in nodes]
         cmd = [
             "taskset", "-c", str(args.aux_cpu), str(LOADGEN), "-url", urls[0],
-            "-sub-urls", ",".join(urls), "-server-pid", str(nodes[0].pid),
+            "-sub-urls", ",".join(urls), "-server-pid", str(pids[0]),
             "-max-time", f"{args.run_timeout}s", *loadgen_flags(phase, args),
         ]  # fmt: skip
         if watch:
             cmd += ["-watch-pids", ",".join(map(str, watch))]
         entry["loadgen_command"] = cmd
-        entry["pids"] = {"node1": nodes[0].pid, **{f"node{i + 2}": p for i, p in
-                         enumerate(n.pid for n in nodes[1:])}}  # fmt: skip
+        entry["pids"] = {f"node{i + 1}": p for i, p in enumerate(pids)}
         if redis:
             entry["pids"]["redis"] = redis.pid
-        sampler = Sampler(redis, [n.pid for n in nodes])
+        sampler = Sampler(redis, pids)
         sampler.start()
         if redis:
             entry["redis_info_before"] = redis.info()
         spy = None
         if profile is not None:
             spy_cmd = ["taskset", "-c", str(args.aux_cpu), str(PY_SPY), "record", "-r", "100",
-                       "-f", "raw", "-o", str(profile), "--pid", str(nodes[0].pid)]  # fmt: skip
+                       "-f", "raw", "-o", str(profile), "--pid", str(pids[0])]  # fmt: skip
             entry["profile_command"] = spy_cmd
             spy = subprocess.Popen(spy_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
@@ -492,6 +527,12 @@ def figures(entry: dict[str, Any], config: Config) -> dict[str, Any]:
         # server-side CPU (nodes + Redis) per delivery, in µs
         total = f["nodes_cpu_percent"] + (f["redis_cpu_percent"] or 0)
         f["cpu_us_per_delivery"] = round(total / 100 * 1e6 / d, 2)
+    rate = f["publish_rate"]
+    if rate and f["nodes_cpu_percent"]:
+        # CPU per acknowledged publication, in µs: the nodes', and with Redis's
+        f["node_cpu_us_per_publication"] = round(f["nodes_cpu_percent"] / 100 * 1e6 / rate, 1)
+        total = f["nodes_cpu_percent"] + (f["redis_cpu_percent"] or 0)
+        f["server_cpu_us_per_publication"] = round(total / 100 * 1e6 / rate, 1)
     redis_pct, published = f["redis_cpu_percent"], f["published"]
     if isinstance(redis_pct, int | float) and published and f["wall_seconds"]:
         f["redis_cpu_us_per_publication"] = round(
@@ -579,6 +620,7 @@ ROWS: dict[str, list[tuple[str, str, str]]] = {
         ("others CPU %", "others_cpu_percent", "{:.0f}"),
         ("CPU 0 / CPU 1 busy %", "cpu0_busy_percent|cpu1_busy_percent", "{:.0f}"),
         ("server CPU µs per delivery", "cpu_us_per_delivery", "{:.2f}"),
+        ("node CPU µs per publication", "node_cpu_us_per_publication", "{:.1f}"),
         ("events per read (load generator)", "events_per_read", "{:.1f}"),
         ("node RSS peak MiB (largest node)", "node_rss_peak_mib", "{:.1f}"),
         ("Redis pub/sub output buffer peak MiB", "redis_pubsub_buffer_peak_mib", "{:.1f}"),
@@ -692,7 +734,7 @@ def plot(doc: dict[str, Any], path: Path) -> None:
     rt = doc["summary"]["rate"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     vals = [_get(mx, c, "deliveries_per_second", "median") or 0 for c in configs]
-    bars = a1.bar(configs, vals, color=["#777", "#c44", "#c84", "#48c"][: len(configs)])
+    bars = a1.bar(configs, vals, color=["#777", "#c44", "#c84", "#48c", "#4a4"][: len(configs)])
     a1.set_yscale("log")
     a1.set_ylim(1e4, max([*vals, 1e5]) * 3)
     a1.set_title(f"max: deliveries/s, {doc['settings']['subscribers']:,} subscribers (log)")
@@ -903,6 +945,7 @@ def main(argv: list[str] | None = None) -> int:
         "placement": {
             "nodes": f"CPU {args.node_cpu}",
             "redis-2-spread": f"node 1 on CPU {args.node_cpu}, node 2 on CPU {args.aux_cpu}",
+            "workers-2": f"worker 1 on CPU {args.node_cpu}, worker 2 on CPU {args.aux_cpu}",
             "redis_server": f"CPU {args.aux_cpu}",
             "load_generator": f"CPU {args.aux_cpu}",
             "this_script": f"CPU {args.aux_cpu}",

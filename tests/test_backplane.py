@@ -400,3 +400,22 @@ async def test_a_cluster_url_spreads_topics_over_the_cluster(tmp_path: Path) -> 
             await _one_node_round_trip(f"redis+cluster://127.0.0.1:{ports[0]}")
     finally:
         await _stop(processes)
+
+
+async def test_garbage_on_the_control_channel_is_ignored(redis_server: RedisServer) -> None:
+    """Anyone may PUBLISH on tidings:control; it must not cost the node its connection."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with node(redis_server.url, "a") as a, node(redis_server.url, "b") as b:
+            assert a.backplane is not None and b.backplane is not None
+            await connected(a)
+            await connected(b)
+            before = a.backplane.reconnects
+            for garbage in ("not json", "[1, 2]", '{"op": "presence"}'):
+                await redis_server.command("PUBLISH", f"{PREFIX}:control", garbage)
+                await redis_server.command("PUBLISH", f"{PREFIX}:control:a", garbage)
+            # Both still answer each other (the question goes over the same channel).
+            async with ws_client(b) as ws:
+                await subscribe(ws, "jobs")
+                channels = await a.channels()
+            assert channels == {"jobs": 1}
+            assert a.backplane.reconnects == before and a.backplane.connected

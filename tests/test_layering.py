@@ -32,6 +32,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("http", "endpoints", "demo", "tokens"),  # around the core; tokens for the CLI
     ("server",),  # the composition root
     ("client", "publisher"),  # outside: the Python clients need no server
+    ("workers",),  # several node processes on one port, supervised
     ("cli",),
     ("__init__", "__main__"),  # the public surface
 ]

@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from . import client as tidings_client
-from . import logs
+from . import logs, workers
 from ._version import __version__
 from .backplane.url import redacted
 from .config import (
@@ -82,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in arguments or os.environ.get("TIDINGS_DEBUG", "") in {"1", "true", "yes"}
     try:
         args = _parser().parse_args(arguments)
+        args.argv = arguments  # a supervisor starts its workers with them (--workers)
         return int(args.run(args))
     except SystemExit:  # --help, --version
         raise
@@ -556,6 +557,8 @@ def _check_url(url: str) -> None:
 def _run_serve(args: argparse.Namespace) -> int:
     config = Config.load(getattr(args, "config", None), overrides=_overrides(args))
     logs.configure(config.log_level, config.log_format)
+    if config.workers > 1:
+        return workers.run(config, args.argv)
     notes = [f"{problem}: ignored" for problem in unknown_environment(os.environ)]
     notes += warnings(config)
     listening: list[Server] = []
@@ -594,6 +597,7 @@ async def _serve(config: Config, notes: list[str], listening: list[Server]) -> N
             # cyclic garbage collector from traversing it on every full
             # collection (35,000 objects, ~15 ms each time, a latency spike).
             gc.freeze()
+            workers.watch_supervisor()  # if this process is one of `--workers`
             _announce(server)
             # After the banner: a node that cannot start says only why.
             for note in notes:

@@ -42,6 +42,7 @@ TransportName = Literal["builtin", "hypercorn"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 AuthMode = Literal["auto", "none", "token", "jwt"]
+BackplaneDurability = Literal["primary", "replicated"]
 ProxyFallback = Literal["refuse", "allow"]
 
 #: The upgrade's headers hook calls carry unless ``proxy_forward_headers`` says otherwise.
@@ -500,6 +501,23 @@ class Config:
         default=10_000,
         metadata=_help("publications held while Redis is away; beyond it they are refused"),
     )
+    backplane_durability: BackplaneDurability = attrs.field(
+        default="primary",
+        metadata=_help(
+            "acknowledge a publication once the Redis primary has it (primary), or once a"
+            " replica has it too (replicated: it survives a failover)"
+        ),
+    )
+    workers: int = attrs.field(
+        default=1,
+        metadata=_help(
+            "processes serving the port, each a node on the Redis backplane (tidings serve)"
+        ),
+    )
+    reuse_port: bool = attrs.field(
+        default=False,
+        metadata=_help("listen with SO_REUSEPORT, sharing the port with other processes"),
+    )
     demo: bool = attrs.field(
         default=False, metadata=_help("publish a simulated deploy pipeline to deploys/functions")
     )
@@ -650,7 +668,14 @@ OPTIONAL_TEXT: tuple[str, ...] = tuple(
 
 def _semantic_problems(config: Config) -> list[str]:
     problems = []
-    for name in ("transport", "log_level", "log_format", "auth", "proxy_unavailable"):
+    for name in (
+        "transport",
+        "log_level",
+        "log_format",
+        "auth",
+        "proxy_unavailable",
+        "backplane_durability",
+    ):
         allowed = _choices(FIELDS[name].type)
         if getattr(config, name) not in allowed:
             problems.append(f"{name} must be one of {', '.join(allowed)}")
@@ -682,6 +707,7 @@ def _semantic_problems(config: Config) -> list[str]:
         "proxy_max_in_flight",
         "proxy_cache_size",
         "proxy_max_response_size",
+        "workers",
     ):
         if getattr(config, name) < 1:
             problems.append(f"{name} must be at least 1")
@@ -727,6 +753,11 @@ def _semantic_problems(config: Config) -> list[str]:
     ):
         if getattr(config, name) < 0:
             problems.append(f"{name} must not be negative")
+    if config.workers > 1 and config.backplane == "memory":
+        problems.append(
+            "workers > 1 needs a Redis backplane: on the memory backplane each worker would be"
+            " a node of its own, and a client would miss what was published through the others"
+        )
     if config.backplane != "memory":
         try:
             parse_backplane_url(config.backplane)

@@ -148,7 +148,9 @@ class HistoryReplay(Replay[Any]):
     def pull(self, max_bytes: int) -> tuple[list[Any], int, int]:
         topic, encode = self._topic, self._encode
         assert topic is not None and encode is not None
-        if topic.epoch != self.epoch:  # the stream restarted: the rest is gone
+        previous = topic.previous
+        moved_on = previous is not None and previous.epoch == self.epoch
+        if topic.epoch != self.epoch and not moved_on:  # the stream restarted: the rest is gone
             missed = len(self)
             self._next = self.last + 1
             return [], 0, missed
@@ -229,6 +231,7 @@ class _Topic:
         "name",
         "namespace",
         "policy",
+        "previous",
         "published",
         "seq",
         "subscribers",
@@ -245,6 +248,9 @@ class _Topic:
         self.policy = namespace.overflow_policy
         self.epoch = secrets.token_hex(4)
         self.seq = 0
+        # Where this epoch took over from the one before (a backplane's failover):
+        # a resume from the old epoch is answered across it.
+        self.previous: Position | None = None
         self.history = History(
             namespace.history_size,
             namespace.history_ttl,
@@ -649,16 +655,27 @@ class Broker:
             else:
                 del self._tracking[key]
 
-    def load(self, tenant: str, topic_name: str, position: Position, events: list[Event]) -> None:
+    def load(
+        self,
+        tenant: str,
+        topic_name: str,
+        position: Position,
+        events: list[Event],
+        *,
+        previous: Position | None = None,
+    ) -> None:
         """Set a tracked topic's state from the backplane: its offset and recent history.
 
         Subscribers already here keep their subscription; anything they had not
         been sent before ``position`` is theirs to recover by resuming.
+        ``previous``, if the epoch took over from another one, is the last
+        position of that one it kept (see :meth:`rollover`).
         """
         topic = self._topic(tenant, topic_name, create=True)
         assert topic is not None
         topic.seq = position.seq
         topic.epoch = position.epoch
+        topic.previous = previous
         topic.history.clear()
         for event in events:
             self._retain(topic, event)
@@ -686,6 +703,23 @@ class Broker:
         self._retain(topic, event)
         self._fan_out(topic, event)
         return Delivery.APPLIED
+
+    def rollover(self, tenant: str, topic_name: str, previous: Position, epoch: str) -> bool:
+        """The topic's stream goes on in ``epoch`` after ``previous``, with the same offsets.
+
+        A backplane calls this when its store moved to a new epoch without
+        losing what this node holds (a failover to an up-to-date replica, a
+        restart): subscribers carry on, the next event is ``previous.seq + 1``
+        in ``epoch``, and a client resuming from ``previous``'s epoch is still
+        answered from history. False (nothing changed) unless the topic is at
+        ``previous`` now.
+        """
+        topic = self._topics.get((tenant, topic_name))
+        if topic is None or topic.position != previous:
+            return False
+        topic.epoch = epoch
+        topic.previous = previous
+        return True
 
     def lost(self, tenant: str, topic_name: str, code: int, reason: str) -> int:
         """Close every subscriber of a topic whose missed events cannot be recovered.
@@ -759,16 +793,25 @@ class Broker:
 
     def _replay(self, topic: _Topic, since: int, epoch: str | None) -> tuple[HistoryReplay, bool]:
         nothing = HistoryReplay(None, 1, 0)
+        complete = True
         if epoch is not None and epoch != topic.epoch:
-            return nothing, False
+            previous = topic.previous
+            if previous is None or epoch != previous.epoch:
+                return nothing, False
+            if since > previous.seq:
+                # The client saw events of the old epoch that this one does not
+                # hold (lost at a failover): it gets everything the new epoch
+                # has, and is told that what it missed may be incomplete.
+                since, complete = previous.seq, False
         if since >= topic.seq:
             # Nothing missed; an offset from the future means another stream.
-            return nothing, since == topic.seq
+            return nothing, complete and since == topic.seq
         topic.history.expire(trio.current_time())
         first = topic.history.first_seq
         if first is None:
             return nothing, False
-        return HistoryReplay(topic, max(since + 1, first), topic.seq), first <= since + 1
+        replay = HistoryReplay(topic, max(since + 1, first), topic.seq)
+        return replay, complete and first <= since + 1
 
     def unsubscribe(self, subscriber: Subscriber, topic_name: str) -> bool:
         """Remove ``subscriber`` from a topic; False if it was not subscribed."""

@@ -101,6 +101,11 @@ class NodeCollector(Collector):
                 "Holes the Redis stream no longer covered (subscribers closed with 4010)",
                 value=backplane.lost,
             )
+            yield CounterMetricFamily(
+                "tidings_backplane_epochs",
+                "Times a followed topic went on in a new epoch (Redis failed over or restarted)",
+                value=backplane.epochs,
+            )
             yield GaugeMetricFamily(
                 "tidings_backplane_pending",
                 "Publications waiting for Redis",

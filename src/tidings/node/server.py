@@ -128,6 +128,7 @@ class Server:
                 timeout=config.backplane_timeout,
                 buffer=config.backplane_buffer,
                 max_lag=config.backplane_max_lag,
+                durability=config.backplane_durability,
                 answer=self._answer,
                 node_stats=self.node_stats,
             )
@@ -944,6 +945,7 @@ class Server:
             compression_min_size=(
                 self.config.compression_min_size if self.config.compression else None
             ),
+            reuse_port=self.config.reuse_port,
         )
         with self._stop_listening:
             await builtin.serve(
@@ -960,6 +962,8 @@ class Server:
         hypercorn_config.websocket_ping_interval = self.config.ping_interval
         hypercorn_config.graceful_timeout = self.config.close_timeout
         hypercorn_config.backlog = LISTEN_BACKLOG
+        # hypercorn sets SO_REUSEPORT when told it runs several workers (serve() starts none).
+        hypercorn_config.workers = 2 if self.config.reuse_port else 1
         hypercorn_config.accesslog = None
         # Through our logging configuration, not a second handler of hypercorn's own.
         hypercorn_config.errorlog = logging.getLogger("hypercorn.error")

@@ -488,9 +488,11 @@ class BuiltinServer:
         max_pending_per_ip: int = 0,
         max_partial_bytes: int = 0,
         compression_min_size: int | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.handler = handler
         self.backlog = backlog
+        self.reuse_port = reuse_port
         self.http_app = http_app
         self.max_message_size = max_message_size
         self.handshake_timeout = handshake_timeout
@@ -529,7 +531,9 @@ class BuiltinServer:
         Cancelling this task stops accepting without touching connections that
         are already open, which is the first step of a graceful shutdown.
         """
-        listeners = await open_listeners(host, port, backlog=self.backlog)
+        listeners = await open_listeners(
+            host, port, backlog=self.backlog, reuse_port=self.reuse_port
+        )
         try:
             task_status.started([_address(listener) for listener in listeners])
             async with trio.open_nursery() as nursery:
