@@ -15,6 +15,7 @@ answers, or poll ``/health`` with a bound. The only sleeps pace publishers.
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Callable
 from typing import Any
@@ -592,6 +593,42 @@ async def test_the_api_disconnects_a_user_on_whichever_node_it_is(tidings_nodes:
 
 async def metric(node: Node, name: str) -> float:
     return await node.metric(name)
+
+
+async def test_health_says_degraded_while_redis_is_frozen(
+    tidings_nodes: Nodes, redis_server: RedisServer
+) -> None:
+    """A Redis that holds its connections but answers nothing (SIGSTOP: frozen,
+    swapping) makes /health say degraded within a second of a publication
+    waiting on it, long before the node gives up on the link; ok again once it
+    answers, and the waiting publication is then acknowledged."""
+    with trio.fail_after(60):
+        # A long timeout: the node stays connected through the freeze.
+        node = await tidings_nodes.start("a", "--backplane-timeout", "20")
+        assert (await node.health())["status"] == "ok"
+        assert redis_server.process is not None
+        answers: list[tuple[int, dict[str, Any]]] = []
+        redis_server.process.send_signal(signal.SIGSTOP)
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def publish() -> None:
+                    answers.append(await node.api("publish", topic="ticks", payload={"n": 1}))
+
+                nursery.start_soon(publish)
+                health = await node.wait_health("degraded")
+                assert health["backplane"]["connected"] is True, health
+                assert health["backplane"]["stalled"] is True, health
+                assert await metric(node, "tidings_backplane_stalled") == 1
+                assert not answers, "the publication was answered while Redis was frozen"
+                redis_server.process.send_signal(signal.SIGCONT)
+        finally:
+            redis_server.process.send_signal(signal.SIGCONT)
+        ((status, body),) = answers
+        assert status == 200 and body["seq"] == 1, body
+        health = await node.wait_health("ok")
+        assert health["backplane"]["stalled"] is False, health
+        assert await metric(node, "tidings_backplane_stalled") == 0
 
 
 @pytest.mark.parametrize("how", ["stopped", "crashed"])

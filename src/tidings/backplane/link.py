@@ -39,7 +39,7 @@ class Link:
     one task may read.
     """
 
-    __slots__ = ("_parser", "_ready", "_send_lock", "_stream", "address")
+    __slots__ = ("_parser", "_ready", "_send_lock", "_stream", "address", "waiting_since")
 
     def __init__(self, stream: trio.SocketStream, address: tuple[str, int]) -> None:
         self._stream = stream
@@ -47,6 +47,8 @@ class Link:
         self._ready: deque[Value] = deque()
         self._send_lock = trio.Lock()
         self.address = address
+        self.waiting_since: float | None = None
+        """When the pipeline waiting for its replies was sent (Trio's clock), or None."""
 
     @classmethod
     async def connect(
@@ -149,14 +151,18 @@ class Link:
 
         Error replies are returned as :class:`~.resp.ReplyError` values.
         """
-        await self.send(data)
-        replies: list[Value] = []
-        while len(replies) < count:
-            if not self._ready:
-                self._ready.extend(await self.receive())
-            while self._ready and len(replies) < count:
-                replies.append(self._ready.popleft())
-        return replies
+        self.waiting_since = trio.current_time()
+        try:
+            await self.send(data)
+            replies: list[Value] = []
+            while len(replies) < count:
+                if not self._ready:
+                    self._ready.extend(await self.receive())
+                while self._ready and len(replies) < count:
+                    replies.append(self._ready.popleft())
+            return replies
+        finally:
+            self.waiting_since = None
 
     async def call(self, *args: Arg) -> Value:
         """One command's reply.

@@ -111,6 +111,9 @@ DEDUPE_RING: Final = 4 * PUBLISH_BATCH
 CONTROL_BACKLOG: Final = 256
 #: A pub/sub link silent this long is pinged; silent as long again, it is dead.
 KEEPALIVE: Final = 1.0
+#: A publication batch unanswered this long means Redis is stalled (frozen,
+#: swapping, a slow script): /health says degraded before the timeout gives up.
+STALL_AFTER: Final = 0.5
 #: Epochs of a topic a node remembers having left, to ignore their late events.
 RETIRED_EPOCHS: Final = 4
 #: Error replies that mean "this server no longer serves this key": reconnect.
@@ -569,6 +572,26 @@ class RedisBackplane:
         """Return once the node is connected to Redis (at once if it is)."""
         await self._connected.wait()
 
+    @property
+    def stalled(self) -> bool:
+        """Connected, but a publication batch has waited STALL_AFTER for Redis's
+        answer, or the session is failing and not yet torn down."""
+        session = self._session
+        if session is None:
+            return False
+        if session.error is not None:
+            return True
+        deadline = trio.current_time() - STALL_AFTER
+        return any(
+            shard.publisher.waiting_since is not None and shard.publisher.waiting_since < deadline
+            for shard in session.shards
+        )
+
+    @property
+    def healthy(self) -> bool:
+        """Connected, and Redis answers publications in time."""
+        return self.connected and not self.stalled
+
     def status(self) -> dict[str, Any]:
         """For /health and metrics."""
         session = self._session
@@ -576,6 +599,7 @@ class RedisBackplane:
             "kind": self.kind,
             "url": redacted(self.url),
             "connected": self.connected,
+            "stalled": self.stalled,
             "durability": self.durability,
             "shards": len(session.shards) if session is not None else 0,
             "pending": len(self._pending),

@@ -71,6 +71,11 @@ class NodeCollector(Collector):
                 "1 while the node is connected to its Redis backplane",
                 value=int(backplane.connected),
             )
+            yield GaugeMetricFamily(
+                "tidings_backplane_stalled",
+                "1 while a publication batch has waited over half a second for Redis",
+                value=int(backplane.stalled),
+            )
             yield CounterMetricFamily(
                 "tidings_backplane_dropped",
                 "Publications refused (unavailable) while Redis was away or slow",

@@ -902,8 +902,9 @@ class Server:
         status = "ok"
         if self._draining:
             status = "draining"
-        elif self.backplane is not None and not self.backplane.connected:
-            status = "degraded"  # serving local clients; cluster features wait for Redis
+        elif self.backplane is not None and not self.backplane.healthy:
+            # Serving local clients; publications and cluster features wait for Redis.
+            status = "degraded"
         body: dict[str, Any] = {
             "status": status,
             "version": __version__,
