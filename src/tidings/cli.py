@@ -66,6 +66,8 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2  # usage and configuration errors, as argparse has it
 EXIT_INTERRUPTED = 128 + signal.SIGINT
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # what a shell reports for `yes | head`
+#: Allocations between young garbage collections in `tidings serve` (CPython's default: 700).
+GC_YOUNG_THRESHOLD = 10_000
 
 
 class CliError(Exception):
@@ -597,6 +599,13 @@ async def _serve(config: Config, notes: list[str], listening: list[Server]) -> N
             # cyclic garbage collector from traversing it on every full
             # collection (35,000 objects, ~15 ms each time, a latency spike).
             gc.freeze()
+            # Each connection leaves ~100 long-lived objects; at the default
+            # threshold (700) 10,000 clients arriving at once set off 10 full
+            # collections, 1.7 s of the 3.6 s they took, pauses up to 390 ms
+            # (bench/connect_cost.py, docs/benchmarks.md). Young collections
+            # 14x rarer: none full in the same storm; at most ~10,000 young
+            # objects of cyclic garbage wait (a few MB).
+            gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
             workers.watch_supervisor()  # if this process is one of `--workers`
             _announce(server)
             # After the banner: a node that cannot start says only why.
