@@ -519,3 +519,67 @@ async def test_a_plain_get_of_the_websocket_path_is_answered_as_protocol_md_says
             )
             await stream.send_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert (await response()).startswith(b"HTTP/1.1 200 ")
+
+
+def _masked_text(payload: bytes) -> bytes:
+    mask = b"\x01\x02\x03\x04"
+    assert len(payload) < 126
+    return (
+        bytes([0x81, 0x80 | len(payload)])
+        + mask
+        + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    )
+
+
+UPGRADE_HEAD = (
+    b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+async def test_frames_sent_with_the_upgrade_request_are_served(server) -> None:
+    """A client may send its first messages in the same write as its upgrade."""
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            ping = orjson.dumps({"type": "ping", "requestId": "early"})
+            await stream.send_all(UPGRADE_HEAD + _masked_text(ping))
+            received = b""
+            while b'"early"' not in received:
+                chunk = await stream.receive_some(65536)
+                assert chunk, received
+                received += chunk
+            head, _, frames = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+            assert b"sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in head
+            assert frames[0] == 0x81 and b'"type":"pong"' in frames
+
+
+async def test_an_upgrade_arriving_a_byte_at_a_time_is_accepted(server) -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+        async with stream:
+            for i in range(len(UPGRADE_HEAD)):
+                await stream.send_all(UPGRADE_HEAD[i : i + 1])
+            received = b""
+            while b"\r\n\r\n" not in received:
+                chunk = await stream.receive_some(65536)
+                assert chunk, received
+                received += chunk
+            assert received.startswith(b"HTTP/1.1 101 ")
+
+
+async def test_a_refused_upgrade_gets_a_json_answer_and_the_connection_closes() -> None:
+    async with running_server(auth="jwt", jwt_secret="s" * 32) as server:
+        with trio.fail_after(TEST_TIMEOUT):
+            stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+            async with stream:
+                await stream.send_all(UPGRADE_HEAD)
+                received = b""
+                while chunk := await stream.receive_some(65536):
+                    received += chunk  # until the server closes
+            head, _, body = received.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 401 Unauthorized\r\n"), head
+            assert b"connection: close" in head
+            assert int(head.split(b"content-length: ")[1].split(b"\r\n")[0]) == len(body)
+            assert orjson.loads(body)["error"]["code"]

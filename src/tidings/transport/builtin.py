@@ -4,9 +4,11 @@ Why our own (``docs/transports.md`` has the figures): the write timeout must
 really cut off a client that stopped reading, which needs a cancellable write
 (hypercorn shields its sends); shutdown must send every client a 1001 close
 frame; and fan-out wants each batch of frames written with one ``send_all``.
-h11 parses requests, wsproto parses the frames clients send; the frames we
-send are built here, because a server frame is a two-to-ten-byte header in
-front of the payload and nothing more.
+h11 parses requests, but for a connection's first request when it is a
+plain WebSocket upgrade (``http1.py``: a sixth of a handshake's CPU time);
+wsproto parses the frames clients send; the frames we send are built here,
+because a server frame is a two-to-ten-byte header in front of the payload
+and nothing more.
 
 Plain HTTP requests (``/health`` and the rest) are passed to an ASGI app, so
 the same routes serve here and under any ASGI server.
@@ -51,6 +53,7 @@ from .base import (
     WriteTimeout,
 )
 from .deflate import DeflateFramer, InboundDeflate, negotiate
+from .http1 import END_OF_HEAD, UpgradeHead, http_head, parse_upgrade
 from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
 
 LOGGER = logging.getLogger("tidings.transport")
@@ -637,13 +640,20 @@ class BuiltinServer:
     ) -> tuple[Transport, Admission] | None:
         """Answer HTTP requests until one upgrades to WebSocket or opens a stream
         (returned), or the end."""
-        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        http = None
         try:
             for served in range(1, MAX_REQUESTS_PER_CONNECTION + 1):
                 # One scope per request, its head and its handling (an upgrade, or
                 # a plain request): a cancel scope is not free, and a reconnect
                 # storm makes thousands of handshakes.
                 with trio.move_on_after(self.handshake_timeout):
+                    if http is None:
+                        # A first request: most are a WebSocket upgrade, taken
+                        # without h11; the rest go to h11 with the same bytes.
+                        first = await self._first_request(stream, remote)
+                        if not isinstance(first, h11.Connection):
+                            return first
+                        http = first
                     request = await self._read_request(stream, http)
                     if request is None:  # closed
                         return None
@@ -669,11 +679,102 @@ class BuiltinServer:
                 return None  # idle, or slow, past the handshake timeout
         except h11.RemoteProtocolError as exc:
             with trio.move_on_after(1):
-                if http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                if http is not None and http.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await self._respond(
                         stream, http, Rejection(exc.error_status_hint, "bad request")
                     )
         return None
+
+    async def _first_request(
+        self, stream: _Socket, remote: tuple[str, int]
+    ) -> tuple[WebSocketStream, Admission] | h11.Connection | None:
+        """Read a connection's first request head: an upgrade :func:`parse_upgrade`
+        takes is answered here; otherwise an h11 connection that holds the bytes
+        read. None if the client closed first."""
+        data = await stream.receive_some(RECEIVE_SIZE)
+        while data and END_OF_HEAD not in data and len(data) <= MAX_REQUEST_HEAD:
+            more = await stream.receive_some(RECEIVE_SIZE)
+            if not more:
+                return None
+            data += more
+        if not data:
+            return None
+        end = data.find(END_OF_HEAD) + len(END_OF_HEAD)
+        head = parse_upgrade(data[:end]) if end >= len(END_OF_HEAD) else None
+        if head is not None:
+            path = unquote(head.target.split(b"?", 1)[0].decode("latin-1"))
+            if self.handler.accepts(path):
+                return await self._accept(stream, head, path, data[end:], remote)
+        http = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
+        http.receive_data(data)
+        return http
+
+    async def _accept(
+        self,
+        stream: _Socket,
+        head: UpgradeHead,
+        path: str,
+        trailing: bytes,
+        remote: tuple[str, int],
+    ) -> tuple[WebSocketStream, Admission] | None:
+        """Accept (101) or refuse an upgrade :func:`parse_upgrade` took: no h11 involved."""
+        _, _, query = head.target.decode("latin-1").partition("?")
+        upgrade = UpgradeRequest.build(
+            # Interned: every client of an endpoint shares its path's string.
+            sys.intern(path),
+            query,
+            head.headers,
+            f"{remote[0]}:{remote[1]}",
+        )
+        admission = await self.handler.admit(upgrade)
+        if isinstance(admission, Rejection):
+            body = admission.body()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            await stream.send_all(http_head(admission.status, headers) + body)
+            return None
+        answer = [
+            (b"upgrade", b"websocket"),
+            (b"connection", b"Upgrade"),
+            (b"sec-websocket-accept", _accept_key(head.key)),
+        ]
+        deflate = self._negotiate(head.headers, answer)
+        try:
+            await stream.send_all(http_head(101, answer))
+        except BaseException:
+            self.handler.release(admission)  # serve() will not run to give it back
+            raise
+        return self._websocket(stream, upgrade, trailing, deflate), admission
+
+    def _negotiate(
+        self, headers: list[tuple[bytes, bytes]], answer: list[tuple[bytes, bytes]]
+    ) -> str | None:
+        """permessage-deflate, if the server compresses and the client offers it
+        (the answer's header is appended to ``answer``)."""
+        if self.framers is None:
+            return None
+        offers = [v.decode("latin-1") for n, v in headers if n == b"sec-websocket-extensions"]
+        deflate = negotiate(offers) if offers else None
+        if deflate is not None:
+            answer.append((b"sec-websocket-extensions", deflate.encode()))
+        return deflate
+
+    def _websocket(
+        self, stream: _Socket, upgrade: UpgradeRequest, trailing: bytes, deflate: str | None
+    ) -> WebSocketStream:
+        return WebSocketStream(
+            stream.sock,
+            upgrade.remote,
+            max_message_size=self.max_message_size,
+            trailing_data=trailing,
+            partial_budget=self.partial_budget,
+            inflate=InboundDeflate(self.max_message_size, self.framers, now=trio.current_time())
+            if deflate and self.framers
+            else None,
+        )
 
     async def _read_request(self, stream: _Socket, http: h11.Connection) -> h11.Request | None:
         while True:
@@ -727,14 +828,7 @@ class BuiltinServer:
             (b"connection", b"Upgrade"),
             (b"sec-websocket-accept", _accept_key(key)),
         ]
-        deflate = None
-        if self.framers is not None:
-            offers = [
-                v.decode("latin-1") for n, v in request.headers if n == b"sec-websocket-extensions"
-            ]
-            deflate = negotiate(offers) if offers else None
-            if deflate is not None:
-                answer.append((b"sec-websocket-extensions", deflate.encode()))
+        deflate = self._negotiate(list(request.headers), answer)
         response = http.send(h11.InformationalResponse(status_code=101, headers=answer))
         try:
             await stream.send_all(response)
@@ -742,17 +836,7 @@ class BuiltinServer:
             self.handler.release(admission)  # serve() will not run to give it back
             raise
         trailing, _ = http.trailing_data
-        transport = WebSocketStream(
-            stream.sock,
-            upgrade.remote,
-            max_message_size=self.max_message_size,
-            trailing_data=bytes(trailing),
-            partial_budget=self.partial_budget,
-            inflate=InboundDeflate(self.max_message_size, self.framers, now=trio.current_time())
-            if deflate and self.framers
-            else None,
-        )
-        return transport, admission
+        return self._websocket(stream, upgrade, bytes(trailing), deflate), admission
 
     async def _stream(
         self,

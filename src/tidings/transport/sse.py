@@ -52,6 +52,7 @@ from .base import (
     WireMessage,
     WriteTimeout,
 )
+from .http1 import http_head
 
 SSE: Final = "sse"
 NDJSON: Final = "ndjson"
@@ -116,10 +117,7 @@ def response_head(kind: str, origin: str | None) -> bytes:
     chunks: the body ends when the connection does (``connection: close``),
     so each write carries events and nothing else.
     """
-    lines = [b"HTTP/1.1 200 OK"]
-    lines += [name + b": " + value for name, value in response_headers(kind, origin)]
-    lines.append(b"connection: close")
-    return b"\r\n".join(lines) + b"\r\n\r\n"
+    return http_head(200, [*response_headers(kind, origin), (b"connection", b"close")])
 
 
 class _Closing(bytes):

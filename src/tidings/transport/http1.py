@@ -1,0 +1,102 @@
+"""The one HTTP/1.1 request most connections make, parsed without h11.
+
+A WebSocket client's first request is a GET with a handful of headers and
+no body. h11 parses it correctly and generally, and that generality was a
+sixth of the CPU time of accepting a client (a reconnect storm is 10,000 of
+them; ``docs/benchmarks.md``). :func:`parse_upgrade` recognises exactly the
+upgrade GET, strictly, and says None to everything else, a valid request or
+not: the caller then hands the same bytes to h11, which answers them as
+before. So this parser never rejects anything; it only takes the common case
+off h11's hands, and the two agree on every request it takes
+(``tests/test_http1.py`` checks that against h11 on generated requests).
+"""
+
+from __future__ import annotations
+
+import re
+from http import HTTPStatus
+from typing import Final
+
+import attrs
+
+#: The request line of an upgrade: GET, an origin-form target, HTTP/1.1.
+_REQUEST_LINE: Final = re.compile(rb"GET (/[\x21-\x7e]*) HTTP/1\.1")
+#: A header name (RFC 9110 token).
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+#: Bytes a head may not hold: control characters (tab aside), and CR or LF
+#: other than as a CRLF pair.
+_FORBIDDEN: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: Headers whose presence sends the request to h11: a body, or a framing h11 must judge.
+_BODY_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding"})
+
+END_OF_HEAD: Final = b"\r\n\r\n"
+
+
+@attrs.frozen(slots=True)
+class UpgradeHead:
+    """A WebSocket upgrade request's head: target and headers (lower-case names)."""
+
+    target: bytes
+    headers: list[tuple[bytes, bytes]]
+    key: bytes
+    """``Sec-WebSocket-Key``."""
+
+
+def parse_upgrade(head: bytes) -> UpgradeHead | None:
+    """The upgrade request in ``head`` (ending with its blank line), or None.
+
+    None means "not one this parser takes": anything but an HTTP/1.1 GET with
+    ``Host``, ``Upgrade: websocket``, ``Connection: upgrade``,
+    ``Sec-WebSocket-Version: 13`` and a ``Sec-WebSocket-Key``, without a
+    body, with nothing h11 would question.
+    """
+    if not head.endswith(END_OF_HEAD) or _FORBIDDEN.search(head) is not None:
+        return None
+    lines = head[: -len(END_OF_HEAD)].split(b"\r\n")
+    match = _REQUEST_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    headers: list[tuple[bytes, bytes]] = []
+    upgrade = connection = version = key = None
+    hosts = 0
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or _TOKEN.fullmatch(name) is None:
+            return None  # obs-fold, a space before the colon, an empty line: h11's call
+        name = name.lower()
+        value = value.strip(b" \t")
+        headers.append((name, value))
+        if name == b"host":
+            hosts += 1
+        elif name == b"upgrade":
+            upgrade = value
+        elif name == b"connection":
+            connection = value
+        elif name == b"sec-websocket-version":
+            version = value
+        elif name == b"sec-websocket-key":
+            key = value
+        elif name in _BODY_HEADERS:
+            return None
+    if (
+        hosts != 1
+        or upgrade is None
+        or upgrade.lower() != b"websocket"
+        or connection is None
+        or b"upgrade" not in connection.lower()
+        or version != b"13"
+        or not key
+    ):
+        return None
+    return UpgradeHead(match[1], headers, key)
+
+
+def http_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """A response's status line and headers, ready to send."""
+    try:
+        phrase = HTTPStatus(status).phrase.encode()
+    except ValueError:
+        phrase = b""
+    lines = [b"HTTP/1.1 %d %s" % (status, phrase)]
+    lines += [name + b": " + value for name, value in headers]
+    return b"\r\n".join(lines) + END_OF_HEAD
