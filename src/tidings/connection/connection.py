@@ -140,6 +140,7 @@ class Connection(Commands):
         "_connect_by",
         "_frame",
         "_nursery",
+        "_on_end",
         "_peer_closed",
         "_seats",
         "_session",
@@ -180,8 +181,10 @@ class Connection(Commands):
         seats: TenantSeats | None = None,
         hooks: ClientHooks | None = None,
         client_id: str | None = None,
+        on_end: Callable[[Connection, CloseInfo], None] | None = None,
     ) -> None:
         self.transport = transport
+        self._on_end = on_end
         self.dialect = dialect
         self.broker = broker
         self.limits = limits
@@ -292,11 +295,15 @@ class Connection(Commands):
             self.broker.detach(self.subscriber)
             if self._tracked is not None:
                 self.broker.detach(self._tracked)
-            with trio.CancelScope(shield=True):
-                await self.transport.aclose()
             closed = self.lifecycle.info
-            if self.endpoint is not None and self.endpoint.disconnect_hooks:
-                await self._disconnected(closed)
+            try:
+                with trio.CancelScope(shield=True):
+                    await self.transport.aclose()
+                if self.endpoint is not None and self.endpoint.disconnect_hooks:
+                    await self._disconnected(closed)
+            finally:
+                if self._on_end is not None:
+                    self._on_end(self, closed)
         return closed
 
     def end(self) -> None:

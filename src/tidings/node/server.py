@@ -806,8 +806,12 @@ class Server:
         if remaining > 0:
             self._per_host[host] = remaining
 
-    async def serve(self, transport: Transport, admission: Admission) -> None:
-        """Run one accepted WebSocket connection to its end."""
+    def serve(self, transport: Transport, admission: Admission) -> Awaitable[CloseInfo]:
+        """The run of one accepted connection, to its end (the transport awaits it).
+
+        Everything after the end is :meth:`_ended`, which the connection calls
+        as its last step: no frame of ours waits under each connection.
+        """
         request, (endpoint, identity, client_id, plan) = admission.take()
         proxy = self.proxy
         hooks: ClientHooks | None = None
@@ -835,12 +839,12 @@ class Server:
             seats=self.seats,
             hooks=hooks,
             client_id=client_id,
+            on_end=self._ended,
         )
         del request  # its headers need not live as long as the connection
         if plan is not None:
             endpoint.attach(connection.session, plan)
         info = connection.info
-        host = _host(info.remote)
         self._connections[info.id] = connection
         self._admitted -= 1  # counted in _connections from now on
         LOGGER.info(
@@ -863,38 +867,39 @@ class Server:
             # Admitted just before the shutdown began, served just after: it
             # was not among the connections the shutdown closed.
             connection.close(CloseCode.GOING_AWAY, self.reconnect_hint(SHUTDOWN_REASON))
-        try:
-            await connection.run()
-        finally:
-            del self._connections[info.id]
-            self._release_host(host)
-            self.seats.give_back(connection.identity.tenant)
-            if self._draining and not self._connections:
-                self._drained.set()
-            closed = connection.closed or CloseInfo(CloseCode.ABNORMAL, "cancelled", "server")
-            key = _disconnect_key(closed)
-            self.counters.disconnects[key] = self.counters.disconnects.get(key, 0) + 1
-            duration = time.time() - info.connected_at
-            LOGGER.info(
-                "disconnect %s code=%d reason=%r by=%s after %.1f s dropped=%d",
-                info.id,
-                closed.code,
-                closed.reason,
-                closed.initiated_by,
-                duration,
-                connection.outbox.dropped,
-                extra={
-                    "event": "disconnect",
-                    "client": info.id,
-                    "code": closed.code,
-                    "reason": closed.reason,
-                    "by": closed.initiated_by,
-                    "duration": round(duration, 3),
-                    "dropped": connection.outbox.dropped,
-                },
-            )
-            for disconnect_hook in self._on_disconnect:
-                _call_hook(disconnect_hook, info, closed)
+        return connection.run()
+
+    def _ended(self, connection: Connection, closed: CloseInfo) -> None:
+        """A connection's last step: forget it, give back its seats, count and log its end."""
+        info = connection.info
+        del self._connections[info.id]
+        self._release_host(_host(info.remote))
+        self.seats.give_back(connection.identity.tenant)
+        if self._draining and not self._connections:
+            self._drained.set()
+        key = _disconnect_key(closed)
+        self.counters.disconnects[key] = self.counters.disconnects.get(key, 0) + 1
+        duration = time.time() - info.connected_at
+        LOGGER.info(
+            "disconnect %s code=%d reason=%r by=%s after %.1f s dropped=%d",
+            info.id,
+            closed.code,
+            closed.reason,
+            closed.initiated_by,
+            duration,
+            connection.outbox.dropped,
+            extra={
+                "event": "disconnect",
+                "client": info.id,
+                "code": closed.code,
+                "reason": closed.reason,
+                "by": closed.initiated_by,
+                "duration": round(duration, 3),
+                "dropped": connection.outbox.dropped,
+            },
+        )
+        for disconnect_hook in self._on_disconnect:
+            _call_hook(disconnect_hook, info, closed)
 
     def health(self) -> tuple[int, dict[str, Any]]:
         """The status and JSON body ``GET /health`` answers."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final, Protocol, TypeAlias
 
 import attrs
@@ -241,8 +241,13 @@ class ConnectionHandler(Protocol):
         """
         ...
 
-    async def serve(self, transport: Transport, admission: Admission) -> None:
-        """Run the connection until it ends."""
+    def serve(self, transport: Transport, admission: Admission) -> Awaitable[object]:
+        """What runs the connection until it ends; the transport awaits it at once.
+
+        Not a coroutine function itself: the awaitable it returns is the
+        connection's own, so no frame of the handler's waits under every
+        connection for its whole life.
+        """
         ...
 
     def release(self, admission: Admission) -> None:
