@@ -10,6 +10,7 @@ import h11
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from tidings.transport.base import UpgradeRequest
 from tidings.transport.http1 import http_head, parse_upgrade
 
 UPGRADE = (
@@ -144,3 +145,22 @@ def test_a_response_head_ends_with_its_blank_line() -> None:
     head = http_head(101, [(b"upgrade", b"websocket")])
     assert head == b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n"
     assert http_head(599, []) == b"HTTP/1.1 599 \r\n\r\n"
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    headers=st.lists(
+        st.tuples(
+            st.sampled_from([b"origin", b"authorization", b"x-origin", b"cookie", b"origin2"]),
+            st.from_regex(rb"[\x20-\x7e\x80-\xff]{0,12}", fullmatch=True),
+        ),
+        max_size=5,
+    ),
+    name=st.sampled_from(["origin", "authorization", "cookie", "missing"]),
+)
+def test_an_upgrade_requests_header_is_the_first_of_its_name(
+    headers: list[tuple[bytes, bytes]], name: str
+) -> None:
+    request = UpgradeRequest.build("/ws", "", headers, "127.0.0.1:1")
+    expected = next((value for key, value in request.headers if key == name), None)
+    assert request.header(name) == expected

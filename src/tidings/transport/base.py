@@ -172,10 +172,20 @@ class UpgradeRequest:
 
     def header(self, name: str) -> str | None:
         """The first value of header ``name`` (lower-case), or None."""
-        for key, value in self.headers:
-            if key == name:
-                return value
-        return None
+        # Found in the bytes, not in a parse of them all: admission asks for two
+        # or three headers of every connection. Values hold no line feed (both
+        # request parsers refuse one), so a line starts at the start or after one.
+        key = name.encode("latin-1") + b": "
+        raw = self.raw_headers
+        if raw.startswith(key):
+            start = len(key)
+        else:
+            found = raw.find(b"\n" + key)
+            if found < 0:
+                return None
+            start = found + 1 + len(key)
+        end = raw.find(b"\n", start)
+        return raw[start : end if end >= 0 else len(raw)].decode("latin-1")
 
 
 @attrs.define(slots=True)

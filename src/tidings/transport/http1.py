@@ -30,6 +30,7 @@ _FORBIDDEN: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!
 _BODY_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding"})
 
 END_OF_HEAD: Final = b"\r\n\r\n"
+_PHRASES: Final = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 
 @attrs.frozen(slots=True)
@@ -93,10 +94,6 @@ def parse_upgrade(head: bytes) -> UpgradeHead | None:
 
 def http_head(status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
     """A response's status line and headers, ready to send."""
-    try:
-        phrase = HTTPStatus(status).phrase.encode()
-    except ValueError:
-        phrase = b""
-    lines = [b"HTTP/1.1 %d %s" % (status, phrase)]
+    lines = [b"HTTP/1.1 %d %s" % (status, _PHRASES.get(status, b""))]
     lines += [name + b": " + value for name, value in headers]
     return b"\r\n".join(lines) + END_OF_HEAD
