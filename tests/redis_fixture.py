@@ -348,17 +348,27 @@ class Node:
         assert values, f"node {self.name}: /metrics has no {name}"
         return sum(values)
 
-    async def wait_health(self, status: str, within: float = 10.0) -> dict[str, Any]:
-        """Poll ``/health`` until its status is ``status``; returns that body."""
+    async def wait_health(
+        self, status: str, within: float = 10.0, *, connected: bool | None = None
+    ) -> dict[str, Any]:
+        """Poll ``/health`` until its status is ``status``; returns that body.
+
+        With ``connected``, also until the backplane's ``connected`` says so: a
+        node is ``degraded`` as soon as Redis stalls, before it notices the
+        connection is gone.
+        """
         body: dict[str, Any] = {}
         with trio.move_on_after(within):
             while True:
                 body = await self.health()
-                if body.get("status") == status:
+                if body.get("status") == status and (
+                    connected is None or body.get("backplane", {}).get("connected") is connected
+                ):
                     return body
                 await trio.sleep(0.05)
         raise AssertionError(
-            f"node {self.name}: /health never said {status!r} within {within} s; last: {body}"
+            f"node {self.name}: /health never said {status!r} (connected={connected})"
+            f" within {within} s; last: {body}"
         )
 
 

@@ -687,7 +687,7 @@ async def test_redis_restarting_under_traffic_loses_no_acknowledged_event(
                 # Redis goes away (its append-only file is fsynced on every write).
                 await (redis_server.stop() if how == "stopped" else redis_server.kill())
                 for node in (a, b):
-                    health = await node.wait_health("degraded")
+                    health = await node.wait_health("degraded", connected=False)
                     assert health["backplane"]["kind"] == "redis", health
                     assert health["backplane"]["connected"] is False, health
                     assert await metric(node, "tidings_backplane_connected") == 0

@@ -293,7 +293,7 @@ async def test_a_broadcast_retries_under_its_key_only_the_topics_that_failed(
         url = f"http://127.0.0.1:{node.port}"
         async with AsyncPublisher(url, api_key="cluster-test-key", retries=2, **QUICK) as publisher:
             await redis_server.stop()
-            await node.wait_health("degraded")
+            await node.wait_health("degraded", connected=False)
             away = await publisher.broadcast(["node:status", "orders"], "hi", idempotency_key="b-1")
             # Three attempts: the local topic was published by the first, answered by the others.
             assert [r.seq for r in away.published] == [1]
