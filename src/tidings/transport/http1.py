@@ -23,9 +23,10 @@ import attrs
 _REQUEST_LINE: Final = re.compile(rb"GET (/[\x21-\x7e]*) HTTP/1\.1")
 #: A header name (RFC 9110 token).
 _TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-#: Bytes a head may not hold: control characters (tab aside), and CR or LF
-#: other than as a CRLF pair.
-_FORBIDDEN: Final = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r(?!\n)|(?<!\r)\n")
+#: Control characters a head may not hold (tab aside; CR and LF are counted
+#: apart). Deleting them with ``bytes.translate`` is a C loop: ~10x faster than
+#: a regular expression with look-arounds over a whole head.
+_CONTROLS: Final = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
 #: Headers whose presence sends the request to h11: a body, or a framing h11 must judge.
 _BODY_HEADERS: Final = frozenset({b"content-length", b"transfer-encoding"})
 
@@ -51,8 +52,11 @@ def parse_upgrade(head: bytes) -> UpgradeHead | None:
     ``Sec-WebSocket-Version: 13`` and a ``Sec-WebSocket-Key``, without a
     body, with nothing h11 would question.
     """
-    if not head.endswith(END_OF_HEAD) or _FORBIDDEN.search(head) is not None:
+    if not head.endswith(END_OF_HEAD) or len(head.translate(None, _CONTROLS)) != len(head):
         return None
+    pairs = head.count(b"\r\n")
+    if head.count(b"\r") != pairs or head.count(b"\n") != pairs:
+        return None  # a lone CR or LF
     lines = head[: -len(END_OF_HEAD)].split(b"\r\n")
     match = _REQUEST_LINE.fullmatch(lines[0])
     if match is None:
