@@ -344,6 +344,15 @@ def test_an_idle_parser_keeps_no_bytes() -> None:
     assert parser._buffer == b""
 
 
+@pytest.mark.parametrize("size", [1, 3, 1023, 1024, 1025, 4099, 70001])
+def test_unmask_short_and_long(size: int) -> None:
+    data = os.urandom(size)
+    mask = os.urandom(4)
+    expected = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
+    assert unmask(data, mask) == expected
+    assert unmask(expected, mask) == data
+
+
 @given(data=st.binary(max_size=300), mask=masks, split=st.integers(0, 300))
 def test_unmask_is_xor_with_the_mask_repeated_from_any_offset(
     data: bytes, mask: bytes, split: int
