@@ -7,7 +7,7 @@ machinery (named tuples, enums, extension hooks). A server needs much less:
 client frames are always masked, the only extension is permessage-deflate,
 and the payload of a data frame can be handed on as it arrives. This parser
 is one object of a few slots, holds no buffer between reads (only an
-incomplete header or control frame, at most 139 bytes) and makes one tuple
+incomplete header or control frame, at most 130 bytes) and makes one tuple
 per frame.
 
 It follows wsproto's server-side rules exactly, both for what is an error
@@ -182,7 +182,7 @@ class FrameParser:
             # are parsed where they are, without a copy.
             self._buffer = data
         else:
-            # Left over: an incomplete header or control frame (at most 139 bytes).
+            # Left over: an incomplete header or control frame (at most 130 bytes).
             self._buffer = buffer[pos:] + data
         self._pos = 0
 
