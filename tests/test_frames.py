@@ -334,6 +334,23 @@ def test_control_frames_between_fragments() -> None:
     ]
 
 
+def test_a_parser_waiting_for_more_keeps_only_what_it_has_not_parsed() -> None:
+    parser = FrameParser()
+    big = encode(BINARY, b"x" * 60_000)
+    parser.feed(big + encode(PING, b"abc")[:4])  # a read that ends inside a header
+    assert parser.next_frame() == (BINARY, b"x" * 60_000, True)
+    assert parser.next_frame() is None
+    assert parser._buffer == encode(PING, b"abc")[:4] and parser._pos == 0
+    parser = FrameParser()
+    parser.feed(big[:30_000])  # a read that ends inside a payload
+    assert parser.next_frame() is not None
+    assert parser.next_frame() is None
+    assert parser._buffer == b""
+    parser.feed(big[30_000:])
+    frame = parser.next_frame()
+    assert frame is not None and frame[2]
+
+
 def test_an_idle_parser_keeps_no_bytes() -> None:
     parser = FrameParser()
     parser.feed(encode(TEXT, b"x" * 1000) + encode(PING, b"abc")[:3])

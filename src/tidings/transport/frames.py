@@ -196,8 +196,11 @@ class FrameParser:
         if op < 0:
             op = self._header() if op == _HEADER else _CLOSED
             if op < 0:
-                if self._pos >= len(self._buffer):
-                    self._buffer = b""  # an idle connection holds no read's bytes
+                if self._pos:
+                    # Keep only what is not parsed (nothing, or part of a
+                    # header or control frame), not the whole read: a
+                    # connection waiting for more holds a few bytes at most.
+                    self._buffer = self._buffer[self._pos :]
                     self._pos = 0
                 return None
             if op >= CLOSE:
@@ -209,6 +212,8 @@ class FrameParser:
         if n >= remaining:
             n = remaining
         elif not n:
+            self._buffer = b""  # all parsed: the read is not kept while waiting
+            self._pos = 0
             return None
         if op > BINARY:
             kind = "continuation" if op == _UNEXPECTED_CONTINUATION else "new message"
