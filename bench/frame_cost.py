@@ -4,7 +4,7 @@
 Scenarios, each a frame (or message) arriving in a read of its own, as a
 client sending one message at a time makes them:
 
-* ``small-text``: a 60-byte JSON text frame (a subscribe, a publish);
+* ``small-text``: a 64-byte JSON text frame (a subscribe, a publish);
 * ``text-16k`` / ``binary-16k``: a 16 KiB frame;
 * ``fragmented``: a 1 KiB text message in four frames, one read;
 * ``new-parser``: making a connection's parser and parsing its first frame

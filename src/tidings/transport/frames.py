@@ -25,6 +25,11 @@ the input as wsproto does:
 * 1007: a text message (checked as it arrives, across fragments) or a close
   reason that is not UTF-8, and compressed data that does not inflate.
 
+One difference, with permessage-deflate: a new message started inside an
+unfinished compressed one is 1002 at once; wsproto (with the extension the
+transport had) first inflated the intruder's payload with the unfinished
+message's decompressor, and could fail with 1007 instead.
+
 :meth:`FrameParser.next_frame` yields ``(opcode, payload, finished)``: a data
 frame's payload in pieces as its bytes arrive (so that a size limit can
 refuse a large message early), text as ``str``, binary as ``bytes``, with
