@@ -14,7 +14,6 @@ from typing import Any
 import orjson
 import pytest
 import trio
-from wsproto.frame_protocol import Opcode, RsvBits
 
 from tidings.transport.deflate import RESPONSE, DeflateFramer, InboundDeflate, negotiate
 
@@ -308,11 +307,8 @@ def test_inflating_is_paced_so_small_frames_cannot_buy_unbounded_work() -> None:
     assert extension.burst == 2 * limit and extension.rate == 1024 * 1024
 
     def message() -> bytes:
-        extension.frame_inbound_header(None, Opcode.TEXT, RsvBits(True, False, False), len(bomb))  # type: ignore[arg-type]
-        out = extension.frame_inbound_payload_data(None, bomb)  # type: ignore[arg-type]
-        tail = extension.frame_inbound_complete(None, True)  # type: ignore[arg-type]
-        assert isinstance(out, bytes) and isinstance(tail, bytes)
-        return out + tail
+        extension.begin()
+        return extension.inflate(bomb) + extension.finish()
 
     assert len(message()) == limit - 100 and extension.wait(0.0) == 0.0
     assert len(message()) == limit - 100 and extension.wait(0.0) == 0.0  # the burst

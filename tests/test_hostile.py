@@ -142,3 +142,17 @@ async def test_fragmented_messages_are_reassembled_and_still_size_limited() -> N
                 await raw.send_frame(0 if _ else 1, b"x" * 300, fin=False)
             assert await raw.receive_close() == 1009
             await raw.aclose()
+
+
+async def test_no_frame_is_lost_where_a_read_of_tiny_frames_is_split_into_turns() -> None:
+    """256 frames are handled per turn; the 257th, here a request, is the next
+    turn's first (the loop over wsproto's frames pulled it and dropped it)."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_server() as server:
+            raw = await raw_client(server)
+            pong = b"\x8a\x80\x00\x00\x00\x00"  # a masked empty pong: no answer
+            request = b'{"type": "ping", "requestId": "after-256"}'
+            frame = bytes((0x81, 0x80 | len(request))) + b"\x00\x00\x00\x00" + request
+            await raw.stream.send_all(pong * 256 + frame)
+            assert (await raw.receive_json())["requestId"] == "after-256"
+            await raw.aclose()

@@ -220,7 +220,7 @@ class Config:
     )
     transport: TransportName = attrs.field(
         default="builtin",
-        metadata=_help("server for the port: builtin (h11 + wsproto) or hypercorn (ASGI)"),
+        metadata=_help("server for the port: builtin (tidings' own) or hypercorn (ASGI)"),
     )
     max_message_size: Bytes = attrs.field(
         default=Bytes(512 * 1024),

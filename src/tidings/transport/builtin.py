@@ -1,4 +1,4 @@
-"""tidings' own HTTP/1.1 and WebSocket server, on h11, wsproto and Trio streams.
+"""tidings' own HTTP/1.1 and WebSocket server, on h11 and Trio streams.
 
 Why our own (``docs/transports.md`` has the figures): the write timeout must
 really cut off a client that stopped reading, which needs a cancellable write
@@ -6,9 +6,10 @@ really cut off a client that stopped reading, which needs a cancellable write
 frame; and fan-out wants each batch of frames written with one ``send_all``.
 h11 parses requests, but for a connection's first request when it is a
 plain WebSocket upgrade (``http1.py``: a sixth of a handshake's CPU time);
-wsproto parses the frames clients send; the frames we send are built here,
-because a server frame is a two-to-ten-byte header in front of the payload
-and nothing more.
+the frames clients send are parsed by our own parser (``frames.py``: a few
+slots per connection where wsproto's parser was several objects, and less
+work per frame); the frames we send are built here, because a server frame
+is a two-to-ten-byte header in front of the payload and nothing more.
 
 Plain HTTP requests (``/health`` and the rest) are passed to an ASGI app, so
 the same routes serve here and under any ASGI server.
@@ -32,7 +33,6 @@ from urllib.parse import unquote
 
 import h11
 import trio
-from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 
 from .base import (
     Admission,
@@ -53,6 +53,7 @@ from .base import (
     WriteTimeout,
 )
 from .deflate import DeflateFramer, InboundDeflate, negotiate
+from .frames import BINARY, CLOSE, PING, FrameError, FrameParser
 from .http1 import END_OF_HEAD, UpgradeHead, http_head, parse_upgrade
 from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
 
@@ -90,7 +91,6 @@ _PING: Final = 0x89
 _PONG: Final = 0x8A
 _pack_short = struct.Struct("!BBH").pack
 _pack_long = struct.Struct("!BBQ").pack
-INVALID_UTF8: Final = 1007
 _MAX_CLOSE_REASON: Final = 123  # a control frame carries 125 bytes; 2 are the code
 
 
@@ -188,14 +188,13 @@ class WebSocketStream:
         # connection, and reads and writes go straight to the descriptor.
         self._socket = sock
         self._fd = sock.fileno()
-        # wsproto's frame parser without its Connection wrapper: we send our
-        # own frames, so only parsing is needed, and the wrapper costs memory
-        # on every connection. With compression, its extension inflates (and
-        # holds the server's compressing framers: one slot less per client).
-        self._frames = FrameProtocol(client=False, extensions=[inflate] if inflate else [])
+        # Only parsing is needed (we build the frames we send). With
+        # compression, ``inflate`` inflates for the parser (and holds the
+        # server's compressing framers: one slot less per client).
+        self._frames = FrameParser(inflate)
         self._inflate = inflate
         if trailing_data:
-            self._frames.receive_bytes(trailing_data)
+            self._frames.feed(trailing_data)
         self.remote = remote
         self.max_message_size = max_message_size
         self.last_received = trio.current_time()
@@ -218,30 +217,31 @@ class WebSocketStream:
         while True:
             handled = 0
             try:
-                for frame in frames.received_frames():
+                # At most FRAMES_PER_TURN: a read of tiny frames lets others
+                # run before the rest.
+                while handled < FRAMES_PER_TURN:
+                    frame = frames.next_frame()
+                    if frame is None:
+                        break
                     handled += 1
-                    if handled > FRAMES_PER_TURN:
-                        break  # a read of tiny frames: let others run before the rest
-                    opcode = frame.opcode
-                    if opcode is Opcode.TEXT or opcode is Opcode.BINARY:
+                    opcode, payload, finished = frame
+                    if opcode <= BINARY:  # a message, or a piece of one
                         if self._inflate is not None and self._inflate.too_big:
                             self._inflate.too_big = False
-                            self._drop_partial(frame.message_finished)
+                            self._drop_partial(finished)
                             raise MessageTooBig("message too big")
-                        message = self._assemble(frame.payload, frame.message_finished)
+                        message = self._assemble(payload, finished)
                         if message is not None:
                             return message
-                    elif opcode is Opcode.PING:
-                        return PingFrame(bytes(frame.payload))  # type: ignore[arg-type]
-                    elif opcode is Opcode.CLOSE:
-                        code, reason = cast(tuple[int, str], frame.payload)
-                        raise PeerClosed(int(code), reason)
+                    elif opcode == PING:
+                        return PingFrame(cast(bytes, payload))
+                    elif opcode == CLOSE:
+                        code, reason = cast(tuple[int, str], payload)
+                        raise PeerClosed(code, reason)
                     # PONG: its arrival already counts as activity.
-            except ParseFailed as exc:
-                if exc.code == INVALID_UTF8:
-                    raise ProtocolViolation(exc.code, "text frame is not UTF-8") from None
-                raise ProtocolViolation(exc.code, str(exc) or "protocol error") from None
-            if handled > FRAMES_PER_TURN:
+            except FrameError as exc:
+                raise ProtocolViolation(exc.code, exc.reason) from None
+            if handled == FRAMES_PER_TURN:
                 await trio.lowlevel.checkpoint()
                 continue
             # Straight to the socket, not through SocketStream.receive_some:
@@ -260,7 +260,7 @@ class WebSocketStream:
             if not data:
                 raise ConnectionLost
             self.last_received = trio.current_time()
-            frames.receive_bytes(data)
+            frames.feed(data)
             del data
             await trio.lowlevel.checkpoint()  # a peer that never stops sending still yields
 
@@ -294,7 +294,7 @@ class WebSocketStream:
             return None
         self._partial = None
         self._budget.release(len(partial))
-        # wsproto checked the UTF-8 as it arrived.
+        # The parser checked the UTF-8 as it arrived.
         return partial.decode() if self._partial_text else bytes(partial)
 
     def _drop_partial(self, finished: bool) -> None:

@@ -34,8 +34,7 @@ import zlib
 from collections.abc import Iterable
 from typing import Final
 
-from wsproto.extensions import Extension
-from wsproto.frame_protocol import CloseReason, FrameDecoder, FrameProtocol, Opcode, RsvBits
+from .frames import INVALID_DATA, FrameError
 
 EXTENSION: Final = "permessage-deflate"
 #: The parameters tidings accepts an offer with, and answers.
@@ -139,24 +138,24 @@ class DeflateFramer:
         return _header(self._opcode, len(data)) + data
 
 
-class InboundDeflate(Extension):
+class InboundDeflate:
     """Inflates a client's compressed messages, within ``max_message_size``.
 
-    A wsproto extension for the frame parser. Each compressed message gets a
-    decompressor of its own (the client agreed to ``client_no_context_takeover``),
-    dropped when the message ends. The compressed bytes of one message and
-    what they inflate to are both bounded by ``max_message_size``: past
-    either, the rest of the message is skipped without inflating it and
-    :attr:`too_big` is set, for the transport to close with 1009 as it does
-    for any oversized message (the parser goes on, to read the peer's close).
-    Data that does not inflate fails the parser with 1007.
+    The frame parser (:class:`~tidings.transport.frames.FrameParser`) calls
+    :meth:`begin` when a message with RSV1 starts, :meth:`inflate` with each
+    piece of its payload and :meth:`finish` when it ends. Each compressed
+    message gets a decompressor of its own (the client agreed to
+    ``client_no_context_takeover``), dropped when the message ends: an idle
+    connection holds none. The compressed bytes of one message and what they
+    inflate to are both bounded by ``max_message_size``: past either, the
+    rest of the message is skipped without inflating it and :attr:`too_big`
+    is set, for the transport to close with 1009 as it does for any
+    oversized message (the parser goes on, to read the peer's close). Data
+    that does not inflate is a :class:`~tidings.transport.frames.FrameError`
+    with 1007.
     """
 
-    name = EXTENSION
-
     __slots__ = (
-        "_compressed",
-        "_compressible",
         "_decompressor",
         "_inflated",
         "_read",
@@ -187,53 +186,26 @@ class InboundDeflate(Extension):
         self._tokens = self.burst
         self._stamp = now
         self._decompressor: zlib._Decompress | None = None
-        self._compressed: bool | None = None  # of the current message (its first frame says)
-        self._compressible = False  # the current frame (a control frame is not)
         self._inflated = 0
         self._read = 0
         self.too_big = False
         """The message being read went past the limit (the transport resets it)."""
 
-    def enabled(self) -> bool:
-        return True
+    def begin(self) -> None:
+        """A compressed message starts: a decompressor for it alone."""
+        self._decompressor = zlib.decompressobj(-_WINDOW_BITS)
+        self._inflated = self._read = 0
 
-    def offer(self) -> bool | str:  # pragma: no cover - a client's side; not ours
-        return RESPONSE
-
-    def frame_inbound_header(
-        self,
-        proto: FrameDecoder | FrameProtocol,
-        opcode: Opcode,
-        rsv: RsvBits,
-        payload_length: int,
-    ) -> CloseReason | RsvBits:
-        if rsv.rsv1 and (opcode.iscontrol() or opcode is Opcode.CONTINUATION):
-            return CloseReason.PROTOCOL_ERROR  # only a message's first frame says it is compressed
-        self._compressible = not opcode.iscontrol()
-        if self._compressible and self._compressed is None:
-            self._compressed = rsv.rsv1
-            if rsv.rsv1:
-                self._decompressor = zlib.decompressobj(-_WINDOW_BITS)
-                self._inflated = self._read = 0
-        return RsvBits(True, False, False)
-
-    def frame_inbound_payload_data(
-        self, proto: FrameDecoder | FrameProtocol, data: bytes
-    ) -> bytes | CloseReason:
-        if not (self._compressed and self._compressible):
-            return data
+    def inflate(self, data: bytes) -> bytes:
+        """A piece of the message's payload, inflated (nothing once it is too big)."""
         if self._decompressor is None:
             return b""  # the message went past the limit: skipped, not inflated
         return self._inflate(data)
 
-    def frame_inbound_complete(
-        self, proto: FrameDecoder | FrameProtocol, fin: bool
-    ) -> bytes | CloseReason | None:
-        if not (fin and self._compressible):
-            return None
-        compressed, self._compressed = self._compressed, None
-        if not compressed or self._decompressor is None:
-            return None
+    def finish(self) -> bytes:
+        """The message's last bytes, once the tail a sender drops is put back."""
+        if self._decompressor is None:
+            return b""
         result = self._inflate(_TAIL)
         self._decompressor = None  # no context takeover: the next message starts afresh
         return result
@@ -244,7 +216,7 @@ class InboundDeflate(Extension):
         self._stamp = now
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
-    def _inflate(self, data: bytes) -> bytes | CloseReason:
+    def _inflate(self, data: bytes) -> bytes:
         decompressor = self._decompressor
         assert decompressor is not None
         self._read += len(data)
@@ -256,7 +228,7 @@ class InboundDeflate(Extension):
             out = decompressor.decompress(data, room + 1)
         except zlib.error:
             self._decompressor = None
-            return CloseReason.INVALID_FRAME_PAYLOAD_DATA
+            raise FrameError(INVALID_DATA, "compressed data does not inflate") from None
         self._inflated += len(out)
         self._tokens -= len(out)
         if self._inflated > self.limit or decompressor.unconsumed_tail:
