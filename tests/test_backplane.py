@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tidings import BrokerError, Config, Server, open_server
-from tidings.backplane.redis import PREFIX, topic_id
+from tidings.backplane.redis import PREFIX, RedisBackplane, _Session, _Shard, topic_id
 from tidings.protocol.codes import CloseCode
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
@@ -419,3 +420,42 @@ async def test_garbage_on_the_control_channel_is_ignored(redis_server: RedisServ
                 channels = await a.channels()
             assert channels == {"jobs": 1}
             assert a.backplane.reconnects == before and a.backplane.connected
+
+
+class _HeldLink:
+    """A pub/sub link whose ``send`` waits until released, as behind a busy send lock."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        await self.release.wait()
+        self.sent.append(data)
+
+
+async def test_a_subscribe_cancelled_before_it_was_sent_leaves_no_waiter_behind() -> None:
+    """Found by bench/storm.py: under a reconnect storm a topic's sync timed out
+    while its SUBSCRIBE waited for the link's send lock; the waiter it left queued
+    took the next confirmation, so every later sync of that topic waited for one
+    confirmation too many, timed out in turn, and its clients were refused for
+    good ("unavailable") or resumed with a gap."""
+    link = _HeldLink()
+    shard = _Shard(pubsub=link, publisher=link, run_id=b"", script=b"", version=(7,))  # type: ignore[arg-type]
+    session = _Session()
+    subscribe_ = RedisBackplane._subscribe
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:  # the sync that times out
+            nursery.start_soon(subscribe_, None, session, shard, [b"t"], "SUBSCRIBE")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert not link.sent
+        assert b"t" not in shard.confirming
+
+        link.release.set()
+        async with trio.open_nursery() as nursery:  # the next sync of the topic
+            nursery.start_soon(subscribe_, None, session, shard, [b"t"], "SUBSCRIBE")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(link.sent) == 1
+            RedisBackplane._on_push(None, session, shard, [b"subscribe", b"t", 1])  # type: ignore[arg-type]
+        assert b"t" not in shard.confirming

@@ -904,10 +904,26 @@ class RedisBackplane:
             waiter = trio.Event()
             shard.confirming.setdefault(channel, deque()).append(waiter)
             waiters.append(waiter)
-        # One command per channel: shard channels of different slots cannot share one.
-        await shard.pubsub.send(b"".join(command(verb, channel) for channel in channels))
-        for waiter in waiters:
-            await waiter.wait()
+        try:
+            # One command per channel: shard channels of different slots cannot share one.
+            await shard.pubsub.send(b"".join(command(verb, channel) for channel in channels))
+            for waiter in waiters:
+                await waiter.wait()
+        except BaseException:
+            # Cancelled (a sync's timeout on a busy node), maybe before the command
+            # was even sent (waiting for the link's send lock): a waiter left queued
+            # would take the next confirmation of its channel, and every later
+            # subscribe would wait for one confirmation more than it gets: the
+            # topic could never be synchronised again. A confirmation that still
+            # comes wakes the next waiter early, which is right: the channel is
+            # subscribed by then.
+            for channel, waiter in zip(channels, waiters, strict=True):
+                queued = shard.confirming.get(channel)
+                if queued is not None and waiter in queued:
+                    queued.remove(waiter)
+                    if not queued:
+                        del shard.confirming[channel]
+            raise
         if session.ended:
             raise BackplaneUnavailable("the connection to Redis ended while subscribing")
 
