@@ -299,7 +299,7 @@ class Lines(threading.Thread):
                 return line
 
 
-def run(args: argparse.Namespace, workdir: Path, stamp: str) -> dict[str, Any]:
+def run(args: argparse.Namespace, workdir: Path, logdir: Path) -> dict[str, Any]:
     entry: dict[str, Any] = {}
     redis = RedisServer(args.aux_cpu, workdir)
     nodes: dict[str, Server] = {}
@@ -311,8 +311,8 @@ def run(args: argparse.Namespace, workdir: Path, stamp: str) -> dict[str, Any]:
         redis.start()
         entry["redis_command"] = redis.cmd
         port_a, port_b = free_port(), free_port()
-        nodes["a"] = start_node("a", port_a, redis.url, args, workdir / "node-a.log")
-        nodes["b"] = start_node("b", port_b, redis.url, args, workdir / "node-b.log")
+        nodes["a"] = start_node("a", port_a, redis.url, args, logdir / "node-a.log")
+        nodes["b"] = start_node("b", port_b, redis.url, args, logdir / "node-b.log")
         entry["node_commands"] = [n.cmd for n in nodes.values()]
         target_url = f"ws://127.0.0.1:{port_a if args.to == 'restarted' else port_b}/ws"
         publisher = Publisher(port_b, args.topics, args.rate)
@@ -347,7 +347,7 @@ def run(args: argparse.Namespace, workdir: Path, stamp: str) -> dict[str, Any]:
             "b": rss_bytes(nodes["b"].pid),
         }
         if args.profile and target == "b":
-            spy = start_spy(args, nodes["b"].pid, workdir, entry)
+            spy = start_spy(args, nodes["b"].pid, logdir, entry)
         # the kill
         a = nodes["a"]
         assert a.proc is not None
@@ -357,11 +357,11 @@ def run(args: argparse.Namespace, workdir: Path, stamp: str) -> dict[str, Any]:
         entry["kill_unix_ns"] = kill_ns
         if args.to == "restarted":
             t_restart = time.monotonic()
-            nodes["a"] = start_node("a", port_a, redis.url, args, workdir / "node-a2.log")
+            nodes["a"] = start_node("a", port_a, redis.url, args, logdir / "node-a2.log")
             entry["restart_seconds"] = round(time.monotonic() - t_restart, 2)
             sampler.watch("a2", nodes["a"].pid)
             if args.profile:
-                spy = start_spy(args, nodes["a"].pid, workdir, entry)
+                spy = start_spy(args, nodes["a"].pid, logdir, entry)
         try:
             lines.wait_for("resumed", args.storm_timeout + 15)
             entry["resumed_line_after_kill_s"] = round((time.time_ns() - kill_ns) / 1e9, 3)
@@ -546,6 +546,9 @@ def summary(doc: dict[str, Any]) -> list[str]:
         f" -> peak {f.get('server_rss_peak_mib')} MiB; load generator CPU"
         f" {f.get('loadgen_cpu_percent')} %; redis CPU {f.get('redis_cpu_percent')} %",
     ]
+    for name, log in (doc.get("server_logs") or {}).items():
+        if log.get("warnings"):
+            lines.append(f"  {name}: {log['warnings']} warning/error lines")
     if doc.get("error"):
         lines.append(f"  error: {doc['error']}")
     prof = doc.get("profile") or {}
@@ -615,14 +618,19 @@ def main(argv: list[str] | None = None) -> int:
         "code": suite.code_info(),
         "background_busy_percent": suite.cores_busy(1.0),
     }
+    logdir = RESULTS / "logs" / f"storm-{stamp}"  # bench/results/logs/ is not committed
+    logdir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="tidings-storm-") as tmp, suite.pinned_to(args.aux_cpu):
-        entry = run(args, Path(tmp), stamp)
-        logs = {}
-        for name in ("node-a.log", "node-a2.log", "node-b.log"):
-            path = Path(tmp) / name
-            if path.exists():
-                logs[name] = path.read_text(errors="replace").splitlines()[-15:]
-        entry["server_logs_tail"] = logs
+        entry = run(args, Path(tmp), logdir)
+    logs = {}
+    for name in ("node-a.log", "node-a2.log", "node-b.log"):
+        path = logdir / name
+        if path.exists():
+            lines = path.read_text(errors="replace").splitlines()
+            warnings = [ln for ln in lines if " WARNING " in ln or " ERROR " in ln]
+            logs[name] = {"lines": len(lines), "warnings": len(warnings), "tail": lines[-15:]}
+    entry["server_logs"] = logs
+    entry["server_logs_dir"] = str(logdir.relative_to(ROOT))
     doc.update(entry)
     doc["figures"] = figures(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
