@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,8 +23,17 @@ import trio
 import trio.testing
 
 from tidings import BrokerError, Config, Server, open_server
-from tidings.backplane.redis import PREFIX, RedisBackplane, _Session, _Shard, topic_id
+from tidings.backplane.redis import (
+    PREFIX,
+    RedisBackplane,
+    _Session,
+    _Shard,
+    _Tracked,
+    topic_id,
+)
+from tidings.broker.broker import DEFAULT_TENANT, Broker
 from tidings.protocol.codes import CloseCode
+from tidings.protocol.messages import Event, Position
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
 from .redis_fixture import RedisServer, free_port, redis_binary
@@ -459,3 +469,24 @@ async def test_a_subscribe_cancelled_before_it_was_sent_leaves_no_waiter_behind(
             assert len(link.sent) == 1
             RedisBackplane._on_push(None, session, shard, [b"subscribe", b"t", 1])  # type: ignore[arg-type]
         assert b"t" not in shard.confirming
+
+
+async def test_a_sync_of_a_topic_untracked_meanwhile_leaves_the_broker_alone() -> None:
+    """When every client waiting for a topic gives up, the node forgets it, and
+    the next client starts another sync while the first may still be fetching.
+    The first must not load its copy into the broker, where the second's may
+    already have subscribers (a suspected cause of the gaps bench/storm.py saw)."""
+    broker = Broker()
+    old = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    current = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    fetched = Position(7, "e1"), None, [Event("t", 7, "e1", {}, "2026-12-06T00:00:00.000Z", b"{}")]
+
+    async def fetch(*args: Any, **kwargs: Any) -> Any:
+        return fetched
+
+    backplane = SimpleNamespace(broker=broker, _tracked={b"channel-of-t": current}, _fetch=fetch)
+    await RedisBackplane._catch_up(backplane, old, resume=False)  # type: ignore[arg-type]
+    assert broker.position("t") is None
+    backplane._tracked[b"channel-of-t"] = old  # the same sync, still the topic's: it loads
+    await RedisBackplane._catch_up(backplane, old, resume=False)  # type: ignore[arg-type]
+    assert broker.position("t") == Position(7, "e1")

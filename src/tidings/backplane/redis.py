@@ -1060,6 +1060,8 @@ class RedisBackplane:
                 resume = True
         finally:
             tracked.syncing = False
+        if self._tracked.get(tracked.channel) is not tracked:
+            return  # untracked meanwhile: what it buffered is another sync's to deliver
         buffered, tracked.buffer = tracked.buffer, []
         for event in sorted(buffered, key=lambda e: e.seq):
             if self.broker.deliver(tracked.tenant, event) is Delivery.GAP:
@@ -1088,6 +1090,11 @@ class RedisBackplane:
             ensure=True,
         )
         assert position is not None  # ensure=True gives every topic an epoch
+        if self._tracked.get(tracked.channel) is not tracked:
+            # Untracked while fetching (every waiter gave up, or the topic went
+            # idle), maybe followed again since by another sync with subscribers
+            # on its copy: loading this one would move the topic under them.
+            return
         if known is None:
             self.broker.load(tenant, topic, position, events, previous=previous)
             return
