@@ -59,6 +59,7 @@ type stormClient struct {
 	attempts    int
 	refusals    map[string]int
 	failed      string // why it never resumed
+	gapSeen     []string
 }
 
 type frameMsg struct {
@@ -224,6 +225,18 @@ func (c *stormClient) onEvent(f *frameMsg) {
 		c.dups++
 	case seq > c.last+1:
 		c.gaps += seq - c.last - 1
+		if len(c.gapSeen) < 4 {
+			// where: before the move, in the replay (up to the reply's position), or live after it
+			where := "before the move"
+			if c.resumedNs != 0 {
+				where = "live after the replay"
+				if seq <= c.headAtReply {
+					where = "in the replay"
+				}
+			}
+			c.gapSeen = append(c.gapSeen, fmt.Sprintf("%s: after %d got %d (%s; reply at %d, replayed %d)",
+				c.topic, c.last, seq, where, c.headAtReply, c.replayed))
+		}
 		c.last = seq
 	default:
 		c.last = seq
@@ -505,6 +518,7 @@ func stormReport(clients []*stormClient, firstLost, caughtUpAll int64) map[strin
 	var gaps, dups, epochChg, events, replayed int64
 	clientsWithGap, attemptsMax := 0, 0
 	refusals := map[string]int{}
+	var gapSamples []string
 	failed := map[string]int{}
 	attemptsHist := map[string]int{}
 	lastByTopic := map[string][2]int64{} // min, max last seq
@@ -515,6 +529,11 @@ func stormReport(clients []*stormClient, firstLost, caughtUpAll int64) map[strin
 		epochChg += c.epochChg
 		if c.gaps > 0 || c.dups > 0 {
 			clientsWithGap++
+			for _, g := range c.gapSeen {
+				if len(gapSamples) < 30 {
+					gapSamples = append(gapSamples, g)
+				}
+			}
 		}
 		for k, v := range c.refusals {
 			refusals[k] += v
