@@ -490,3 +490,48 @@ async def test_a_sync_of_a_topic_untracked_meanwhile_leaves_the_broker_alone() -
     backplane._tracked[b"channel-of-t"] = old  # the same sync, still the topic's: it loads
     await RedisBackplane._catch_up(backplane, old, resume=False)  # type: ignore[arg-type]
     assert broker.position("t") == Position(7, "e1")
+
+
+async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """bench/storm.py: with thousands of handshakes on the node's loop, a topic's
+    first sync began well after the first subscriber started waiting for it; the
+    subscriber gave up after backplane_timeout and was refused `unavailable`
+    ("Redis is not reachable") while Redis was idle and the sync then succeeded
+    (533 refusals, not one failed sync, in run 150821). It now waits for the
+    attempt under way, which the same timeout bounds."""
+    tracked = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    tracked.syncing = True
+    backplane = SimpleNamespace(
+        timeout=2.0,
+        _tracked={b"channel-of-t": tracked},
+        _unsubscribe=set(),
+        _wake_unsubscriber=trio.Event(),
+        _channel=lambda tenant, topic: b"channel-of-t",
+        _broker_has=lambda tenant, topic: False,
+    )
+
+    async def late_sync(succeeds: bool) -> None:
+        await trio.sleep(1.5)  # the loop's queue: the sync task starts late
+        tracked.deadline = trio.current_time() + backplane.timeout
+        await trio.sleep(1.8)  # SUBSCRIBE and the stream's head: within its own 2 s
+        if succeeds:
+            tracked.synced = True
+            tracked.ready.set()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_sync, True)
+        await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(3.3)
+
+    # An attempt that runs out refuses its waiters at its deadline, not later.
+    tracked.synced, tracked.ready, tracked.deadline = False, trio.Event(), 0.0
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_sync, False)
+        with pytest.raises(BrokerError):
+            await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(3.5)
+    assert b"channel-of-t" not in backplane._tracked

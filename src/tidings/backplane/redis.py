@@ -289,6 +289,8 @@ class _Tracked:
     """Events were skipped while the node was behind: refill from the stream."""
     retired: deque[str] = attrs.Factory(lambda: deque(maxlen=RETIRED_EPOCHS))
     """Epochs this node left for a newer one: late events of theirs are ignored."""
+    deadline: float = 0.0
+    """When the sync's attempt under way times out (trio's clock); 0 before the first."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -474,6 +476,12 @@ class RedisBackplane:
             return
         with trio.move_on_after(self.timeout):
             await tracked.ready.wait()
+        if not tracked.synced and tracked.deadline > trio.current_time():
+            # A busy node (a reconnect storm) started the sync late: its attempt
+            # is bounded by the same timeout; refusing before it ends would
+            # blame Redis for the node's own queue.
+            with trio.move_on_at(tracked.deadline):
+                await tracked.ready.wait()
         if not tracked.synced:
             if self._tracked.get(channel) is tracked and not self._broker_has(tenant, topic):
                 del self._tracked[channel]
@@ -1042,7 +1050,8 @@ class RedisBackplane:
                 try:
                     if session is None:
                         raise BackplaneUnavailable("not connected to Redis")
-                    with trio.fail_after(self.timeout):
+                    tracked.deadline = trio.current_time() + self.timeout
+                    with trio.fail_at(tracked.deadline):
                         shard = session.listener_of(tracked.channel)
                         verb = "SSUBSCRIBE" if session.sharded else "SUBSCRIBE"
                         await self._subscribe(session, shard, [tracked.channel], verb)
