@@ -15,14 +15,25 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from tidings import BrokerError, Config, Server, open_server
-from tidings.backplane.redis import PREFIX, topic_id
+from tidings.backplane.redis import (
+    PREFIX,
+    RedisBackplane,
+    _Session,
+    _Shard,
+    _Tracked,
+    topic_id,
+)
+from tidings.broker.broker import DEFAULT_TENANT, Broker
 from tidings.protocol.codes import CloseCode
+from tidings.protocol.messages import Event, Position
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
 from .redis_fixture import RedisServer, free_port, redis_binary
@@ -419,3 +430,108 @@ async def test_garbage_on_the_control_channel_is_ignored(redis_server: RedisServ
                 channels = await a.channels()
             assert channels == {"jobs": 1}
             assert a.backplane.reconnects == before and a.backplane.connected
+
+
+class _HeldLink:
+    """A pub/sub link whose ``send`` waits until released, as behind a busy send lock."""
+
+    def __init__(self) -> None:
+        self.release = trio.Event()
+        self.sent: list[bytes] = []
+
+    async def send(self, data: bytes) -> None:
+        await self.release.wait()
+        self.sent.append(data)
+
+
+async def test_a_subscribe_cancelled_before_it_was_sent_leaves_no_waiter_behind() -> None:
+    """Found by bench/storm.py: under a reconnect storm a topic's sync timed out
+    while its SUBSCRIBE waited for the link's send lock; the waiter it left queued
+    took the next confirmation, so every later sync of that topic waited for one
+    confirmation too many, timed out in turn, and its clients were refused for
+    good ("unavailable") or resumed with a gap."""
+    link = _HeldLink()
+    shard = _Shard(pubsub=link, publisher=link, run_id=b"", script=b"", version=(7,))  # type: ignore[arg-type]
+    session = _Session()
+    subscribe_ = RedisBackplane._subscribe
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:  # the sync that times out
+            nursery.start_soon(subscribe_, None, session, shard, [b"t"], "SUBSCRIBE")
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert not link.sent
+        assert b"t" not in shard.confirming
+
+        link.release.set()
+        async with trio.open_nursery() as nursery:  # the next sync of the topic
+            nursery.start_soon(subscribe_, None, session, shard, [b"t"], "SUBSCRIBE")
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(link.sent) == 1
+            RedisBackplane._on_push(None, session, shard, [b"subscribe", b"t", 1])  # type: ignore[arg-type]
+        assert b"t" not in shard.confirming
+
+
+async def test_a_sync_of_a_topic_untracked_meanwhile_leaves_the_broker_alone() -> None:
+    """When every client waiting for a topic gives up, the node forgets it, and
+    the next client starts another sync while the first may still be fetching.
+    The first must not load its copy into the broker, where the second's may
+    already have subscribers (a suspected cause of the gaps bench/storm.py saw)."""
+    broker = Broker()
+    old = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    current = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    fetched = Position(7, "e1"), None, [Event("t", 7, "e1", {}, "2026-12-06T00:00:00.000Z", b"{}")]
+
+    async def fetch(*args: Any, **kwargs: Any) -> Any:
+        return fetched
+
+    backplane = SimpleNamespace(broker=broker, _tracked={b"channel-of-t": current}, _fetch=fetch)
+    await RedisBackplane._catch_up(backplane, old, resume=False)  # type: ignore[arg-type]
+    assert broker.position("t") is None
+    backplane._tracked[b"channel-of-t"] = old  # the same sync, still the topic's: it loads
+    await RedisBackplane._catch_up(backplane, old, resume=False)  # type: ignore[arg-type]
+    assert broker.position("t") == Position(7, "e1")
+
+
+async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """bench/storm.py: with thousands of handshakes on the node's loop, a topic's
+    first sync began well after the first subscriber started waiting for it; the
+    subscriber gave up after backplane_timeout and was refused `unavailable`
+    ("Redis is not reachable") while Redis was idle and the sync then succeeded
+    (533 refusals, not one failed sync, in run 150821). It now waits for the
+    attempt under way, which the same timeout bounds."""
+    tracked = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    tracked.syncing = True
+    backplane = SimpleNamespace(
+        timeout=2.0,
+        _tracked={b"channel-of-t": tracked},
+        _unsubscribe=set(),
+        _wake_unsubscriber=trio.Event(),
+        _channel=lambda tenant, topic: b"channel-of-t",
+        _broker_has=lambda tenant, topic: False,
+    )
+
+    async def late_sync(succeeds: bool) -> None:
+        await trio.sleep(1.5)  # the loop's queue: the sync task starts late
+        tracked.deadline = trio.current_time() + backplane.timeout
+        await trio.sleep(1.8)  # SUBSCRIBE and the stream's head: within its own 2 s
+        if succeeds:
+            tracked.synced = True
+            tracked.ready.set()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_sync, True)
+        await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(3.3)
+
+    # An attempt that runs out refuses its waiters at its deadline, not later.
+    tracked.synced, tracked.ready, tracked.deadline = False, trio.Event(), 0.0
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(late_sync, False)
+        with pytest.raises(BrokerError):
+            await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(3.5)
+    assert b"channel-of-t" not in backplane._tracked

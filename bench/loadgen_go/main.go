@@ -4,7 +4,7 @@
 //
 //	loadgen -url ws://127.0.0.1:PORT/ws -scenario fanout-max -server-pid PID
 //
-// Scenarios: fanout-max, fanout-rate, latency-100, many-topics, idle-10k (see
+// Scenarios: fanout-max, fanout-rate, latency-100, many-topics, idle-10k, storm (see
 // -help for the knobs; each scenario sets its own defaults). All sockets are
 // served by one goroutine on one epoll instance (see loop.go); run it pinned
 // to a CPU of its own (taskset -c 1) and read "loadgen_cpu_percent" in the
@@ -58,12 +58,16 @@ type options struct {
 	padText      bool
 	sse          bool
 	ssePath      string
+	stormURL     string
+	stormTopics  int
+	stormJitter  time.Duration
+	stormTimeout time.Duration
 }
 
 func main() {
 	o := options{}
 	flag.StringVar(&o.url, "url", "ws://127.0.0.1:8800/ws", "server WebSocket URL")
-	flag.StringVar(&o.scenario, "scenario", "fanout-max", "fanout-max | fanout-rate | latency-100 | many-topics | idle-10k")
+	flag.StringVar(&o.scenario, "scenario", "fanout-max", "fanout-max | fanout-rate | latency-100 | many-topics | idle-10k | storm")
 	flag.IntVar(&o.serverPid, "server-pid", 0, "server PID, for its CPU time and RSS from /proc")
 	flag.IntVar(&o.subscribers, "subscribers", 0, "subscriber connections (default per scenario: 1000, 1000, 100, 10000, 10000)")
 	flag.DurationVar(&o.duration, "duration", 10*time.Second, "publishing time")
@@ -88,6 +92,10 @@ func main() {
 	flag.Int64Var(&o.hotEvents, "hot-events", 400, "events per 20 ms that make the loop hot (400 = 20,000 events/s)")
 	flag.StringVar(&o.subURLs, "sub-urls", "", "comma-separated WebSocket URLs: subscriber i connects to the (i mod n)-th, the publisher still to -url (default: all to -url)")
 	flag.StringVar(&o.watchPids, "watch-pids", "", "comma-separated PIDs of other processes (more nodes, a backplane) whose CPU each phase reports in watched_cpu_percent")
+	flag.StringVar(&o.stormURL, "storm-url", "", "storm: where subscribers reconnect once -url dies (default: -url, a restarted node)")
+	flag.IntVar(&o.stormTopics, "storm-topics", 100, "storm: topics the subscribers are spread over")
+	flag.DurationVar(&o.stormJitter, "storm-jitter", 0, "storm: each subscriber waits a random delay up to this before reconnecting (0: all at once)")
+	flag.DurationVar(&o.stormTimeout, "storm-timeout", 60*time.Second, "storm: a subscriber gives up resuming after this long")
 	flag.IntVar(&dumpFrames, "dump-frames", 0, "print the first N text frames subscribers get to stderr (debugging)")
 	printPad := flag.Int("print-pad", 0, "print the -pad-text padding of this many bytes and exit (for bench/wire_cost.py)")
 	flag.Parse()
@@ -102,6 +110,10 @@ func main() {
 		os.Exit(2)
 	}()
 
+	run := run
+	if o.scenario == "storm" {
+		run = runStorm
+	}
 	res, err := run(o)
 	if res == nil {
 		res = map[string]any{}

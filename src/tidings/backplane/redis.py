@@ -289,6 +289,8 @@ class _Tracked:
     """Events were skipped while the node was behind: refill from the stream."""
     retired: deque[str] = attrs.Factory(lambda: deque(maxlen=RETIRED_EPOCHS))
     """Epochs this node left for a newer one: late events of theirs are ignored."""
+    deadline: float = 0.0
+    """When the sync's attempt under way times out (trio's clock); 0 before the first."""
 
 
 @attrs.define(slots=True, eq=False)
@@ -474,6 +476,12 @@ class RedisBackplane:
             return
         with trio.move_on_after(self.timeout):
             await tracked.ready.wait()
+        if not tracked.synced and tracked.deadline > trio.current_time():
+            # A busy node (a reconnect storm) started the sync late: its attempt
+            # is bounded by the same timeout; refusing before it ends would
+            # blame Redis for the node's own queue.
+            with trio.move_on_at(tracked.deadline):
+                await tracked.ready.wait()
         if not tracked.synced:
             if self._tracked.get(channel) is tracked and not self._broker_has(tenant, topic):
                 del self._tracked[channel]
@@ -904,10 +912,26 @@ class RedisBackplane:
             waiter = trio.Event()
             shard.confirming.setdefault(channel, deque()).append(waiter)
             waiters.append(waiter)
-        # One command per channel: shard channels of different slots cannot share one.
-        await shard.pubsub.send(b"".join(command(verb, channel) for channel in channels))
-        for waiter in waiters:
-            await waiter.wait()
+        try:
+            # One command per channel: shard channels of different slots cannot share one.
+            await shard.pubsub.send(b"".join(command(verb, channel) for channel in channels))
+            for waiter in waiters:
+                await waiter.wait()
+        except BaseException:
+            # Cancelled (a sync's timeout on a busy node), maybe before the command
+            # was even sent (waiting for the link's send lock): a waiter left queued
+            # would take the next confirmation of its channel, and every later
+            # subscribe would wait for one confirmation more than it gets: the
+            # topic could never be synchronised again. A confirmation that still
+            # comes wakes the next waiter early, which is right: the channel is
+            # subscribed by then.
+            for channel, waiter in zip(channels, waiters, strict=True):
+                queued = shard.confirming.get(channel)
+                if queued is not None and waiter in queued:
+                    queued.remove(waiter)
+                    if not queued:
+                        del shard.confirming[channel]
+            raise
         if session.ended:
             raise BackplaneUnavailable("the connection to Redis ended while subscribing")
 
@@ -1026,7 +1050,8 @@ class RedisBackplane:
                 try:
                     if session is None:
                         raise BackplaneUnavailable("not connected to Redis")
-                    with trio.fail_after(self.timeout):
+                    tracked.deadline = trio.current_time() + self.timeout
+                    with trio.fail_at(tracked.deadline):
                         shard = session.listener_of(tracked.channel)
                         verb = "SSUBSCRIBE" if session.sharded else "SUBSCRIBE"
                         await self._subscribe(session, shard, [tracked.channel], verb)
@@ -1044,6 +1069,8 @@ class RedisBackplane:
                 resume = True
         finally:
             tracked.syncing = False
+        if self._tracked.get(tracked.channel) is not tracked:
+            return  # untracked meanwhile: what it buffered is another sync's to deliver
         buffered, tracked.buffer = tracked.buffer, []
         for event in sorted(buffered, key=lambda e: e.seq):
             if self.broker.deliver(tracked.tenant, event) is Delivery.GAP:
@@ -1072,6 +1099,11 @@ class RedisBackplane:
             ensure=True,
         )
         assert position is not None  # ensure=True gives every topic an epoch
+        if self._tracked.get(tracked.channel) is not tracked:
+            # Untracked while fetching (every waiter gave up, or the topic went
+            # idle), maybe followed again since by another sync with subscribers
+            # on its copy: loading this one would move the topic under them.
+            return
         if known is None:
             self.broker.load(tenant, topic, position, events, previous=previous)
             return
