@@ -11,6 +11,7 @@ from tidings.protocol.json_dialect import JsonDialect
 from tidings.protocol.messages import AppMessage
 
 from .conftest import TEST_TIMEOUT, Disconnects, running_server
+from .hookbackend import Call, Raw, running_backend
 
 
 async def test_subscribe_publish_and_request() -> None:
@@ -163,3 +164,63 @@ async def test_subscriptions_without_positions_are_renewed_after_a_reconnect() -
                 await subscribed[1].wait()  # the client came back and subscribed again
                 await server.publish("t", {"type": "event", "topic": "t", "payload": 2})
                 assert (await events.__anext__()).payload == 2
+
+
+async def test_a_resume_refused_for_a_while_is_retried_and_loses_nothing() -> None:
+    """A node that answers a resubscribe ``unavailable`` (its hook is down, or it
+    is busy resynchronising after a storm) gets it again until it takes it; the
+    events published meanwhile arrive by the resume, once each."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_backend() as backend:
+            down, refused = False, trio.Event()
+
+            def answer(_: Call) -> object:
+                if down:
+                    refused.set()
+                    return Raw(500, b"down for a moment")
+                return {"result": {}}
+
+            backend.on("/subscribe", answer)
+            async with (
+                running_server(proxy_subscribe=backend.url("/subscribe")) as server,
+                connect(server.url, min_backoff=0.05) as client,
+                client.subscribe("deploys") as events,
+            ):
+                await server.publish("deploys", 0)
+                first = await events.__anext__()
+                down = True
+                [connection] = server.clients()
+                server.disconnect(connection.id, CloseCode.SERVICE_RESTART, "restarting")
+                for i in range(1, 5):
+                    await server.publish("deploys", i)
+                await refused.wait()  # the resubscribe on the new connection was refused
+                down = False
+                rest = [await events.__anext__() for _ in range(4)]
+                assert [e.payload for e in [first, *rest]] == list(range(5))
+                assert [e.seq for e in [first, *rest]] == list(range(1, 6))
+                assert client.connections == 2  # retried on the same connection
+                assert events.resumes >= 2 and events.recovered is True, events.answer
+                assert events.refused is None
+
+
+async def test_a_resume_refused_for_good_ends_the_subscription_with_the_reason() -> None:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with running_backend() as backend:
+            allowed = True
+
+            def answer(_: Call) -> object:
+                return {"result": {}} if allowed else {"error": {"code": 4403, "message": "gone"}}
+
+            backend.on("/subscribe", answer)
+            async with (
+                running_server(proxy_subscribe=backend.url("/subscribe")) as server,
+                connect(server.url, min_backoff=0.05) as client,
+                client.subscribe("deploys") as events,
+            ):
+                allowed = False
+                [connection] = server.clients()
+                server.disconnect(connection.id, CloseCode.SERVICE_RESTART, "restarting")
+                with pytest.raises(TidingsError) as refused:
+                    await events.__anext__()
+                assert (refused.value.code, str(refused.value)) == ("4403", "4403: gone")
+                assert events.refused is refused.value

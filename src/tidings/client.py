@@ -22,13 +22,14 @@ It runs under Trio only. Under asyncio, publish with
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import math
 import random
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager, suppress
 from typing import Any, Final, Self
 
@@ -45,6 +46,7 @@ from trio_websocket import (
 )
 
 from .errors import RemoteError, TidingsError
+from .protocol.codes import ErrorCode
 from .protocol.messages import Event, Position
 
 __all__ = [
@@ -90,18 +92,24 @@ class _Pending:
     frame is read: a subscribe's position must be known before its events.
     """
 
-    __slots__ = ("done", "error", "on_reply", "reply")
+    __slots__ = ("done", "error", "on_error", "on_reply", "reply")
 
-    def __init__(self, on_reply: _Callback | None = None) -> None:
+    def __init__(
+        self, on_reply: _Callback | None = None, on_error: _Callback | None = None
+    ) -> None:
         self.done = trio.Event()
         self.on_reply = on_reply
+        self.on_error = on_error
         self.reply: dict[str, Any] | None = None
         self.error: BaseException | None = None
 
     def resolve(self, reply: dict[str, Any]) -> None:
         self.reply = reply
-        if self.on_reply is not None and reply.get("type") != "error":
-            self.on_reply(reply)
+        if reply.get("type") != "error":
+            if self.on_reply is not None:
+                self.on_reply(reply)
+        elif self.on_error is not None:
+            self.on_error(reply)
         self.done.set()
 
     def fail(self, error: BaseException) -> None:
@@ -130,6 +138,8 @@ class ClientSubscription:
         self.answer: dict[str, Any] = {}
         """The payload of the last subscribe response: ``seq``, ``epoch``, and with
         a resume ``recovered`` and ``replayed`` (how many events follow it)."""
+        self.refused: RemoteError | None = None
+        """Why the server refused to resume it for good (iterating it raises this)."""
         self._send, self._receive = trio.open_memory_channel[Event](buffer)
 
     def __aiter__(self) -> Self:
@@ -139,7 +149,14 @@ class ClientSubscription:
         try:
             return await self._receive.receive()
         except trio.EndOfChannel:
+            if self.refused is not None:
+                raise self.refused from None
             raise StopAsyncIteration from None
+
+    def _refuse(self, error: RemoteError) -> None:
+        """A resume the server will not take: the iteration ends with ``error``."""
+        self.refused = error
+        self._send.close()
 
     def _on_subscribe_reply(self, reply: dict[str, Any]) -> None:
         self.confirmed = True
@@ -203,6 +220,9 @@ class Client:
         self._ids = itertools.count(1)
         self._pending: dict[str, _Pending] = {}
         self._subscriptions: dict[str, ClientSubscription] = {}
+        # Resubscribes refused for a while (``unavailable``), retried on this connection.
+        self._to_resume: list[ClientSubscription] = []
+        self._resume_wake = trio.Event()
 
     @property
     def connected(self) -> bool:
@@ -402,7 +422,8 @@ class Client:
                 ) as ws:
                     self.connections += 1
                     backoff = self.min_backoff
-                    for message in self._resubscribe_messages():
+                    self._to_resume, self._resume_wake = [], trio.Event()
+                    for message in self._resubscribe_messages(self._subscriptions.values()):
                         await ws.send_message(message)
                     self._ws = ws
                     self._connected.set()
@@ -411,6 +432,7 @@ class Client:
                         task_status.started()
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._keepalive, ws, nursery.cancel_scope)
+                        nursery.start_soon(self._resume_refused, ws)
                         with suppress(ConnectionClosed):  # the usual way a connection ends
                             await self._read(ws)
                         nursery.cancel_scope.cancel()
@@ -440,19 +462,50 @@ class Client:
                 await trio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(backoff * 2, self.max_backoff)
 
-    def _resubscribe_messages(self) -> list[str]:
-        """A subscribe for every subscription, resuming from its last offset."""
+    def _resubscribe_messages(self, subscriptions: Iterable[ClientSubscription]) -> list[str]:
+        """A subscribe for each subscription, resuming from its last offset."""
         messages = []
-        for subscription in self._subscriptions.values():
-            if not subscription.confirmed:
-                continue  # its first subscribe is still in flight
+        for subscription in subscriptions:
+            if not subscription.confirmed or subscription.refused is not None:
+                continue  # its first subscribe is still in flight, or it is over
             message = self._subscribe_message(subscription)
             request_id = f"c{next(self._ids)}"
             message["requestId"] = request_id
             subscription.resumes += 1
-            self._pending[request_id] = _Pending(subscription._on_subscribe_reply)
+            self._pending[request_id] = _Pending(
+                subscription._on_subscribe_reply,
+                functools.partial(self._on_resume_refused, subscription),
+            )
             messages.append(orjson.dumps(message).decode())
         return messages
+
+    def _on_resume_refused(self, subscription: ClientSubscription, reply: dict[str, Any]) -> None:
+        """A resubscribe was refused: try again later if the reason passes, else end it."""
+        body = reply.get("payload") or {}
+        code, message = str(body.get("code")), str(body.get("message"))
+        if self._subscriptions.get(subscription.topic) is not subscription:
+            return  # left meanwhile
+        if code in TEMPORARY_CODES:
+            # A node busy resynchronising (a reconnect storm) or a hook that is
+            # down: nothing is lost by waiting, the next resume replays it.
+            LOGGER.info("resuming %r refused (%s: %s); retrying", subscription.topic, code, message)
+            self._to_resume.append(subscription)
+            self._resume_wake.set()
+            return
+        LOGGER.warning("resuming %r refused for good: %s: %s", subscription.topic, code, message)
+        subscription._refuse(RemoteError(code, message))
+
+    async def _resume_refused(self, ws: WebSocketConnection) -> None:
+        """Resubscribe, with backoff, the topics whose resume was refused for a while."""
+        backoff = self.min_backoff
+        while True:
+            await self._resume_wake.wait()
+            await trio.sleep(backoff * random.uniform(0.5, 1.0))
+            backoff = min(backoff * 2, self.max_backoff)
+            self._resume_wake = trio.Event()
+            retry, self._to_resume = self._to_resume, []
+            for message in self._resubscribe_messages(retry):
+                await ws.send_message(message)
 
     async def _read(self, ws: WebSocketConnection) -> None:
         while True:
@@ -525,6 +578,9 @@ def _require_trio() -> None:
             " centrifuge-python at /connection/websocket (docs/asyncio.md)"
         )
 
+
+#: Refusals of a resubscribe that pass by themselves: retried on the same connection.
+TEMPORARY_CODES: Final = frozenset({ErrorCode.UNAVAILABLE.value, ErrorCode.RATE_LIMITED.value})
 
 _RETRY: Final = re.compile(r"; retry=(\d{1,7})$")
 
