@@ -23,6 +23,7 @@ import trio
 import trio.testing
 
 from tidings import BrokerError, Config, Server, open_server
+from tidings.backplane.link import Link
 from tidings.backplane.redis import (
     PREFIX,
     RedisBackplane,
@@ -535,3 +536,44 @@ async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
             await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
     assert trio.current_time() - start == pytest.approx(3.5)
     assert b"channel-of-t" not in backplane._tracked
+
+
+class _SlowStream:
+    """A stream whose writes are recorded and each wait a scheduler pass or more."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.hold = trio.Event()
+
+    async def send_all(self, data: bytes) -> None:
+        await self.hold.wait()
+        self.writes.append(bytes(data))
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_commands_sent_while_the_link_writes_go_out_together_in_order() -> None:
+    """bench/storm.py: a hundred topics' SUBSCRIBE queued on the pub/sub link's
+    send lock, one scheduler pass per turn, and took seconds on a busy node.
+    Now whoever writes takes what the others queued meanwhile; a caller
+    cancelled after queuing loses nothing of anyone's."""
+    stream = _SlowStream()
+    link = Link(stream, ("127.0.0.1", 0))  # type: ignore[arg-type]
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(link.send, b"first;")
+            await trio.testing.wait_all_tasks_blocked()  # the first write is under way
+            for i in range(100):
+                nursery.start_soon(link.send, b"%d;" % i)
+            await trio.testing.wait_all_tasks_blocked()  # queued, and returned
+            with trio.CancelScope() as impatient:
+                impatient.cancel()
+                await link.send(b"cancelled;")
+            await trio.testing.wait_all_tasks_blocked()
+            stream.hold.set()
+    assert len(stream.writes) == 2 and stream.writes[0] == b"first;"
+    # Each command whole, once, in the order the calls ran (Trio runs new tasks in any order).
+    commands = stream.writes[1].split(b";")
+    assert commands[-2:] == [b"cancelled", b""]
+    assert sorted(commands[:-2], key=int) == [b"%d" % i for i in range(100)]
