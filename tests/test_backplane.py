@@ -26,6 +26,7 @@ from tidings import BrokerError, Config, Server, open_server
 from tidings.backplane.link import Link
 from tidings.backplane.redis import (
     PREFIX,
+    SLOW_NODE_PATIENCE,
     RedisBackplane,
     _Session,
     _Shard,
@@ -511,6 +512,7 @@ async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
         _wake_unsubscriber=trio.Event(),
         _channel=lambda tenant, topic: b"channel-of-t",
         _broker_has=lambda tenant, topic: False,
+        healthy=False,  # Redis does not answer publications in time either
     )
 
     async def late_sync(succeeds: bool) -> None:
@@ -536,6 +538,50 @@ async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
             await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
     assert trio.current_time() - start == pytest.approx(3.5)
     assert b"channel-of-t" not in backplane._tracked
+
+
+async def test_a_subscriber_waits_longer_for_a_sync_while_redis_answers_in_time(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """bench/storm.py after the fixes above: on a node this busy a sync's own
+    attempt could outlast backplane_timeout, and its waiters were refused
+    `unavailable` while Redis idled. When Redis answers publications in time
+    (the backplane is healthy) the node is what is slow: a subscriber waits for
+    the next attempt, up to SLOW_NODE_PATIENCE timeouts, and no longer."""
+    tracked = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
+    tracked.syncing = True
+    backplane = SimpleNamespace(
+        timeout=2.0,
+        _tracked={b"channel-of-t": tracked},
+        _unsubscribe=set(),
+        _wake_unsubscriber=trio.Event(),
+        _channel=lambda tenant, topic: b"channel-of-t",
+        _broker_has=lambda tenant, topic: False,
+        healthy=True,
+    )
+
+    async def attempts(succeeds_at: float | None) -> None:
+        tracked.deadline = trio.current_time() + backplane.timeout
+        await trio.sleep(backplane.timeout)  # the first attempt runs out
+        tracked.deadline = trio.current_time() + backplane.timeout  # the next, at once
+        if succeeds_at is not None:
+            await trio.sleep(succeeds_at - backplane.timeout)
+            tracked.synced = True
+            tracked.ready.set()
+
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attempts, 3.5)
+        await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(3.5)
+
+    tracked.synced, tracked.ready = False, trio.Event()
+    start = trio.current_time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(attempts, None)
+        with pytest.raises(BrokerError):
+            await RedisBackplane.track(backplane, DEFAULT_TENANT, "t")  # type: ignore[arg-type]
+    assert trio.current_time() - start == pytest.approx(2.0 * SLOW_NODE_PATIENCE)
 
 
 class _SlowStream:

@@ -114,6 +114,10 @@ KEEPALIVE: Final = 1.0
 #: A publication batch unanswered this long means Redis is stalled (frozen,
 #: swapping, a slow script): /health says degraded before the timeout gives up.
 STALL_AFTER: Final = 0.5
+#: How many ``backplane_timeout`` a subscribe waits for a topic's first sync
+#: while Redis answers in time: the node itself is slow then (a reconnect
+#: storm), and a client refused would only come back and add to the herd.
+SLOW_NODE_PATIENCE: Final = 3
 #: Epochs of a topic a node remembers having left, to ignore their late events.
 RETIRED_EPOCHS: Final = 4
 #: Error replies that mean "this server no longer serves this key": reconnect.
@@ -474,6 +478,7 @@ class RedisBackplane:
             self._start_sync(tracked, resume=False)
         if tracked.synced:
             return
+        patience = trio.current_time() + self.timeout * SLOW_NODE_PATIENCE
         with trio.move_on_after(self.timeout):
             await tracked.ready.wait()
         if not tracked.synced and tracked.deadline > trio.current_time():
@@ -481,6 +486,12 @@ class RedisBackplane:
             # is bounded by the same timeout; refusing before it ends would
             # blame Redis for the node's own queue.
             with trio.move_on_at(tracked.deadline):
+                await tracked.ready.wait()
+        if not tracked.synced and self.healthy and self._tracked.get(channel) is tracked:
+            # Redis answers publications in time: the node is what is slow (a
+            # reconnect storm runs thousands of handshakes between two steps of
+            # a sync). Wait for the sync's next attempt, within bounds.
+            with trio.move_on_at(patience):
                 await tracked.ready.wait()
         if not tracked.synced:
             if self._tracked.get(channel) is tracked and not self._broker_has(tenant, topic):
@@ -1057,6 +1068,16 @@ class RedisBackplane:
                         await self._subscribe(session, shard, [tracked.channel], verb)
                         await self._catch_up(tracked, resume)
                 except Exception as exc:
+                    if isinstance(exc, trio.TooSlowError) and self.healthy:
+                        # Redis answers publications in time: this node was too
+                        # busy to finish in time (a storm). Again, at once.
+                        LOGGER.info(
+                            "synchronising %r took over %.1f s on a busy node; again",
+                            tracked.topic,
+                            self.timeout,
+                        )
+                        await trio.lowlevel.checkpoint()
+                        continue
                     LOGGER.warning("synchronising %r failed: %s", tracked.topic, _cause(exc))
                     if session is not None and self._session is session:
                         await trio.sleep(BACKOFF_MAX)  # Redis refused, not the link: wait
