@@ -2358,6 +2358,10 @@ def dropped_total(values: dict[str, float]) -> float | None:
     return sum(found) if found else None
 
 
+#: Events published at a client that does not read, in small/disconnect-overflow.
+OVERFLOW_EVENTS = 6000
+
+
 async def case_disconnect_overflow(run: Run) -> Json:
     server = await run.start_server(["--overflow-policy", "disconnect"])
     write_timeout = run.help.seconds("--write-timeout", 10.0)
@@ -2367,11 +2371,18 @@ async def case_disconnect_overflow(run: Run) -> Json:
     ws = await run.connect("/ws", rcvbuf=4096)
     reply = await request(ws, {"type": "subscribe", "topic": "flood", "requestId": "s"})
     run.mark("non-reader subscribed", reply=outcome(reply))
+    # More than the kernel holds between the two ends (loopback send buffers grow
+    # to 4 MiB): with 1,000 events every one of them fit, nothing waited in the
+    # outbox, and there was nothing to overflow.
     fill = await publish_many(
-        server.port, 1000, lambda i: "flood", lambda i: {"i": i, "pad": PAD_1K}, window=100
+        server.port,
+        OVERFLOW_EVENTS,
+        lambda i: "flood",
+        lambda i: {"i": i, "pad": PAD_1K},
+        window=100,
     )
     published_at = trio.current_time()
-    run.mark("1,000 events published", fill=fill)
+    run.mark(f"{OVERFLOW_EVENTS:,} events published", fill=fill)
     with trio.move_on_after(write_timeout + 5):
         while True:  # until the server records a close it made itself
             recorded = disconnect_counts(await metrics(server.port)) - disconnect_counts(before)
@@ -2393,7 +2404,7 @@ async def case_disconnect_overflow(run: Run) -> Json:
     return {
         "attack": {
             "policy": "disconnect",
-            "events": 1000,
+            "events": OVERFLOW_EVENTS,
             "event_bytes": "~1 KiB",
             "rcvbuf": 4096,
             "write_timeout_s": write_timeout,
