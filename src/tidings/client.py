@@ -504,7 +504,8 @@ class Client:
             backoff = min(backoff * 2, self.max_backoff)
             self._resume_wake = trio.Event()
             retry, self._to_resume = self._to_resume, []
-            for message in self._resubscribe_messages(retry):
+            current = [s for s in retry if self._subscriptions.get(s.topic) is s]  # not left
+            for message in self._resubscribe_messages(current):
                 await ws.send_message(message)
 
     async def _read(self, ws: WebSocketConnection) -> None:
