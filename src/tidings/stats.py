@@ -48,7 +48,7 @@ class NodeCounters:
         self.disconnects: dict[tuple[int, str], int] = {}
         """Connections that ended, by (close code, reason)."""
         self.outbox_depth = Histogram((0, 1, 4, 16, 64, 128, 256, 512, 1024))
-        """Messages queued per connection, sampled by the heartbeat."""
+        """Messages queued per connection, sampled when its pinger wakes."""
         self.write_delay = Histogram((0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5))
         """Per write of a client's writer: seconds from the oldest message it
         carries being queued to the end of the write."""
