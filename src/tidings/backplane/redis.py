@@ -929,8 +929,8 @@ class RedisBackplane:
             for waiter in waiters:
                 await waiter.wait()
         except BaseException:
-            # Cancelled (a sync's timeout on a busy node), maybe before the command
-            # was even sent (waiting for the link's send lock): a waiter left queued
+            # Cancelled (a sync's timeout on a busy node), maybe before Redis got
+            # the command or before its confirmation was read: a waiter left queued
             # would take the next confirmation of its channel, and every later
             # subscribe would wait for one confirmation more than it gets: the
             # topic could never be synchronised again. A confirmation that still
