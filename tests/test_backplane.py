@@ -23,7 +23,7 @@ import trio
 import trio.testing
 
 from tidings import BrokerError, Config, Server, open_server
-from tidings.backplane.link import Link
+from tidings.backplane.link import SEND_TIMEOUT, Link, LinkClosed
 from tidings.backplane.redis import (
     PREFIX,
     SLOW_NODE_PATIENCE,
@@ -623,3 +623,25 @@ async def test_commands_sent_while_the_link_writes_go_out_together_in_order() ->
     commands = stream.writes[1].split(b";")
     assert commands[-2:] == [b"cancelled", b""]
     assert sorted(commands[:-2], key=int) == [b"%d" % i for i in range(100)]
+
+
+async def test_a_write_redis_does_not_take_closes_the_link_and_is_not_cut_by_its_caller(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A write may carry other tasks' commands: its caller's cancellation does
+    not cut it in half (the link would be left with half a command), but Redis
+    taking nothing for SEND_TIMEOUT closes the link."""
+    stream = _SlowStream()  # never released: Redis takes nothing
+    closed = trio.Event()
+
+    async def aclose() -> None:
+        closed.set()
+
+    stream.aclose = aclose  # type: ignore[method-assign]
+    link = Link(stream, ("127.0.0.1", 0))  # type: ignore[arg-type]
+    start = trio.current_time()
+    with trio.move_on_after(1):  # the caller gives up long before
+        with pytest.raises(LinkClosed):
+            await link.send(b"PING;")
+    assert trio.current_time() - start == pytest.approx(SEND_TIMEOUT)
+    assert closed.is_set() and stream.writes == []
