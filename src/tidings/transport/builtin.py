@@ -50,9 +50,9 @@ from .base import (
     Rejection,
     Transport,
     UpgradeRequest,
-    WriteTimeout,
 )
 from .deflate import DeflateFramer, InboundDeflate, negotiate
+from .fdio import write_now, write_rest
 from .frames import BINARY, CLOSE, PING, FrameError, FrameParser
 from .http1 import END_OF_HEAD, UpgradeHead, http_head, parse_upgrade
 from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
@@ -316,31 +316,11 @@ class WebSocketStream:
         if self._closed:
             raise ConnectionLost
         # Control frames were framed when queued: every item is bytes here.
-        data = b"".join(items)  # type: ignore[arg-type]
-        try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ConnectionLost from exc
-        return memoryview(data)[sent:] if sent < len(data) else None
+        return write_now(self._fd, b"".join(items))  # type: ignore[arg-type]
 
     async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         assert isinstance(rest, memoryview)
-        while rest:
-            # The timeout is for a stall: renewed whenever the peer takes something.
-            with trio.move_on_after(write_timeout) as waited:
-                await trio.lowlevel.wait_writable(self._fd)
-            if waited.cancelled_caught:
-                raise WriteTimeout
-            if self._closed:
-                raise ConnectionLost
-            try:
-                rest = rest[os.write(self._fd, rest) :]
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise ConnectionLost from exc
+        await write_rest(self._fd, rest, write_timeout, lambda: self._closed)
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -50,8 +50,8 @@ from .base import (
     PingFrame,
     ProtocolViolation,
     WireMessage,
-    WriteTimeout,
 )
+from .fdio import write_now, write_rest
 from .http1 import http_head
 
 SSE: Final = "sse"
@@ -226,34 +226,14 @@ class SocketEventStream(EventStream):
         batch = items if isinstance(items, list) else list(items)
         if batch and type(batch[-1]) is _Closing:
             self._ending = True
-        data = self._render(batch)
-        try:
-            sent = os.write(self._fd, data)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raise ConnectionLost from exc
-        if sent < len(data):
-            return memoryview(data)[sent:]
-        self._end_body()
-        return None
+        rest = write_now(self._fd, self._render(batch))
+        if rest is None:
+            self._end_body()
+        return rest
 
     async def send_rest(self, rest: object, *, write_timeout: float) -> None:
         assert isinstance(rest, memoryview)
-        while rest:
-            # A stall, not the whole write, is what the timeout bounds.
-            with trio.move_on_after(write_timeout) as waited:
-                await trio.lowlevel.wait_writable(self._fd)
-            if waited.cancelled_caught:
-                raise WriteTimeout
-            if self._closed:
-                raise ConnectionLost
-            try:
-                rest = rest[os.write(self._fd, rest) :]
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                raise ConnectionLost from exc
+        await write_rest(self._fd, rest, write_timeout, lambda: self._closed)
         self._end_body()
 
     def _end_body(self) -> None:
