@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from wsproto.extensions import Extension
 from wsproto.frame_protocol import CloseReason, FrameProtocol, Opcode, ParseFailed, RsvBits
 
+from tidings.transport.base import ProtocolViolation
 from tidings.transport.deflate import DeflateFramer, InboundDeflate
 from tidings.transport.frames import (
     BINARY,
@@ -33,7 +34,6 @@ from tidings.transport.frames import (
     PING,
     PONG,
     TEXT,
-    FrameError,
     FrameParser,
     unmask,
 )
@@ -79,7 +79,7 @@ def run_ours(chunks: list[bytes], inflate: InboundDeflate | None = None) -> list
             parser.feed(chunk)
             while (frame := parser.next_frame()) is not None:
                 events.append(frame)
-    except FrameError as exc:
+    except ProtocolViolation as exc:
         events.append(("error", exc.code))
     return events
 
@@ -474,7 +474,7 @@ class OracleDeflate(Extension):
             return data
         try:
             return self.inner.inflate(data)
-        except FrameError:
+        except ProtocolViolation:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
 
     def frame_inbound_complete(self, proto: Any, fin: bool) -> bytes | CloseReason | None:
@@ -485,7 +485,7 @@ class OracleDeflate(Extension):
             return None
         try:
             return self.inner.finish()
-        except FrameError:
+        except ProtocolViolation:
             return CloseReason.INVALID_FRAME_PAYLOAD_DATA
 
 

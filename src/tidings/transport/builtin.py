@@ -46,14 +46,13 @@ from .base import (
     PeerClosed,
     PingFrame,
     PongFrame,
-    ProtocolViolation,
     Rejection,
     Transport,
     UpgradeRequest,
 )
 from .deflate import DeflateFramer, InboundDeflate, negotiate
 from .fdio import write_now, write_rest
-from .frames import BINARY, CLOSE, PING, FrameError, FrameParser
+from .frames import BINARY, CLOSE, PING, FrameParser
 from .http1 import END_OF_HEAD, UpgradeHead, http_head, parse_upgrade
 from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
 
@@ -216,31 +215,28 @@ class WebSocketStream:
                 await trio.sleep(delay)
         while True:
             handled = 0
-            try:
-                # At most FRAMES_PER_TURN: a read of tiny frames lets others
-                # run before the rest.
-                while handled < FRAMES_PER_TURN:
-                    frame = frames.next_frame()
-                    if frame is None:
-                        break
-                    handled += 1
-                    opcode, payload, finished = frame
-                    if opcode <= BINARY:  # a message, or a piece of one
-                        if self._inflate is not None and self._inflate.too_big:
-                            self._inflate.too_big = False
-                            self._drop_partial(finished)
-                            raise MessageTooBig("message too big")
-                        message = self._assemble(payload, finished)
-                        if message is not None:
-                            return message
-                    elif opcode == PING:
-                        return PingFrame(cast(bytes, payload))
-                    elif opcode == CLOSE:
-                        code, reason = cast(tuple[int, str], payload)
-                        raise PeerClosed(code, reason)
-                    # PONG: its arrival already counts as activity.
-            except FrameError as exc:
-                raise ProtocolViolation(exc.code, exc.reason) from None
+            # At most FRAMES_PER_TURN: a read of tiny frames lets others
+            # run before the rest.
+            while handled < FRAMES_PER_TURN:
+                frame = frames.next_frame()
+                if frame is None:
+                    break
+                handled += 1
+                opcode, payload, finished = frame
+                if opcode <= BINARY:  # a message, or a piece of one
+                    if self._inflate is not None and self._inflate.too_big:
+                        self._inflate.too_big = False
+                        self._drop_partial(finished)
+                        raise MessageTooBig("message too big")
+                    message = self._assemble(payload, finished)
+                    if message is not None:
+                        return message
+                elif opcode == PING:
+                    return PingFrame(cast(bytes, payload))
+                elif opcode == CLOSE:
+                    code, reason = cast(tuple[int, str], payload)
+                    raise PeerClosed(code, reason)
+                # PONG: its arrival already counts as activity.
             if handled == FRAMES_PER_TURN:
                 await trio.lowlevel.checkpoint()
                 continue

@@ -34,7 +34,8 @@ import zlib
 from collections.abc import Iterable
 from typing import Final
 
-from .frames import INVALID_DATA, FrameError
+from .base import ProtocolViolation
+from .frames import INVALID_DATA
 
 EXTENSION: Final = "permessage-deflate"
 #: The parameters tidings accepts an offer with, and answers.
@@ -151,7 +152,7 @@ class InboundDeflate:
     rest of the message is skipped without inflating it and :attr:`too_big`
     is set, for the transport to close with 1009 as it does for any
     oversized message (the parser goes on, to read the peer's close). Data
-    that does not inflate is a :class:`~tidings.transport.frames.FrameError`
+    that does not inflate is a :class:`~tidings.transport.base.ProtocolViolation`
     with 1007.
     """
 
@@ -228,7 +229,7 @@ class InboundDeflate:
             out = decompressor.decompress(data, room + 1)
         except zlib.error:
             self._decompressor = None
-            raise FrameError(INVALID_DATA, "compressed data does not inflate") from None
+            raise ProtocolViolation(INVALID_DATA, "compressed data does not inflate") from None
         self._inflated += len(out)
         self._tokens -= len(out)
         if self._inflated > self.limit or decompressor.unconsumed_tail:

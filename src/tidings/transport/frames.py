@@ -44,6 +44,8 @@ from __future__ import annotations
 import codecs
 from typing import Final, Protocol, TypeAlias
 
+from .base import ProtocolViolation
+
 CONTINUATION: Final = 0x0
 TEXT: Final = 0x1
 BINARY: Final = 0x2
@@ -83,15 +85,6 @@ _UNEXPECTED_START: Final = 0x4
 _utf8_decoder = codecs.getincrementaldecoder("utf-8")
 
 
-class FrameError(Exception):
-    """The client broke RFC 6455: the connection must be closed with :attr:`code`."""
-
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
 class Inflater(Protocol):
     """What the parser needs of permessage-deflate (``deflate.InboundDeflate``)."""
 
@@ -99,7 +92,7 @@ class Inflater(Protocol):
         """A compressed message starts."""
 
     def inflate(self, data: bytes) -> bytes:
-        """Some of the message's compressed bytes, inflated; :class:`FrameError` if invalid."""
+        """Some of the message's compressed bytes, inflated; raises ProtocolViolation if invalid."""
         ...
 
     def finish(self) -> bytes:
@@ -195,7 +188,7 @@ class FrameParser:
         """The next frame (or piece of a data frame's payload), or None until more is fed.
 
         Raises:
-            FrameError: the client broke the protocol; nothing more can be parsed.
+            ProtocolViolation: the client broke the protocol; nothing more can be parsed.
         """
         op = self._op
         if op < 0:
@@ -222,7 +215,7 @@ class FrameParser:
             return None
         if op > BINARY:
             kind = "continuation" if op == _UNEXPECTED_CONTINUATION else "new message"
-            raise FrameError(PROTOCOL_ERROR, f"unexpected {kind} frame")
+            raise ProtocolViolation(PROTOCOL_ERROR, f"unexpected {kind} frame")
         # A read of exactly this piece is unmasked without a copy.
         data = buffer if n == len(buffer) else buffer[pos : pos + n]
         self._pos = pos + n
@@ -256,7 +249,7 @@ class FrameParser:
             text = decoder.decode(data, finished)
         except UnicodeDecodeError:
             self._decoder = None
-            raise FrameError(INVALID_DATA, "text frame is not UTF-8") from None
+            raise ProtocolViolation(INVALID_DATA, "text frame is not UTF-8") from None
         if finished:
             self._decoder = None
         return (TEXT, text, finished)
@@ -273,36 +266,36 @@ class FrameParser:
         second = buffer[start + 1]
         op = first & 0x0F
         if op not in _OPCODES:
-            raise FrameError(PROTOCOL_ERROR, f"reserved opcode {op:#x}")
+            raise ProtocolViolation(PROTOCOL_ERROR, f"reserved opcode {op:#x}")
         length = second & 0x7F
         size = 2
         if op >= CLOSE:
             if not first & 0x80:
-                raise FrameError(PROTOCOL_ERROR, "fragmented control frame")
+                raise ProtocolViolation(PROTOCOL_ERROR, "fragmented control frame")
             if length > _MAX_CONTROL:
-                raise FrameError(PROTOCOL_ERROR, "control frame longer than 125 bytes")
+                raise ProtocolViolation(PROTOCOL_ERROR, "control frame longer than 125 bytes")
         elif length == 126:
             if available < 4:
                 return _HEADER
             length = (buffer[start + 2] << 8) | buffer[start + 3]
             if length < 126:
-                raise FrameError(PROTOCOL_ERROR, "frame length not in its shortest form")
+                raise ProtocolViolation(PROTOCOL_ERROR, "frame length not in its shortest form")
             size = 4
         elif length == 127:
             if available < 10:
                 return _HEADER
             length = int.from_bytes(buffer[start + 2 : start + 10], "big")
             if length < 65536:
-                raise FrameError(PROTOCOL_ERROR, "frame length not in its shortest form")
+                raise ProtocolViolation(PROTOCOL_ERROR, "frame length not in its shortest form")
             if length >> 63:
-                raise FrameError(PROTOCOL_ERROR, "64-bit frame length with its top bit set")
+                raise ProtocolViolation(PROTOCOL_ERROR, "64-bit frame length with its top bit set")
             size = 10
         rsv = first & 0x70
         if rsv and (self._inflate is None or rsv & _RSV2_RSV3 or op == CONTINUATION or op >= CLOSE):
             # permessage-deflate's RSV1 marks a message's first frame, and only that.
-            raise FrameError(PROTOCOL_ERROR, "reserved bit set")
+            raise ProtocolViolation(PROTOCOL_ERROR, "reserved bit set")
         if not second & 0x80:
-            raise FrameError(PROTOCOL_ERROR, "client frame not masked")
+            raise ProtocolViolation(PROTOCOL_ERROR, "client frame not masked")
         if available < size + 4:
             return _HEADER
         if op >= CLOSE:
@@ -343,12 +336,12 @@ def _close_payload(payload: bytes) -> tuple[int, str]:
     if not payload:
         return (NO_STATUS, "")
     if len(payload) == 1:
-        raise FrameError(PROTOCOL_ERROR, "close frame with a one-byte payload")
+        raise ProtocolViolation(PROTOCOL_ERROR, "close frame with a one-byte payload")
     code = (payload[0] << 8) | payload[1]
     if not (code in _PEER_CLOSE_CODES or 3000 <= code <= 4999):
-        raise FrameError(PROTOCOL_ERROR, f"close code {code} may not be sent")
+        raise ProtocolViolation(PROTOCOL_ERROR, f"close code {code} may not be sent")
     try:
         reason = payload[2:].decode()
     except UnicodeDecodeError:
-        raise FrameError(INVALID_DATA, "close reason is not UTF-8") from None
+        raise ProtocolViolation(INVALID_DATA, "close reason is not UTF-8") from None
     return (code, reason)
