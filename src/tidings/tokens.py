@@ -14,22 +14,10 @@ from typing import Any
 
 import jwt
 
-from .auth import Authenticator, Identity
+from .auth import Identity
 from .config import Config
 from .errors import AuthError, ConfigError
-
-
-def authenticator(config: Config) -> Authenticator:
-    """The authenticator a node with ``config`` checks clients' tokens with."""
-    return Authenticator(
-        config.auth_mode,
-        default_tenant=config.default_tenant,
-        token=config.token,
-        jwt_secret=config.jwt_secret,
-        jwt_public_key=config.jwt_public_key,
-        audience=config.jwt_audience,
-        issuer=config.jwt_issuer,
-    )
+from .node.server import authenticator
 
 
 def mint(

@@ -96,6 +96,19 @@ class ServerStats:
     inbox_depth: int
 
 
+def authenticator(config: Config) -> Authenticator:
+    """The authenticator a node with ``config`` checks clients' tokens with."""
+    return Authenticator(
+        config.auth_mode,
+        default_tenant=config.default_tenant,
+        token=config.token,
+        jwt_secret=config.jwt_secret,
+        jwt_public_key=config.jwt_public_key,
+        audience=config.jwt_audience,
+        issuer=config.jwt_issuer,
+    )
+
+
 class Server:
     """A running tidings node. Get one from :func:`open_server`; do not construct it."""
 
@@ -133,15 +146,7 @@ class Server:
                 node_stats=self.node_stats,
             )
             self.broker.attach(self.backplane)
-        self.authenticator = Authenticator(
-            config.auth_mode,
-            default_tenant=config.default_tenant,
-            token=config.token,
-            jwt_secret=config.jwt_secret,
-            jwt_public_key=config.jwt_public_key,
-            audience=config.jwt_audience,
-            issuer=config.jwt_issuer,
-        )
+        self.authenticator = authenticator(config)
         self.proxy: Proxy | None = None
         """The application's hooks (``[proxy]``, docs/proxy.md), when any is configured."""
         if any(getattr(config, f"proxy_{hook}") for hook in PROXY_HOOKS):
