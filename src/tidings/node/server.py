@@ -723,15 +723,7 @@ class Server:
         proxy = self.proxy
         if isinstance(planned, Rejection) or proxy is None or not proxy.subscribes:
             return planned
-        client = ClientInfo(
-            id=client_id,
-            remote=request.remote,
-            connected_at=time.time(),
-            dialect=endpoint.dialect.name,
-            path=request.path,
-            user=identity.user,
-            tenant=identity.tenant,
-        )
+        client = self._hooked_client(endpoint, request, client_id, identity)
         origin = proxy.origin(request, endpoint.kind)
         for entry in planned.request.topics:
             try:
@@ -741,6 +733,25 @@ class Server:
             except ProxyDisconnect as exc:
                 return Rejection(403, exc.reason or "refused", ErrorCode.FORBIDDEN)
         return planned
+
+    def _hooked_client(
+        self,
+        endpoint: Endpoint,
+        request: UpgradeRequest,
+        client_id: str,
+        identity: Identity | None,
+    ) -> ClientInfo:
+        """The client as the application's hooks are told of it before it is admitted
+        (``identity`` None: before anyone knows who it is)."""
+        return ClientInfo(
+            id=client_id,
+            remote=request.remote,
+            connected_at=time.time(),
+            dialect=endpoint.dialect.name,
+            path=request.path,
+            user=identity.user if identity is not None else None,
+            tenant=identity.tenant if identity is not None else self.config.default_tenant,
+        )
 
     def _authenticate(self, endpoint: Endpoint, request: UpgradeRequest) -> Identity | Rejection:
         try:
@@ -775,14 +786,7 @@ class Server:
         """The connect hook's identity for an upgrade, or its refusal as an HTTP status."""
         proxy = self.proxy
         assert proxy is not None
-        client = ClientInfo(
-            id=client_id,
-            remote=request.remote,
-            connected_at=time.time(),
-            dialect=endpoint.dialect.name,
-            path=request.path,
-            tenant=self.config.default_tenant,
-        )
+        client = self._hooked_client(endpoint, request, client_id, None)
         try:
             kind = endpoint.kind if isinstance(endpoint, StreamEndpoint) else "websocket"
             return await proxy.connect(client, proxy.origin(request, kind))
