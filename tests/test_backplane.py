@@ -494,15 +494,8 @@ async def test_a_sync_of_a_topic_untracked_meanwhile_leaves_the_broker_alone() -
     assert broker.position("t") == Position(7, "e1")
 
 
-async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
-    """bench/storm.py: with thousands of handshakes on the node's loop, a topic's
-    first sync began well after the first subscriber started waiting for it; the
-    subscriber gave up after backplane_timeout and was refused `unavailable`
-    ("Redis is not reachable") while Redis was idle and the sync then succeeded
-    (533 refusals, not one failed sync, in run 150821). It now waits for the
-    attempt under way, which the same timeout bounds."""
+def _syncing_topic(*, healthy: bool) -> tuple[_Tracked, SimpleNamespace]:
+    """A topic whose sync is under way, and as much of a backplane as ``track`` uses."""
     tracked = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
     tracked.syncing = True
     backplane = SimpleNamespace(
@@ -512,8 +505,22 @@ async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
         _wake_unsubscriber=trio.Event(),
         _channel=lambda tenant, topic: b"channel-of-t",
         _broker_has=lambda tenant, topic: False,
-        healthy=False,  # Redis does not answer publications in time either
+        healthy=healthy,
     )
+    return tracked, backplane
+
+
+async def test_a_subscriber_waits_for_a_first_sync_a_busy_node_started_late(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """bench/storm.py: with thousands of handshakes on the node's loop, a topic's
+    first sync began well after the first subscriber started waiting for it; the
+    subscriber gave up after backplane_timeout and was refused `unavailable`
+    ("Redis is not reachable") while Redis was idle and the sync then succeeded
+    (533 refusals, not one failed sync, in run 150821). It now waits for the
+    attempt under way, which the same timeout bounds."""
+    # Redis does not answer publications in time either.
+    tracked, backplane = _syncing_topic(healthy=False)
 
     async def late_sync(succeeds: bool) -> None:
         await trio.sleep(1.5)  # the loop's queue: the sync task starts late
@@ -548,17 +555,7 @@ async def test_a_subscriber_waits_longer_for_a_sync_while_redis_answers_in_time(
     `unavailable` while Redis idled. When Redis answers publications in time
     (the backplane is healthy) the node is what is slow: a subscriber waits for
     the next attempt, up to SLOW_NODE_PATIENCE timeouts, and no longer."""
-    tracked = _Tracked(DEFAULT_TENANT, "t", b"channel-of-t")
-    tracked.syncing = True
-    backplane = SimpleNamespace(
-        timeout=2.0,
-        _tracked={b"channel-of-t": tracked},
-        _unsubscribe=set(),
-        _wake_unsubscriber=trio.Event(),
-        _channel=lambda tenant, topic: b"channel-of-t",
-        _broker_has=lambda tenant, topic: False,
-        healthy=True,
-    )
+    tracked, backplane = _syncing_topic(healthy=True)
 
     async def attempts(succeeds_at: float | None) -> None:
         tracked.deadline = trio.current_time() + backplane.timeout
