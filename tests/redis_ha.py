@@ -208,7 +208,7 @@ class Sentinels:
         return "\n".join(parts)
 
 
-def _cluster_port() -> int:
+def cluster_port() -> int:
     """A free port whose cluster bus port (port + 10000) is free too."""
     for _ in range(100):
         port = free_port()
@@ -234,7 +234,7 @@ class RedisCluster:
         options = ["--appendonly", "no", "--cluster-enabled", "yes"]
         options += ["--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000"]
         self.nodes = [
-            Instance(binary, directory / f"node{k}", options, _cluster_port()) for k in range(3)
+            Instance(binary, directory / f"node{k}", options, cluster_port()) for k in range(3)
         ]
 
     @property

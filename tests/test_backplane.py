@@ -9,7 +9,6 @@ node, a stream that no longer reaches back, Redis absent at start.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -39,6 +38,7 @@ from tidings.protocol.messages import Event, Position
 
 from .conftest import TEST_TIMEOUT, Disconnects, receive, send, subscribe, ws_client
 from .redis_fixture import RedisServer, free_port, redis_binary
+from .redis_ha import cluster_port
 
 pytestmark = pytest.mark.slow
 
@@ -320,20 +320,6 @@ async def _answers_ping(port: int) -> None:
             await trio.sleep(0.02)
 
 
-def _cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is a free port too."""
-    for _ in range(100):
-        port = free_port()
-        if port + 10000 <= 65535:
-            try:
-                with socket.socket() as probe:
-                    probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
 async def _cluster_ready(redis: RedisServer, port: int) -> None:
     """Poll a cluster node (bounded by the caller) until it says the cluster is ok."""
     redis.port = port
@@ -388,7 +374,7 @@ async def test_a_cluster_url_spreads_topics_over_the_cluster(tmp_path: Path) -> 
     binary, cli = redis_binary(), shutil.which("redis-cli")
     if cli is None:
         pytest.skip("redis-cli is not installed (it comes with redis-server's package)")
-    ports = [_cluster_port() for _ in range(3)]
+    ports = [cluster_port() for _ in range(3)]
     processes = []
     try:
         for port in ports:
