@@ -51,7 +51,7 @@ from .base import (
     UpgradeRequest,
 )
 from .deflate import DeflateFramer, InboundDeflate, negotiate
-from .fdio import write_now, write_rest
+from .fdio import read_now, write_now, write_rest
 from .frames import BINARY, CLOSE, PING, FrameParser
 from .http1 import END_OF_HEAD, UpgradeHead, http_head, parse_upgrade
 from .sse import SocketEventStream, cors_headers, preflight_headers, response_head
@@ -242,19 +242,10 @@ class WebSocketStream:
                 continue
             # Straight to the socket, not through SocketStream.receive_some:
             # fewer frames on the stack of every idle connection.
-            try:
-                data = os.read(self._fd, RECEIVE_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError as exc:
-                raise ConnectionLost from exc
+            data = read_now(self._fd, RECEIVE_SIZE)
             if data is None:
-                # Waited for outside the except block: an exception being
-                # handled stays alive, with its traceback, for the whole wait.
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
-            if not data:
-                raise ConnectionLost
             self.last_received = trio.current_time()
             frames.feed(data)
             del data

@@ -1,9 +1,11 @@
-"""Writes on a connection's non-blocking descriptor, shared by every transport
-that writes its socket directly (WebSocket and the HTTP streams).
+"""Reads and writes on a connection's non-blocking descriptor, shared by every
+transport that uses its socket directly (WebSocket and the HTTP streams).
 
 A batch goes out in one ``write(2)``, which almost always takes it all; what
 it does not take is written as the socket drains, the timeout bounding a
-stall (no byte taken), not the whole write.
+stall (no byte taken), not the whole write. Reading is a plain function, the
+wait left to the caller: a helper coroutine would be one more frame held by
+every idle connection for as long as it waits.
 """
 
 from __future__ import annotations
@@ -14,6 +16,23 @@ from collections.abc import Callable
 import trio
 
 from .base import ConnectionLost, WriteTimeout
+
+
+def read_now(fd: int, size: int) -> bytes | None:
+    """What the socket holds, up to ``size`` bytes; None when it holds nothing yet.
+
+    Raises:
+        ConnectionLost: the peer is gone (an error, or the end of the stream).
+    """
+    try:
+        data = os.read(fd, size)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        raise ConnectionLost from exc
+    if not data:
+        raise ConnectionLost
+    return data
 
 
 def write_now(fd: int, data: bytes) -> memoryview | None:

@@ -32,7 +32,6 @@ handler's origin policy allowed it.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 from collections.abc import Iterable, MutableMapping
@@ -51,7 +50,7 @@ from .base import (
     ProtocolViolation,
     WireMessage,
 )
-from .fdio import write_now, write_rest
+from .fdio import read_now, write_now, write_rest
 from .http1 import http_head
 
 SSE: Final = "sse"
@@ -205,17 +204,10 @@ class SocketEventStream(EventStream):
         while True:
             if self._received > MAX_INPUT:
                 raise ProtocolViolation(1008, "a stream takes no data from the client")
-            try:
-                data = os.read(self._fd, _READ_SIZE)
-            except BlockingIOError:
-                data = None
-            except OSError as exc:
-                raise ConnectionLost from exc
+            data = read_now(self._fd, _READ_SIZE)
             if data is None:
                 await trio.lowlevel.wait_readable(self._fd)
                 continue
-            if not data:
-                raise ConnectionLost
             self._received += len(data)
             await trio.lowlevel.checkpoint()
 
